@@ -1,0 +1,1 @@
+//! In-memory dataplane (filled in by the reconciler work).

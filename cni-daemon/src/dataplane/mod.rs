@@ -1,0 +1,120 @@
+//! The seam between the reconciler and the kernel.
+//!
+//! [`Dataplane`] has one small set of operations per kernel object kind. `netlink` (real: rtnetlink,
+//! an ipset netlink encoder, `iptables-restore`, /proc/sys) and [`fake::FakeDataplane`] (an
+//! in-memory model that behaves like an idempotent kernel) implement it. The reconciler only ever
+//! talks to this trait, so its unit tests run without root.
+
+pub mod fake;
+pub mod netlink;
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels};
+
+/// A kernel operation failed. Every variant names the object it was about.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DpError {
+    /// A netlink request failed (errno and what we were doing).
+    #[error("{what}: {msg}")]
+    Netlink {
+        /// e.g. `add route 10.244.1.5/32 table 100`.
+        what: String,
+        /// The kernel's answer.
+        msg: String,
+    },
+    /// iptables-restore / iptables-save failed.
+    #[error("iptables ({ns}): {msg}")]
+    Iptables {
+        /// Namespace.
+        ns: String,
+        /// stderr of the command, trimmed.
+        msg: String,
+    },
+    /// Opening or entering a network namespace failed.
+    #[error("netns {path}: {msg}")]
+    Netns {
+        /// Path of the namespace.
+        path: String,
+        /// Cause.
+        msg: String,
+    },
+    /// Reading or writing /proc/sys failed.
+    #[error("sysctl {key}: {msg}")]
+    Sysctl {
+        /// Key under /proc/sys.
+        key: String,
+        /// Cause.
+        msg: String,
+    },
+    /// A link we need (e.g. a pod's host veth) does not exist.
+    #[error("no such interface: {0}")]
+    NoSuchLink(String),
+}
+
+/// Result of a dataplane call.
+pub type DpResult<T> = Result<T, DpError>;
+
+/// Typed kernel operations, per object kind. All writes are idempotent: adding what exists or
+/// removing what is gone succeeds (the errno mapping lives in one place in each implementation).
+pub trait Dataplane: Send + Sync + 'static {
+    // --- ipset `ztunnel-pods-ips` (node netns only) ---
+    /// All entries with their comments, or `None` when the set does not exist.
+    fn ipset_list(&self) -> impl Future<Output = DpResult<IpsetState>> + Send;
+    /// Create the set (hash:ip, IPv4, with comments) if it does not exist.
+    fn ipset_create(&self) -> impl Future<Output = DpResult<()>> + Send;
+    /// Destroy the set (only after no iptables rule references it).
+    fn ipset_destroy(&self) -> impl Future<Output = DpResult<()>> + Send;
+    /// Add or update (`-exist`) one entry with its owner as comment.
+    fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete one entry.
+    fn ipset_del(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<()>> + Send;
+
+    // --- ip rules ---
+    /// Rules at the given priorities (ours), in `ns`.
+    fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> impl Future<Output = DpResult<Vec<Rule>>> + Send;
+    /// Add a rule (EEXIST is fine).
+    fn rule_add(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete a rule by its full selector.
+    fn rule_del(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
+
+    // --- routes (only those with our protocol number are listed or deleted) ---
+    /// Our routes in the given tables.
+    fn routes_list(&self, ns: &Ns, tables: &[u32]) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
+    /// Create or replace a route (by its key).
+    fn route_replace(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete a route by key (ESRCH is fine).
+    fn route_del(&self, ns: &Ns, key: &RouteKey) -> impl Future<Output = DpResult<()>> + Send;
+
+    // --- tunnel links ---
+    /// Which of the tunnel links exist and whether each is wired as `want` says.
+    fn tunnels_read(&self, want: &Tunnels) -> impl Future<Output = DpResult<TunnelState>> + Send;
+    /// (Re)create the named link pair of `want` (deleting a stale one first), address it, bring it up.
+    fn tunnel_create(&self, want: &Tunnels, node_name: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete a node-side tunnel link (its peer goes with it).
+    fn link_del(&self, name: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// Node-side tunnel links of ours that exist (by name), whatever their wiring.
+    fn tunnel_links_present(&self, names: &[String]) -> impl Future<Output = DpResult<Vec<String>>> + Send;
+
+    // --- iptables ---
+    /// Our chains (by name) and the jumps to them, in `ns`.
+    fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<IptablesState>> + Send;
+    /// Make `chains` hold exactly these rules and make each jump stand once, first in its hook.
+    /// One `iptables-restore --noflush` per table.
+    fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<()>> + Send;
+    /// Remove the jumps to, and then the chains themselves.
+    fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<()>> + Send;
+
+    // --- sysctls (per namespace) ---
+    /// Read one key; `None` when it does not exist (e.g. the interface is gone).
+    fn sysctl_read(&self, ns: &Ns, key: &str) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    /// Write one key.
+    fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> impl Future<Output = DpResult<()>> + Send;
+
+    // --- lookups ---
+    /// The node interface that the main table routes `ip` out of (the pod's host veth).
+    fn route_dev_lookup(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    /// Does this netns path exist and is it a network namespace?
+    fn netns_alive(&self, path: &std::path::Path) -> bool;
+}

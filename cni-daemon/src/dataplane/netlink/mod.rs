@@ -1,0 +1,1 @@
+//! The real dataplane: rtnetlink, ipset over netlink, iptables-restore, /proc/sys.

@@ -1,0 +1,9 @@
+//! ambient-cnid: the node daemon of ambient-cni.
+//!
+//! Pods arrive from the CNI plugin over gRPC; the daemon keeps a registry of them, computes the
+//! kernel state the node needs (a pure function of pods, ztunnel and config), reads back what the
+//! kernel has, and applies the difference through the [`dataplane::Dataplane`] seam.
+#![deny(clippy::unwrap_used)]
+
+pub mod dataplane;
+pub mod model;
