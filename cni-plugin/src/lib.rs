@@ -1,0 +1,455 @@
+//! `ambient-cni`: the chained CNI plugin of ambient-cni.
+//!
+//! It parses what the runtime gives it (env + stdin), forwards the pod to `ambient-cnid` over a
+//! unix socket with one deadline, and answers in CNI terms: the untouched `prevResult` on ADD, an
+//! error document with a spec code on failure. DEL always succeeds. See `cni-contract.md` for the
+//! rules and [`error`] for the codes.
+//!
+//! Layout: [`cni::plan`] decides from the input alone (pure, unit-tested); [`run`] executes the
+//! plan against the daemon and returns an [`Outcome`] that `main` prints.
+#![deny(clippy::unwrap_used)]
+
+pub mod args;
+pub mod client;
+pub mod cni;
+pub mod config;
+pub mod error;
+pub mod logging;
+
+use std::future::Future;
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::Duration;
+
+use ambient_cni_proto::v1::cni_node_client::CniNodeClient;
+use ambient_cni_proto::v1::StatusRequest;
+use serde_json::Value;
+use tonic::transport::Channel;
+use tracing::{error, info, warn};
+
+use crate::client::{deadline, status_to_cni, Daemon};
+use crate::cni::Plan;
+use crate::config::{MAX_STDIN, SUPPORTED_VERSIONS};
+use crate::error::{
+    CniError, DAEMON_REFUSED, FALLBACK_VERSION, NOT_AVAILABLE, PLUGIN_BUG, TRY_AGAIN,
+};
+
+/// DEL gives up on the daemon after at most this long (then logs; the daemon reconciles).
+pub const DEL_TIMEOUT_CAP: Duration = Duration::from_secs(3);
+/// STATUS answers within about this long (cni-contract.md §6).
+pub const STATUS_TIMEOUT_CAP: Duration = Duration::from_secs(1);
+
+/// What the process prints and how it exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Exactly one JSON document (with a trailing newline), or nothing.
+    pub stdout: Option<String>,
+    /// Text for stderr (only the about text; logs go through tracing).
+    pub stderr: Option<String>,
+    /// 0 on success, 1 on a CNI error.
+    pub exit: u8,
+}
+
+impl Outcome {
+    fn json(doc: &Value, exit: u8) -> Outcome {
+        Outcome {
+            stdout: Some(format!("{doc}\n")),
+            stderr: None,
+            exit,
+        }
+    }
+
+    fn error(e: &CniError, version: &str) -> Outcome {
+        Outcome::json(&e.to_json(version), 1)
+    }
+
+    fn success() -> Outcome {
+        Outcome {
+            stdout: None,
+            stderr: None,
+            exit: 0,
+        }
+    }
+}
+
+/// The text a person sees when running the binary without CNI_COMMAND.
+pub fn about() -> String {
+    format!(
+        "ambient-cni {}: chained CNI plugin that enrolls pods with ambient-cnid\n\
+         CNI protocol versions supported: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        SUPPORTED_VERSIONS.join(", ")
+    )
+}
+
+/// Reads at most `MAX_STDIN + 1` bytes: enough to tell "too large" (code 6) without reading a
+/// hostile stream forever.
+fn read_stdin(stdin: &mut dyn Read) -> (Vec<u8>, Option<String>) {
+    let mut buf = Vec::new();
+    // u64::try_from cannot fail for a usize on the platforms we build for; saturate regardless.
+    let cap = u64::try_from(MAX_STDIN + 1).unwrap_or(u64::MAX);
+    match stdin.take(cap).read_to_end(&mut buf) {
+        Ok(_) => (buf, None),
+        Err(e) => (buf, Some(format!("reading stdin failed: {e}"))),
+    }
+}
+
+/// The whole plugin: env via `lookup`, stdin, and whether to install the global logger (tests
+/// pass false). Never panics: a panic in the handler becomes error code 102.
+pub fn run(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    stdin: &mut dyn Read,
+    init_logging: bool,
+) -> Outcome {
+    if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
+        return Outcome {
+            stdout: None,
+            stderr: Some(about()),
+            exit: 0,
+        };
+    }
+    let (bytes, read_warning) = read_stdin(stdin);
+    let handled = catch_unwind(AssertUnwindSafe(|| {
+        let inv = cni::plan(lookup, &bytes);
+        if init_logging {
+            let (file, level) = match &inv.conf {
+                Some(c) => (c.log_file.as_deref(), c.log_level),
+                None => (None, config::LogLevel::Info),
+            };
+            if let Some(w) = logging::init(file, level) {
+                warn!("{w}");
+            }
+        }
+        if let Some(w) = &read_warning {
+            warn!("{w}");
+        }
+        let version = inv.error_version.clone();
+        (execute(inv), version)
+    }));
+    match handled {
+        Ok((Ok(out), _)) => out,
+        Ok((Err(e), version)) => {
+            error!(code = e.code, details = %e.details, "{}", e.msg);
+            Outcome::error(&e, &version)
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let e = CniError::new(
+                PLUGIN_BUG,
+                "ambient-cni internal error",
+                format!("panic: {what}"),
+            );
+            Outcome::error(&e, FALLBACK_VERSION)
+        }
+    }
+}
+
+fn block_on<F: Future>(f: F) -> Result<F::Output, CniError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| {
+            CniError::new(
+                TRY_AGAIN,
+                "cannot start the plugin's I/O runtime",
+                e.to_string(),
+            )
+        })?;
+    Ok(rt.block_on(f))
+}
+
+/// Connects and makes one call, all under one deadline.
+async fn call<T, Fut>(
+    socket: &Path,
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce(CniNodeClient<Channel>) -> Fut,
+) -> Result<T, CniError>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let attempt = async {
+        let client = Daemon::connect(socket, timeout).await?.into_client();
+        f(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_to_cni(&s, socket, what))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(deadline(socket, timeout)),
+    }
+}
+
+fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
+    let plan = inv.plan?;
+    let default_conf;
+    let conf = match &inv.conf {
+        Some(c) => c,
+        None => {
+            default_conf = config::NetConf::from_object(serde_json::Map::new())?;
+            &default_conf
+        }
+    };
+    let socket = conf.socket.as_path();
+    match plan {
+        Plan::About => Ok(Outcome {
+            stdout: None,
+            stderr: Some(about()),
+            exit: 0,
+        }),
+        Plan::Print { doc, note } => {
+            if !note.is_empty() {
+                info!(verb = ?inv.verb, "{note}");
+            }
+            Ok(Outcome::json(&doc, 0))
+        }
+        Plan::Succeed { note } => {
+            info!(verb = ?inv.verb, "{note}");
+            Ok(Outcome::success())
+        }
+        Plan::Add { req, result } => {
+            let (cid, ns, name) = (
+                req.container_id.clone(),
+                req.pod_namespace.clone(),
+                req.pod_name.clone(),
+            );
+            let timeout = conf.timeout;
+            let reply = block_on(call(
+                socket,
+                timeout,
+                "enroll the pod",
+                |mut c| async move { c.pod_add(request(req, timeout)).await },
+            ))??;
+            info!(
+                container_id = %cid,
+                pod = %format!("{ns}/{name}"),
+                enrolled = reply.enrolled,
+                ztunnel = reply.ztunnel,
+                reason = %reply.reason,
+                "ADD done"
+            );
+            Ok(Outcome::json(&result, 0))
+        }
+        Plan::Del { req, warnings } => {
+            for w in &warnings {
+                warn!(container_id = %req.container_id, "DEL: {w}");
+            }
+            let cid = req.container_id.clone();
+            let ifname = req.ifname.clone();
+            let timeout = conf.timeout.min(DEL_TIMEOUT_CAP);
+            let res = block_on(call(
+                socket,
+                timeout,
+                "remove the pod",
+                |mut c| async move { c.pod_del(request(req, timeout)).await },
+            ))
+            .and_then(|r| r);
+            match res {
+                Ok(reply) => {
+                    info!(container_id = %cid, ifname = %ifname, removed = reply.removed, "DEL done")
+                }
+                // DEL must succeed (spec; and containerd turns a DEL error into a pod stuck
+                // Terminating). The daemon sweeps attachments whose netns is gone on reconcile.
+                Err(e) => warn!(
+                    container_id = %cid,
+                    ifname = %ifname,
+                    code = e.code,
+                    details = %e.details,
+                    "DEL not confirmed by ambient-cnid, returning success anyway: {}",
+                    e.msg
+                ),
+            }
+            Ok(Outcome::success())
+        }
+        Plan::Check { req } => {
+            let cid = req.container_id.clone();
+            let timeout = conf.timeout;
+            let reply = block_on(call(socket, timeout, "check the pod", |mut c| async move {
+                c.pod_check(request(req, timeout)).await
+            }))?
+            .map_err(|mut e| {
+                if e.code == DAEMON_REFUSED {
+                    e.msg = "pod not enrolled as ADD left it".into();
+                }
+                e
+            })?;
+            info!(container_id = %cid, enrolled = reply.enrolled, detail = %reply.detail, "CHECK ok");
+            Ok(Outcome::success())
+        }
+        Plan::Gc { req } => {
+            let timeout = conf.timeout;
+            let (n, has) = (req.valid.len(), req.has_valid_list);
+            if !has {
+                info!("GC without a valid-attachments list: the daemon removes nothing");
+            }
+            let reply = block_on(call(
+                socket,
+                timeout,
+                "garbage-collect",
+                |mut c| async move { c.gc(request(req, timeout)).await },
+            ))??;
+            for e in &reply.errors {
+                warn!("GC: {e}");
+            }
+            info!(
+                valid = n,
+                removed = reply.removed,
+                errors = reply.errors.len(),
+                "GC done"
+            );
+            if reply.errors.is_empty() {
+                Ok(Outcome::success())
+            } else {
+                Err(CniError::new(
+                    error::DAEMON_INTERNAL,
+                    "ambient-cnid GC incomplete",
+                    reply.errors.join("; "),
+                ))
+            }
+        }
+        Plan::Status => {
+            let timeout = conf.timeout.min(STATUS_TIMEOUT_CAP);
+            let not_available = |details: String| {
+                CniError::new(
+                    NOT_AVAILABLE,
+                    format!("ambient-cnid at {} not available", socket.display()),
+                    details,
+                )
+            };
+            let reply = block_on(call(socket, timeout, "report status", |mut c| async move {
+                c.status(request(StatusRequest {}, timeout)).await
+            }))?
+            .map_err(|e| not_available(format!("{}: {}", e.msg, e.details)))?;
+            if !reply.ready {
+                return Err(not_available(format!("not ready: {}", reply.reason)));
+            }
+            Ok(Outcome::success())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn check_shape(o: &Outcome) -> Result<(), TestCaseError> {
+        prop_assert!(o.exit == 0 || o.exit == 1);
+        if let Some(out) = &o.stdout {
+            prop_assert!(out.ends_with('\n'));
+            // Exactly one JSON document: a stream deserializer finds one value and nothing else.
+            let docs: Vec<Value> = serde_json::Deserializer::from_str(out)
+                .into_iter::<Value>()
+                .collect::<Result<_, _>>()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(docs.len(), 1);
+            if o.exit == 1 {
+                let code = docs[0].get("code").and_then(Value::as_u64);
+                prop_assert!(code.is_some());
+                prop_assert!(code != Some(u64::from(PLUGIN_BUG)), "panic caught: {}", out);
+                prop_assert!(docs[0].get("cniVersion").is_some_and(Value::is_string));
+                prop_assert!(docs[0].get("msg").is_some_and(Value::is_string));
+            }
+        } else {
+            prop_assert_eq!(o.exit, 0);
+        }
+        Ok(())
+    }
+
+    fn env_strategy() -> impl Strategy<Value = HashMap<String, String>> {
+        (
+            prop_oneof![
+                Just("ADD"),
+                Just("CHECK"),
+                Just("VERSION"),
+                Just("GC"),
+                Just("STATUS"),
+                Just("FROB"),
+                Just("")
+            ],
+            proptest::option::of("[a-z0-9_.-]{0,10}"),
+            proptest::option::of("[a-z0-9:/ ]{0,17}"),
+            proptest::option::of(".{0,40}"),
+        )
+            .prop_map(|(cmd, id, ifname, args)| {
+                let mut m = HashMap::new();
+                m.insert("CNI_COMMAND".to_string(), cmd.to_string());
+                m.insert("CNI_NETNS".to_string(), "/var/run/netns/none".to_string());
+                if let Some(v) = id {
+                    m.insert("CNI_CONTAINERID".into(), v);
+                }
+                if let Some(v) = ifname {
+                    m.insert("CNI_IFNAME".into(), v);
+                }
+                if let Some(v) = args {
+                    m.insert("CNI_ARGS".into(), v);
+                }
+                m
+            })
+    }
+
+    #[test]
+    fn no_command_prints_about_on_stderr_only() {
+        let o = run(&|_| None, &mut &b""[..], false);
+        assert_eq!(o.exit, 0);
+        assert_eq!(o.stdout, None);
+        assert!(o.stderr.unwrap_or_default().contains("1.1.0"));
+    }
+
+    #[test]
+    fn huge_stdin_is_code_6() {
+        let big = vec![b'{'; MAX_STDIN + 10];
+        let env: HashMap<_, _> = [("CNI_COMMAND", "ADD")].into_iter().collect();
+        let o = run(&|k| env.get(k).map(|v| v.to_string()), &mut &big[..], false);
+        assert_eq!(o.exit, 1);
+        let v: Value = serde_json::from_str(o.stdout.as_deref().unwrap_or("")).unwrap_or_default();
+        assert_eq!(v["code"], 6);
+    }
+
+    proptest! {
+        // DEL is left out here: with garbage stdin it would dial the default socket. Its plan is
+        // covered in cni.rs, its execution in tests/fake_daemon.rs.
+        #[test]
+        fn whole_handling_never_panics_on_bytes(
+            env in env_strategy(),
+            stdin in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let o = run(&|k| env.get(k).cloned(), &mut &stdin[..], false);
+            check_shape(&o)?;
+        }
+
+        #[test]
+        fn whole_handling_never_panics_on_configs(
+            env in env_strategy(),
+            version in prop_oneof![Just(json_str("1.0.0")), Just(json_str("0.3.1")), Just(json_str("1.1.0")), Just("7".to_string()), Just(json_str("x"))],
+            prev in prop_oneof![Just("null".to_string()), Just("{}".to_string()), Just("[]".to_string()),
+                Just(r#"{"ips":[{"address":"10.0.0.2/24","interface":0}],"interfaces":[{"name":"eth0","sandbox":"/x"}]}"#.to_string()),
+                Just(r#"{"ips":[{"address":"bad"}]}"#.to_string())],
+            timeout in prop_oneof![Just("1".to_string()), Just("\"x\"".to_string()), Just("0".to_string())],
+        ) {
+            let stdin = format!(
+                r#"{{"cniVersion":{version},"name":"n","socket":"/nonexistent/acni.sock","timeoutMs":{timeout},"prevResult":{prev}}}"#
+            );
+            let o = run(&|k| env.get(k).cloned(), &mut stdin.as_bytes(), false);
+            check_shape(&o)?;
+        }
+    }
+
+    fn json_str(s: &str) -> String {
+        Value::String(s.to_string()).to_string()
+    }
+}
