@@ -5,5 +5,13 @@
 //! kernel has, and applies the difference through the [`dataplane::Dataplane`] seam.
 #![deny(clippy::unwrap_used)]
 
+pub mod admin;
+pub mod cleanup;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod model;
+pub mod reconcile;
+pub mod registry;
+pub mod server;
+pub mod store;

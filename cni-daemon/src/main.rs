@@ -1,1 +1,285 @@
-fn main() {}
+//! `ambient-cnid`: the node daemon of ambient-cni and its admin commands.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambient_cni_daemon::config::{Config, DEFAULT_ROUTE_PROTOCOL};
+use ambient_cni_daemon::daemon::Daemon;
+use ambient_cni_daemon::dataplane::Dataplane;
+use ambient_cni_daemon::model::TunnelMode;
+use ambient_cni_daemon::store::Store;
+use ambient_cni_daemon::{admin, cleanup, server};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "ambient-cnid", version, about = "Node daemon of ambient-cni: redirects enrolled pods' TCP through ztunnel")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the CNI plugin on the unix socket and keep the kernel in line (never flushes on exit).
+    Run(RunArgs),
+    /// Remove every kernel object the daemon created (node and ztunnel netns), nothing else.
+    Cleanup(CleanupArgs),
+    /// Show the daemon's status; exits 1 when it is not ready (usable as a readiness probe).
+    Status(ClientArgs),
+    /// Show what the daemon did recently: requests, kernel changes, repairs.
+    Trace(TraceArgs),
+    /// Dump registry, desired state, kernel read-back and pending changes as JSON.
+    Dump(ClientArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Auto,
+    Legacy,
+    Nft,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Veth,
+    Geneve,
+}
+
+#[derive(Args)]
+struct KernelArgs {
+    /// iptables backend: auto detects it the way kube-proxy does (KUBE-IPTABLES-HINT).
+    #[arg(long, value_enum, default_value = "auto", env = "AMBIENT_CNI_IPTABLES_BACKEND")]
+    iptables_backend: Backend,
+    /// Protocol number our routes carry (only routes with it are ever touched).
+    #[arg(long, default_value_t = DEFAULT_ROUTE_PROTOCOL)]
+    route_protocol: u8,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The unix socket the plugin talks to (its directory is made 0700, the socket 0600).
+    #[arg(long, default_value = ambient_cni_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the pod registry is kept (snapshot + journal).
+    #[arg(long, default_value = "/run/ambient-cni/state")]
+    state_dir: PathBuf,
+    /// Enroll pods of this namespace (repeatable).
+    #[arg(long = "ambient-namespace")]
+    ambient_namespaces: Vec<String>,
+    /// A JSON file with more settings: {"ambientNamespaces": [...]}.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Namespace of the ztunnel pods.
+    #[arg(long, default_value = "istio-system")]
+    ztunnel_namespace: String,
+    /// A pod there whose name starts with this is the node's ztunnel.
+    #[arg(long, default_value = "ztunnel")]
+    ztunnel_name_prefix: String,
+    /// How the tunnels into ztunnel are built.
+    #[arg(long, value_enum, default_value = "veth")]
+    tunnel_mode: Mode,
+    /// MTU of the tunnel links.
+    #[arg(long, default_value_t = 1500)]
+    tunnel_mtu: u32,
+    /// Without a ztunnel, let enrolled pods' traffic flow uncaptured instead of holding it closed.
+    #[arg(long)]
+    fail_open: bool,
+    /// Period of the full resync that repairs drift, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    resync_interval_ms: u64,
+    /// Node address for table-100 `src` and the probe skip (default: the ztunnel pod's gateway).
+    #[arg(long)]
+    host_ip: Option<Ipv4Addr>,
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or ambient_cni_daemon=debug.
+    #[arg(long, default_value = "info", env = "AMBIENT_CNI_LOG")]
+    log_level: String,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    /// The state dir of the daemon (to find the ztunnel netns).
+    #[arg(long, default_value = "/run/ambient-cni/state")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The daemon's socket.
+    #[arg(long, default_value = ambient_cni_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Only events mentioning this (pod name, UID, IP, container ID).
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// How many events.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Keep printing new events.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct FileConfig {
+    #[serde(default)]
+    ambient_namespaces: Vec<String>,
+}
+
+fn init_logs(filter: &str) -> anyhow::Result<()> {
+    let f = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log-level {filter:?}"))?;
+    tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
+    Ok(())
+}
+
+fn open_dataplane(k: &KernelArgs) -> anyhow::Result<impl Dataplane> {
+    let _ = (k.route_protocol, matches!(k.iptables_backend, Backend::Auto | Backend::Legacy | Backend::Nft));
+    Ok(ambient_cni_daemon::dataplane::fake::FakeDataplane::new())
+}
+
+fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
+    let mut namespaces: BTreeSet<String> = a.ambient_namespaces.iter().cloned().collect();
+    if let Some(p) = &a.config {
+        let body = std::fs::read(p).with_context(|| format!("reading --config {}", p.display()))?;
+        let fc: FileConfig = serde_json::from_slice(&body).with_context(|| format!("parsing --config {}", p.display()))?;
+        namespaces.extend(fc.ambient_namespaces);
+    }
+    if a.resync_interval_ms < 100 {
+        anyhow::bail!("--resync-interval-ms {} is below 100", a.resync_interval_ms);
+    }
+    if !(576..=65535).contains(&a.tunnel_mtu) {
+        anyhow::bail!("--tunnel-mtu {} is out of range 576..65535", a.tunnel_mtu);
+    }
+    Ok(Config {
+        socket: a.socket.clone(),
+        state_dir: a.state_dir.clone(),
+        ambient_namespaces: namespaces,
+        ztunnel_namespace: a.ztunnel_namespace.clone(),
+        ztunnel_name_prefix: a.ztunnel_name_prefix.clone(),
+        tunnel_mode: match a.tunnel_mode {
+            Mode::Veth => TunnelMode::Veth,
+            Mode::Geneve => TunnelMode::Geneve,
+        },
+        tunnel_mtu: a.tunnel_mtu,
+        fail_open: a.fail_open,
+        resync_interval: Duration::from_millis(a.resync_interval_ms),
+        host_ip: a.host_ip,
+        route_protocol: a.kernel.route_protocol,
+        ..Config::default()
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let cfg = Arc::new(config_from(&a)?);
+    let dp = Arc::new(open_dataplane(&a.kernel)?);
+    let (store, reg, discarded) = Store::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
+    if discarded {
+        warn!(dir = %cfg.state_dir.display(), "state from a previous boot discarded");
+    }
+    info!(pods = reg.len(), namespaces = ?cfg.ambient_namespaces, "starting");
+    let daemon = Arc::new(Daemon::new(cfg.clone(), dp, Some(store), reg));
+    // Bring the kernel in line before serving: restores every recorded pod, flushes nothing.
+    let first = daemon.resync().await;
+    if !first.ok() {
+        error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
+    }
+    let listener = server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
+    info!(socket = %cfg.socket.display(), "serving");
+    let resync = {
+        let d = daemon.clone();
+        let every = cfg.resync_interval;
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                d.resync().await;
+            }
+        })
+    };
+    let served = server::serve(daemon, listener, shutdown_signal()).await;
+    resync.abort();
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("stopped; kernel state left in place (pods stay captured)");
+    served.context("serving the socket")
+}
+
+async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
+    let cfg = Config { route_protocol: a.kernel.route_protocol, ..Config::default() };
+    let dp = open_dataplane(&a.kernel)?;
+    let (_store, reg, _) = Store::open(&a.state_dir).with_context(|| format!("opening state dir {}", a.state_dir.display()))?;
+    let report = cleanup::cleanup(&dp, &cfg, &reg).await;
+    for line in &report.applied {
+        println!("{line}");
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if !report.ok() {
+        anyhow::bail!("{} errors during cleanup", report.errors.len());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ambient-cnid: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run(a) => {
+                init_logs(&a.log_level)?;
+                run(a).await
+            }
+            Cmd::Cleanup(a) => {
+                init_logs("warn")?;
+                run_cleanup(a).await
+            }
+            Cmd::Status(c) => admin::status(&c.socket, c.json).await,
+            Cmd::Trace(t) => admin::trace(&t.client.socket, &t.filter, t.limit, t.follow, t.client.json).await,
+            Cmd::Dump(c) => admin::dump(&c.socket).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ambient-cnid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

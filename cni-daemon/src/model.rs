@@ -189,8 +189,10 @@ pub struct Chain {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IptablesState {
     /// Our chains, keyed by (table, name), with their rules as read back.
+    #[serde(with = "map_as_pairs")]
     pub chains: BTreeMap<(String, String), Vec<String>>,
     /// Jumps to our chains: (table, hook, chain) → positions (1-based) where they stand.
+    #[serde(with = "map_as_pairs")]
     pub jumps: BTreeMap<(String, String, String), Vec<usize>>,
 }
 
@@ -249,6 +251,7 @@ pub struct NsState {
     /// Our rules (priorities in our ranges whose selectors we recognise).
     pub rules: BTreeSet<Rule>,
     /// Our routes (our protocol number), by identity.
+    #[serde(with = "map_as_pairs")]
     pub routes: BTreeMap<RouteKey, Route>,
     /// Our iptables chains and jumps.
     pub iptables: IptablesState,
@@ -262,4 +265,24 @@ pub type IpsetState = Option<BTreeMap<Ipv4Addr, String>>;
 /// A sysctl key is a path under /proc/sys/, e.g. `net/ipv4/conf/istioin/rp_filter`.
 pub fn rp_filter_key(ifname: &str) -> String {
     format!("net/ipv4/conf/{ifname}/rp_filter")
+}
+
+/// Serialize a map with non-string keys as a list of `[key, value]` pairs (JSON objects need
+/// string keys); used for the state file and `ambient-cnid dump`.
+pub mod map_as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Serialize as pairs.
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    /// Deserialize from pairs.
+    pub fn deserialize<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<K, V>, D::Error> {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }

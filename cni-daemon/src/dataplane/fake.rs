@@ -1,1 +1,321 @@
-//! In-memory dataplane (filled in by the reconciler work).
+//! An in-memory dataplane that behaves like an idempotent kernel, for unit tests without root.
+//!
+//! It models what the reconciler relies on: the ipset must exist before entries go in; a route
+//! needs its device; deleting a link (or the ztunnel's netns) takes every route through it along;
+//! sysctls exist only for existing interfaces. Tests reach into [`FakeKernel`] to break things the
+//! way other agents do (flush the set, delete a rule) and assert the next plan repairs exactly that.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{Dataplane, DpError, DpResult};
+use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels};
+
+/// One namespace's objects.
+#[derive(Clone, Debug, Default)]
+pub struct FakeNs {
+    /// ip rules.
+    pub rules: BTreeSet<Rule>,
+    /// Routes of ours.
+    pub routes: BTreeMap<RouteKey, Route>,
+    /// iptables chains (table, name) → rules.
+    pub chains: BTreeMap<(String, String), Vec<String>>,
+    /// Jumps (table, hook, chain) → positions.
+    pub jumps: BTreeMap<(String, String, String), Vec<usize>>,
+    /// Sysctl values that were written.
+    pub sysctls: BTreeMap<String, String>,
+    /// Interfaces that exist here.
+    pub links: BTreeSet<String>,
+}
+
+/// The whole fake kernel.
+#[derive(Clone, Debug, Default)]
+pub struct FakeKernel {
+    /// The ipset (None: not created).
+    pub ipset: IpsetState,
+    /// Namespaces by identity.
+    pub ns: BTreeMap<Ns, FakeNs>,
+    /// Node tunnel links → (peer netns, peer name).
+    pub tunnels: BTreeMap<String, (Ns, String)>,
+    /// Netns paths that no longer exist.
+    pub dead: BTreeSet<PathBuf>,
+    /// Main-table routes of the node: pod IP → host interface.
+    pub host_routes: BTreeMap<Ipv4Addr, String>,
+    /// Number of write operations performed.
+    pub writes: usize,
+}
+
+impl FakeKernel {
+    fn ns_mut(&mut self, ns: &Ns) -> &mut FakeNs {
+        self.ns.entry(ns.clone()).or_default()
+    }
+
+    /// Remove a netns as the kernel does when its last user goes: node links whose peer lived
+    /// there vanish, and so does every node route through them.
+    pub fn kill_ns(&mut self, path: &Path) {
+        let ns = Ns::Pod(path.to_path_buf());
+        self.dead.insert(path.to_path_buf());
+        self.ns.remove(&ns);
+        let gone: Vec<String> = self.tunnels.iter().filter(|(_, (p, _))| *p == ns).map(|(n, _)| n.clone()).collect();
+        for n in gone {
+            self.drop_node_link(&n);
+        }
+    }
+
+    fn drop_node_link(&mut self, name: &str) {
+        if let Some((peer_ns, peer)) = self.tunnels.remove(name) {
+            if let Some(p) = self.ns.get_mut(&peer_ns) {
+                p.links.remove(&peer);
+                p.routes.retain(|_, r| r.dev.as_deref() != Some(peer.as_str()));
+                p.sysctls.retain(|k, _| !k.contains(&format!("/{peer}/")));
+            }
+        }
+        let node = self.ns_mut(&Ns::Node);
+        node.links.remove(name);
+        node.routes.retain(|_, r| r.dev.as_deref() != Some(name));
+        node.sysctls.retain(|k, _| !k.contains(&format!("/{name}/")));
+    }
+
+    /// Create a host interface in the node netns (a pod's veth).
+    pub fn add_host_link(&mut self, name: &str) {
+        self.ns_mut(&Ns::Node).links.insert(name.to_string());
+    }
+
+    /// Remove a host interface and the routes through it.
+    pub fn del_host_link(&mut self, name: &str) {
+        let node = self.ns_mut(&Ns::Node);
+        node.links.remove(name);
+        node.routes.retain(|_, r| r.dev.as_deref() != Some(name));
+        node.sysctls.retain(|k, _| !k.contains(&format!("/{name}/")));
+    }
+
+    fn link_exists(&self, ns: &Ns, dev: &str) -> bool {
+        dev == "lo" || self.ns.get(ns).is_some_and(|n| n.links.contains(dev))
+    }
+
+    fn alive(&self, ns: &Ns) -> bool {
+        match ns {
+            Ns::Node => true,
+            Ns::Pod(p) => !self.dead.contains(p),
+        }
+    }
+}
+
+/// The fake dataplane.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    kernel: Mutex<FakeKernel>,
+}
+
+fn err(what: impl Into<String>, msg: &str) -> DpError {
+    DpError::Netlink { what: what.into(), msg: msg.into() }
+}
+
+impl FakeDataplane {
+    /// A fresh, empty kernel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Inspect or break the fake kernel.
+    pub fn kernel(&self) -> MutexGuard<'_, FakeKernel> {
+        // A panic while holding the lock only happens inside a failing test.
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut FakeKernel) -> DpResult<T>) -> DpResult<T> {
+        let mut k = self.kernel();
+        let r = f(&mut k)?;
+        k.writes += 1;
+        Ok(r)
+    }
+}
+
+fn sysctl_iface(key: &str) -> Option<&str> {
+    key.strip_prefix("net/ipv4/conf/")?.split('/').next()
+}
+
+impl Dataplane for FakeDataplane {
+    async fn ipset_list(&self) -> DpResult<IpsetState> {
+        Ok(self.kernel().ipset.clone())
+    }
+    async fn ipset_create(&self) -> DpResult<()> {
+        self.write(|k| {
+            k.ipset.get_or_insert_with(BTreeMap::new);
+            Ok(())
+        })
+    }
+    async fn ipset_destroy(&self) -> DpResult<()> {
+        self.write(|k| {
+            let referenced = k.ns.get(&Ns::Node).is_some_and(|n| n.chains.values().flatten().any(|r| r.contains("--match-set")));
+            if referenced {
+                return Err(err("destroy ipset", "Set cannot be destroyed: it is in use by a kernel component"));
+            }
+            k.ipset = None;
+            Ok(())
+        })
+    }
+    async fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> DpResult<()> {
+        self.write(|k| match k.ipset.as_mut() {
+            Some(s) => {
+                s.insert(ip, owner.to_string());
+                Ok(())
+            }
+            None => Err(err(format!("ipset add {ip}"), "The set with the given name does not exist")),
+        })
+    }
+    async fn ipset_del(&self, ip: Ipv4Addr) -> DpResult<()> {
+        self.write(|k| {
+            if let Some(s) = k.ipset.as_mut() {
+                s.remove(&ip);
+            }
+            Ok(())
+        })
+    }
+    async fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> DpResult<Vec<Rule>> {
+        let k = self.kernel();
+        Ok(k.ns.get(ns).map(|n| n.rules.iter().filter(|r| priorities.contains(&r.priority)).copied().collect()).unwrap_or_default())
+    }
+    async fn rule_add(&self, ns: &Ns, rule: &Rule) -> DpResult<()> {
+        self.write(|k| {
+            if !k.alive(ns) {
+                return Err(DpError::Netns { path: ns.to_string(), msg: "No such file or directory".into() });
+            }
+            k.ns_mut(ns).rules.insert(*rule);
+            Ok(())
+        })
+    }
+    async fn rule_del(&self, ns: &Ns, rule: &Rule) -> DpResult<()> {
+        self.write(|k| {
+            k.ns_mut(ns).rules.remove(rule);
+            Ok(())
+        })
+    }
+    async fn routes_list(&self, ns: &Ns, tables: &[u32]) -> DpResult<Vec<Route>> {
+        let k = self.kernel();
+        Ok(k.ns
+            .get(ns)
+            .map(|n| n.routes.values().filter(|r| tables.contains(&r.key.table)).cloned().collect())
+            .unwrap_or_default())
+    }
+    async fn route_replace(&self, ns: &Ns, route: &Route) -> DpResult<()> {
+        self.write(|k| {
+            if let Some(dev) = &route.dev {
+                if !k.link_exists(ns, dev) {
+                    return Err(err(format!("route replace {route}"), "No such device"));
+                }
+            }
+            k.ns_mut(ns).routes.insert(route.key, route.clone());
+            Ok(())
+        })
+    }
+    async fn route_del(&self, ns: &Ns, key: &RouteKey) -> DpResult<()> {
+        self.write(|k| {
+            k.ns_mut(ns).routes.remove(key);
+            Ok(())
+        })
+    }
+    async fn tunnels_read(&self, want: &Tunnels) -> DpResult<TunnelState> {
+        let k = self.kernel();
+        let mut s = TunnelState::default();
+        for l in &want.links {
+            let ok = k.tunnels.get(&l.node_name) == Some(&(want.ztunnel_ns.clone(), l.peer_name.clone()))
+                && k.alive(&want.ztunnel_ns);
+            if k.tunnels.contains_key(&l.node_name) || ok {
+                s.links.insert(l.node_name.clone(), ok);
+            }
+        }
+        Ok(s)
+    }
+    async fn tunnel_create(&self, want: &Tunnels, node_name: &str) -> DpResult<()> {
+        self.write(|k| {
+            if !k.alive(&want.ztunnel_ns) {
+                return Err(DpError::Netns { path: want.ztunnel_ns.to_string(), msg: "No such file or directory".into() });
+            }
+            let Some(l) = want.links.iter().find(|l| l.node_name == node_name) else {
+                return Err(DpError::NoSuchLink(node_name.to_string()));
+            };
+            k.drop_node_link(node_name);
+            k.tunnels.insert(node_name.to_string(), (want.ztunnel_ns.clone(), l.peer_name.clone()));
+            k.ns_mut(&Ns::Node).links.insert(node_name.to_string());
+            k.ns_mut(&want.ztunnel_ns).links.insert(l.peer_name.clone());
+            Ok(())
+        })
+    }
+    async fn link_del(&self, name: &str) -> DpResult<()> {
+        self.write(|k| {
+            k.drop_node_link(name);
+            Ok(())
+        })
+    }
+    async fn tunnel_links_present(&self, names: &[String]) -> DpResult<Vec<String>> {
+        let k = self.kernel();
+        Ok(names.iter().filter(|n| k.tunnels.contains_key(*n)).cloned().collect())
+    }
+    async fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> DpResult<IptablesState> {
+        let k = self.kernel();
+        let mut s = IptablesState::default();
+        if let Some(n) = k.ns.get(ns) {
+            for c in chains {
+                let key = (c.table.clone(), c.name.clone());
+                if let Some(rules) = n.chains.get(&key) {
+                    s.chains.insert(key, rules.clone());
+                }
+                let jk = (c.table.clone(), c.hook.clone(), c.name.clone());
+                if let Some(p) = n.jumps.get(&jk) {
+                    s.jumps.insert(jk, p.clone());
+                }
+            }
+        }
+        Ok(s)
+    }
+    async fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+        self.write(|k| {
+            if !k.alive(ns) {
+                return Err(DpError::Netns { path: ns.to_string(), msg: "No such file or directory".into() });
+            }
+            let n = k.ns_mut(ns);
+            for c in chains {
+                n.chains.insert((c.table.clone(), c.name.clone()), c.rules.clone());
+                n.jumps.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+            }
+            Ok(())
+        })
+    }
+    async fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+        self.write(|k| {
+            let n = k.ns_mut(ns);
+            for c in chains {
+                n.chains.remove(&(c.table.clone(), c.name.clone()));
+                n.jumps.remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
+            }
+            Ok(())
+        })
+    }
+    async fn sysctl_read(&self, ns: &Ns, key: &str) -> DpResult<Option<String>> {
+        let k = self.kernel();
+        let Some(iface) = sysctl_iface(key) else { return Ok(None) };
+        if !k.link_exists(ns, iface) {
+            return Ok(None);
+        }
+        Ok(Some(k.ns.get(ns).and_then(|n| n.sysctls.get(key).cloned()).unwrap_or_else(|| "1".into())))
+    }
+    async fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> DpResult<()> {
+        self.write(|k| {
+            let exists = sysctl_iface(key).is_some_and(|i| k.link_exists(ns, i));
+            if !exists {
+                return Err(DpError::Sysctl { key: key.into(), msg: "No such file or directory".into() });
+            }
+            k.ns_mut(ns).sysctls.insert(key.to_string(), value.to_string());
+            Ok(())
+        })
+    }
+    async fn route_dev_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<String>> {
+        Ok(self.kernel().host_routes.get(&ip).cloned())
+    }
+    fn netns_alive(&self, path: &Path) -> bool {
+        !self.kernel().dead.contains(path)
+    }
+}

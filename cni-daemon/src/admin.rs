@@ -1,0 +1,84 @@
+//! The admin commands (`status`, `trace`, `dump`): a gRPC client over the daemon's unix socket.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ambient_cni_proto::v1::cni_node_client::CniNodeClient;
+use ambient_cni_proto::v1::{DumpRequest, StatusRequest, TraceRequest};
+use anyhow::{bail, Context};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Connect to the daemon's socket.
+pub async fn connect(socket: &Path) -> anyhow::Result<CniNodeClient<Channel>> {
+    let path = socket.to_path_buf();
+    let ch = Endpoint::try_from("http://[::]:50051")?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
+    Ok(CniNodeClient::new(ch))
+}
+
+/// `ambient-cnid status`: fails when the daemon is not ready.
+pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let s = connect(socket).await?.status(StatusRequest {}).await.context("status")?.into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "version": s.version})
+        );
+    } else {
+        println!("ready:      {}{}", s.ready, if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) });
+        println!("pods:       {} ({} enrolled)", s.pods, s.enrolled_pods);
+        println!("ztunnel:    {}", if s.ztunnel_present { "present" } else { "absent" });
+        println!("version:    {}", s.version);
+    }
+    if !s.ready {
+        bail!("daemon not ready: {}", s.reason);
+    }
+    Ok(())
+}
+
+fn fmt_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", ms % 1000)
+}
+
+/// `ambient-cnid trace`.
+pub async fn trace(socket: &Path, filter: &str, limit: u32, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut client = connect(socket).await?;
+    let mut last = 0u64;
+    loop {
+        let events = client
+            .trace(TraceRequest { filter: filter.into(), limit })
+            .await
+            .context("trace")?
+            .into_inner()
+            .events;
+        let since = last;
+        for e in events.into_iter().filter(|e| e.unix_ms > since || !follow) {
+            last = last.max(e.unix_ms);
+            if json {
+                println!("{}", serde_json::json!({"unixMs": e.unix_ms, "kind": e.kind, "message": e.message}));
+            } else {
+                println!("{} {:<8} {}", fmt_ms(e.unix_ms), e.kind, e.message);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `ambient-cnid dump`.
+pub async fn dump(socket: &Path) -> anyhow::Result<()> {
+    let d = connect(socket).await?.dump(DumpRequest {}).await.context("dump")?.into_inner();
+    println!("{}", d.json);
+    Ok(())
+}

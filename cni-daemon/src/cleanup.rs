@@ -1,0 +1,124 @@
+//! `ambient-cnid cleanup`: remove every object the daemon created — and nothing else.
+//!
+//! Only an explicit cleanup removes state; the daemon itself never flushes on start or stop, so
+//! enrolled pods stay captured while it restarts. Cleanup keeps going past failures and reports
+//! them all.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::dataplane::Dataplane;
+use crate::model::Ns;
+use crate::reconcile::desired::{node_chains, zt_chains, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES};
+use crate::reconcile::{ApplyReport, Ztunnel};
+use crate::registry::Registry;
+
+async fn clean_ns<D: Dataplane>(dp: &D, ns: &Ns, prios: &[u32], tables: &[u32], report: &mut ApplyReport) {
+    match dp.rules_list(ns, prios).await {
+        Ok(rules) => {
+            for r in rules {
+                note(report, format!("rule del {r} in {ns}"), dp.rule_del(ns, &r).await);
+            }
+        }
+        Err(e) => report.errors.push(format!("listing rules in {ns}: {e}")),
+    }
+    match dp.routes_list(ns, tables).await {
+        Ok(routes) => {
+            for r in routes {
+                note(report, format!("route del {r} in {ns}"), dp.route_del(ns, &r.key).await);
+            }
+        }
+        Err(e) => report.errors.push(format!("listing routes in {ns}: {e}")),
+    }
+}
+
+fn note<E: std::fmt::Display>(report: &mut ApplyReport, what: String, r: Result<(), E>) {
+    match r {
+        Ok(()) => report.applied.push(what),
+        Err(e) => report.errors.push(format!("{what}: {e}")),
+    }
+}
+
+/// Remove our objects from the node netns and from the ztunnel netns the registry names.
+pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    // ztunnel netns first, while its tunnels still exist.
+    if let Some(z) = reg.ztunnel().and_then(Ztunnel::from_record) {
+        if let Ns::Pod(p) = &z.ns {
+            if dp.netns_alive(Path::new(p)) {
+                note(&mut report, format!("iptables remove in {}", z.ns), dp.iptables_remove(&z.ns, &zt_chains(cfg, &z)).await);
+                clean_ns(dp, &z.ns, &ZT_RULE_PRIORITIES, &ZT_TABLES, &mut report).await;
+            }
+        }
+    }
+    // Stop steering first (rules), then routes, chains, the set (once nothing references it), links.
+    clean_ns(dp, &Ns::Node, &NODE_RULE_PRIORITIES, &NODE_TABLES, &mut report).await;
+    note(&mut report, "iptables remove in node".into(), dp.iptables_remove(&Ns::Node, &node_chains(cfg, None, None)).await);
+    note(&mut report, "ipset destroy".into(), dp.ipset_destroy().await);
+    for name in cfg.tunnel_names() {
+        note(&mut report, format!("link del {name}"), dp.link_del(&name).await);
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::daemon::{Daemon, PodEvent};
+    use crate::dataplane::fake::FakeDataplane;
+
+    #[tokio::test]
+    async fn cleanup_leaves_nothing_of_ours() {
+        let mut cfg = Config::default();
+        cfg.ambient_namespaces.insert("default".into());
+        let dp = Arc::new(FakeDataplane::new());
+        dp.kernel().add_host_link("vethz");
+        dp.kernel().add_host_link("vetha");
+        let d = Daemon::new(Arc::new(cfg.clone()), dp.clone(), None, Registry::default());
+        d.resync().await;
+        let ev = |cid: &str, ns: &str, name: &str, ip: &str, hif: &str| PodEvent {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{cid}"),
+            namespace: ns.into(),
+            name: name.into(),
+            uid: format!("uid-{cid}"),
+            network: "k8s".into(),
+            ips: vec![(format!("{ip}/24"), "10.244.1.1".into())],
+            host_if: hif.into(),
+        };
+        d.add(ev("z", "istio-system", "ztunnel-abc", "10.244.1.2", "vethz")).await.expect("ztunnel add");
+        d.add(ev("a", "default", "app", "10.244.1.5", "vetha")).await.expect("pod add");
+        let reg = {
+            let mut r = Registry::default();
+            r.upsert(crate::registry::PodRecord {
+                container_id: "z".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/z".into(),
+                namespace: "istio-system".into(),
+                name: "ztunnel-abc".into(),
+                uid: "uid-z".into(),
+                network: "k8s".into(),
+                ips: vec!["10.244.1.2".parse().expect("ip")],
+                gateway: None,
+                host_if: Some("vethz".into()),
+                enrolled: false,
+                ztunnel: true,
+                seq: 0,
+            });
+            r
+        };
+        let rep = cleanup(&*dp, &cfg, &reg).await;
+        assert!(rep.ok(), "{:?}", rep.errors);
+        let k = dp.kernel();
+        assert!(k.ipset.is_none());
+        assert!(k.tunnels.is_empty());
+        for (ns, n) in &k.ns {
+            assert!(n.rules.is_empty(), "rules left in {ns}");
+            assert!(n.routes.is_empty(), "routes left in {ns}");
+            assert!(n.chains.is_empty() && n.jumps.is_empty(), "chains left in {ns}");
+        }
+    }
+}

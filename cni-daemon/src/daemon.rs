@@ -1,0 +1,528 @@
+//! The daemon's behaviour, independent of gRPC: pod add/del/check, GC, the periodic resync that
+//! repairs drift, and the trace of what it did. Generic over the [`Dataplane`], so the whole
+//! request flow is unit-tested on the fake.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::dataplane::Dataplane;
+use crate::reconcile::{self, desired, ApplyReport, Op, Ztunnel};
+use crate::registry::{PodRecord, Registry, Upsert};
+use crate::store::{Entry, Store};
+
+/// How many trace events are kept.
+const TRACE_EVENTS: usize = 8192;
+
+/// A request about one pod attachment, already decoded from the wire.
+#[derive(Clone, Debug, Default)]
+pub struct PodEvent {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// CNI_NETNS (may be empty on DEL).
+    pub netns: String,
+    /// K8S_POD_NAMESPACE.
+    pub namespace: String,
+    /// K8S_POD_NAME.
+    pub name: String,
+    /// K8S_POD_UID.
+    pub uid: String,
+    /// Network name.
+    pub network: String,
+    /// Addresses (CIDR) with gateways, from prevResult.
+    pub ips: Vec<(String, String)>,
+    /// Host-side interface from prevResult.
+    pub host_if: String,
+}
+
+/// Errors a request can end in; the server maps them to gRPC codes, the plugin to CNI codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request itself is wrong (bad names or addresses).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The pod cannot be handled in its current state (netns gone, not enrolled on CHECK).
+    #[error("{0}")]
+    Precondition(String),
+    /// Programming the kernel failed.
+    #[error("kernel programming failed: {0}")]
+    Kernel(String),
+    /// The registry could not be persisted.
+    #[error("state: {0}")]
+    State(String),
+}
+
+/// Outcome of an ADD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddOutcome {
+    /// Redirected through ztunnel.
+    pub enrolled: bool,
+    /// The pod is the node's ztunnel.
+    pub ztunnel: bool,
+    /// Why.
+    pub reason: String,
+}
+
+/// One line of `ambient-cnid trace`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceEvent {
+    /// Milliseconds since the epoch.
+    pub unix_ms: u64,
+    /// add, del, check, gc, kernel, repair, sweep, error, start.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// Summary of the last full reconcile.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ResyncSummary {
+    /// When it ran.
+    pub unix_ms: u64,
+    /// Operations it needed (0 = the kernel matched).
+    pub repaired: usize,
+    /// Errors.
+    pub errors: Vec<String>,
+    /// Microseconds it took.
+    pub micros: u64,
+}
+
+struct Inner {
+    reg: Registry,
+    store: Option<Store>,
+    last_resync: Option<ResyncSummary>,
+    /// Ztunnel the last full reconcile built the tunnels for.
+    zt_applied: Option<Ztunnel>,
+    resyncs: u64,
+}
+
+/// The daemon.
+pub struct Daemon<D> {
+    cfg: Arc<Config>,
+    dp: Arc<D>,
+    inner: AsyncMutex<Inner>,
+    trace: Mutex<VecDeque<TraceEvent>>,
+    ready: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A valid Linux interface name: 1–15 bytes, no `/`, `:` or whitespace, not `.`/`..`.
+pub fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// A valid container ID as libcni checks it: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+pub fn valid_container_id(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphanumeric())
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
+        && s.len() <= 1024
+}
+
+fn parse_v4(cidr: &str) -> Result<Option<Ipv4Addr>, String> {
+    let addr = cidr.split('/').next().unwrap_or(cidr);
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => Ok(Some(a)),
+        Ok(std::net::IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(format!("not an IP address: {cidr:?}")),
+    }
+}
+
+impl<D: Dataplane> Daemon<D> {
+    /// A daemon over `dp`, with its registry loaded from `store` (None: not persisted, for tests).
+    pub fn new(cfg: Arc<Config>, dp: Arc<D>, store: Option<Store>, reg: Registry) -> Self {
+        Daemon {
+            cfg,
+            dp,
+            inner: AsyncMutex::new(Inner { reg, store, last_resync: None, zt_applied: None, resyncs: 0 }),
+            trace: Mutex::new(VecDeque::with_capacity(1024)),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The dataplane.
+    pub fn dataplane(&self) -> &D {
+        &self.dp
+    }
+
+    fn event(&self, kind: &str, message: String) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len() >= TRACE_EVENTS {
+            t.pop_front();
+        }
+        t.push_back(TraceEvent { unix_ms: now_ms(), kind: kind.into(), message });
+    }
+
+    /// The newest events (filtered by a substring), oldest first.
+    pub fn trace(&self, filter: &str, limit: usize) -> Vec<TraceEvent> {
+        let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<TraceEvent> =
+            t.iter().rev().filter(|e| filter.is_empty() || e.message.contains(filter)).take(limit).cloned().collect();
+        out.reverse();
+        out
+    }
+
+    /// Is the daemon able to enroll pods (initial reconcile done and the base state in place)?
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn persist(&self, inner: &mut Inner, entry: Entry) -> Result<(), RequestError> {
+        let Inner { store, reg, .. } = inner;
+        if let Some(s) = store.as_mut() {
+            s.append(&entry, reg).map_err(|e| RequestError::State(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The active ztunnel, if its record is complete and its netns exists.
+    fn live_ztunnel(&self, reg: &Registry) -> Option<Ztunnel> {
+        let rec = reg.ztunnel()?;
+        let zt = Ztunnel::from_record(rec)?;
+        self.dp.netns_alive(Path::new(&rec.netns)).then_some(zt)
+    }
+
+    async fn apply_logged(&self, ops: &[Op], kind: &str) -> ApplyReport {
+        let report = reconcile::apply(&*self.dp, ops).await;
+        for a in &report.applied {
+            info!(op = %a, "{kind}");
+            self.event(kind, a.clone());
+        }
+        for e in &report.errors {
+            warn!(error = %e, "{kind} failed");
+            self.event("error", e.clone());
+        }
+        report
+    }
+
+    /// A pod's sandbox is up: record it and, if enrolled, redirect it.
+    pub async fn add(&self, ev: PodEvent) -> Result<AddOutcome, RequestError> {
+        if !valid_container_id(&ev.container_id) {
+            return Err(RequestError::Invalid(format!("invalid container ID {:?}", ev.container_id)));
+        }
+        if !valid_ifname(&ev.ifname) {
+            return Err(RequestError::Invalid(format!("invalid interface name {:?}", ev.ifname)));
+        }
+        if !ev.host_if.is_empty() && !valid_ifname(&ev.host_if) {
+            return Err(RequestError::Invalid(format!("invalid host interface name {:?}", ev.host_if)));
+        }
+        if ev.netns.is_empty() || !self.dp.netns_alive(Path::new(&ev.netns)) {
+            return Err(RequestError::Precondition(format!(
+                "network namespace {:?} of container {} does not exist (a late ADD of a deleted pod?)",
+                ev.netns, ev.container_id
+            )));
+        }
+        let mut ips = Vec::new();
+        let mut gateway = None;
+        for (addr, gw) in &ev.ips {
+            if let Some(ip) = parse_v4(addr).map_err(RequestError::Invalid)? {
+                ips.push(ip);
+                if gateway.is_none() && !gw.is_empty() {
+                    gateway = parse_v4(gw).map_err(RequestError::Invalid)?;
+                }
+            }
+        }
+        let ztunnel = ev.namespace == self.cfg.ztunnel_namespace && ev.name.starts_with(&self.cfg.ztunnel_name_prefix);
+        let (enrolled, reason) = if ztunnel {
+            (false, "the node's ztunnel".to_string())
+        } else if ips.is_empty() {
+            (false, "no IPv4 address (host-network pod?)".to_string())
+        } else if self.cfg.ambient_namespaces.contains(&ev.namespace) {
+            (true, format!("namespace {} is ambient", ev.namespace))
+        } else {
+            (false, format!("namespace {} is not ambient", ev.namespace))
+        };
+        let mut host_if = (!ev.host_if.is_empty()).then(|| ev.host_if.clone());
+        if host_if.is_none() && (enrolled || ztunnel) {
+            if let Some(ip) = ips.first() {
+                host_if = self.dp.route_dev_lookup(*ip).await.map_err(|e| RequestError::Kernel(e.to_string()))?;
+            }
+        }
+        if ztunnel && host_if.is_none() {
+            return Err(RequestError::Precondition(format!(
+                "ztunnel {}/{}: cannot find its host-side interface",
+                ev.namespace, ev.name
+            )));
+        }
+        let rec = PodRecord {
+            container_id: ev.container_id.clone(),
+            ifname: ev.ifname.clone(),
+            netns: ev.netns.clone(),
+            namespace: ev.namespace.clone(),
+            name: ev.name.clone(),
+            uid: ev.uid.clone(),
+            network: ev.network.clone(),
+            ips: ips.clone(),
+            gateway,
+            host_if,
+            enrolled,
+            ztunnel,
+            seq: 0,
+        };
+        let label = format!("{} {} ({}) {:?}", rec.display_name(), rec.owner(), ev.container_id, ips);
+        let mut inner = self.inner.lock().await;
+        let up = inner.reg.upsert(rec);
+        let mut touched: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
+        let mut was_ztunnel = false;
+        if let Upsert::Replaced(old) = &up {
+            touched.extend(old.ips.iter().copied());
+            was_ztunnel = old.ztunnel;
+        }
+        if up != Upsert::Same {
+            if let Some(rec) = inner.reg.find(&ev.container_id, &ev.ifname).cloned() {
+                self.persist(&mut inner, Entry::Put { rec })?;
+            }
+        }
+        self.event("add", format!("{label}: {reason}"));
+        info!(pod = %label, enrolled, ztunnel, "pod added: {reason}");
+        let report = if ztunnel || was_ztunnel {
+            self.full_reconcile(&mut inner, "reconcile").await
+        } else {
+            let zt = self.live_ztunnel(&inner.reg);
+            let ips: Vec<Ipv4Addr> = touched.into_iter().collect();
+            let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &ips);
+            self.apply_logged(&ops, "kernel").await
+        };
+        if !report.ok() {
+            return Err(RequestError::Kernel(report.errors.join("; ")));
+        }
+        Ok(AddOutcome { enrolled, ztunnel, reason })
+    }
+
+    /// A pod attachment is going away: remove exactly what it owned. Unknown attachments succeed.
+    pub async fn del(&self, container_id: &str, ifname: &str) -> Result<bool, RequestError> {
+        let mut inner = self.inner.lock().await;
+        let Some(rec) = inner.reg.remove(container_id, ifname) else {
+            self.event("del", format!("{container_id}/{ifname}: not known (nothing to do)"));
+            return Ok(false);
+        };
+        self.persist(&mut inner, Entry::Del { key: rec.key() })?;
+        self.event("del", format!("{} {} ({container_id}) {:?}", rec.display_name(), rec.owner(), rec.ips));
+        info!(pod = %rec.display_name(), container_id, "pod deleted");
+        let report = self.forget(&mut inner, &rec).await;
+        if !report.ok() {
+            return Err(RequestError::Kernel(report.errors.join("; ")));
+        }
+        Ok(true)
+    }
+
+    /// Undo what a removed record had in the kernel.
+    async fn forget(&self, inner: &mut Inner, rec: &PodRecord) -> ApplyReport {
+        if rec.ztunnel {
+            self.full_reconcile(inner, "reconcile").await
+        } else if rec.enrolled {
+            let zt = self.live_ztunnel(&inner.reg);
+            let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &rec.ips);
+            self.apply_logged(&ops, "kernel").await
+        } else {
+            ApplyReport::default()
+        }
+    }
+
+    /// Is the attachment in the state ADD left it in?
+    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<(bool, String), RequestError> {
+        let inner = self.inner.lock().await;
+        let Some(rec) = inner.reg.find(container_id, ifname).cloned() else {
+            return Err(RequestError::Precondition(format!("no record of container {container_id} interface {ifname}")));
+        };
+        drop(inner);
+        if !rec.enrolled {
+            return Ok((false, format!("{} is known and not enrolled", rec.display_name())));
+        }
+        let set = self.dp.ipset_list().await.map_err(|e| RequestError::Kernel(e.to_string()))?.unwrap_or_default();
+        let missing: Vec<String> = rec.ips.iter().filter(|ip| !set.contains_key(ip)).map(|ip| ip.to_string()).collect();
+        if !missing.is_empty() {
+            return Err(RequestError::Precondition(format!(
+                "{}: IPs {} are not in the ipset (a resync will repair it)",
+                rec.display_name(),
+                missing.join(",")
+            )));
+        }
+        Ok((true, format!("{} enrolled, {} IPs in the ipset", rec.display_name(), rec.ips.len())))
+    }
+
+    /// CNI GC: remove the records of `network` whose attachment is not listed.
+    pub async fn gc(&self, network: &str, valid: Option<&[(String, String)]>) -> (u32, Vec<String>) {
+        let Some(valid) = valid else {
+            self.event("gc", format!("network {network}: no attachment list sent, nothing removed"));
+            return (0, vec![]);
+        };
+        let keep: BTreeSet<(&str, &str)> = valid.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
+        let mut inner = self.inner.lock().await;
+        let stale: Vec<PodRecord> = inner
+            .reg
+            .records()
+            .filter(|r| r.network == network && !keep.contains(&(r.container_id.as_str(), r.ifname.as_str())))
+            .cloned()
+            .collect();
+        let mut errors = Vec::new();
+        for rec in &stale {
+            inner.reg.remove_key(&rec.key());
+            if let Err(e) = self.persist(&mut inner, Entry::Del { key: rec.key() }) {
+                errors.push(e.to_string());
+            }
+            self.event("gc", format!("{} {} ({}) {:?}", rec.display_name(), rec.owner(), rec.container_id, rec.ips));
+            errors.extend(self.forget(&mut inner, rec).await.errors);
+        }
+        (stale.len() as u32, errors)
+    }
+
+    /// Records whose netns is gone are stale (their pod was deleted while we were not told).
+    fn sweep(&self, inner: &mut Inner) -> Vec<PodRecord> {
+        let gone: Vec<PodRecord> =
+            inner.reg.records().filter(|r| !self.dp.netns_alive(Path::new(&r.netns))).cloned().collect();
+        for rec in &gone {
+            inner.reg.remove_key(&rec.key());
+            if let Err(e) = self.persist(inner, Entry::Del { key: rec.key() }) {
+                warn!(error = %e, "persisting a sweep");
+            }
+            info!(pod = %rec.display_name(), netns = %rec.netns, "swept: its netns is gone");
+            self.event("sweep", format!("{} {} ({}) {:?}: netns {} is gone", rec.display_name(), rec.owner(), rec.container_id, rec.ips, rec.netns));
+        }
+        gone
+    }
+
+    async fn full_reconcile(&self, inner: &mut Inner, kind: &str) -> ApplyReport {
+        let start = std::time::Instant::now();
+        let zt = self.live_ztunnel(&inner.reg);
+        if zt != inner.zt_applied {
+            match &zt {
+                Some(z) => self.event("ztunnel", format!("active ztunnel: {} ip {} veth {}", z.ns, z.ip, z.host_if)),
+                None => self.event(
+                    "ztunnel",
+                    if self.cfg.fail_open { "no ztunnel: enrolled pods flow uncaptured (--fail-open)".into() } else { "no ztunnel: enrolled pods' TCP is held closed until one arrives".into() },
+                ),
+            }
+        }
+        let want = desired(&self.cfg, &inner.reg, zt.as_ref());
+        let report = match reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await {
+            Ok(have) => {
+                let ops = reconcile::plan(&want, &have);
+                if ops.is_empty() {
+                    debug!("reconcile: kernel matches");
+                }
+                self.apply_logged(&ops, kind).await
+            }
+            Err(e) => {
+                let msg = format!("reading kernel state: {e}");
+                warn!("{msg}");
+                self.event("error", msg.clone());
+                ApplyReport { applied: vec![], errors: vec![msg] }
+            }
+        };
+        if report.ok() {
+            inner.zt_applied = zt;
+        }
+        inner.resyncs += 1;
+        inner.last_resync = Some(ResyncSummary {
+            unix_ms: now_ms(),
+            repaired: report.applied.len(),
+            errors: report.errors.clone(),
+            micros: start.elapsed().as_micros() as u64,
+        });
+        report
+    }
+
+    /// One periodic pass: sweep records whose netns is gone, then a full reconcile that repairs
+    /// drift. Logged as `repair` when something was missing.
+    pub async fn resync(&self) -> ApplyReport {
+        let mut inner = self.inner.lock().await;
+        self.sweep(&mut inner);
+        let first = !self.is_ready();
+        let report = self.full_reconcile(&mut inner, if first { "start" } else { "repair" }).await;
+        if report.ok() {
+            self.ready.store(true, Ordering::SeqCst);
+        }
+        report
+    }
+
+    /// Status for `ambient-cnid status` and the STATUS verb.
+    pub async fn status(&self) -> StatusView {
+        let inner = self.inner.lock().await;
+        StatusView {
+            ready: self.is_ready(),
+            pods: inner.reg.len(),
+            enrolled: inner.reg.records().filter(|r| r.enrolled).count(),
+            ztunnel: self.live_ztunnel(&inner.reg),
+            last_resync: inner.last_resync.clone(),
+            resyncs: inner.resyncs,
+        }
+    }
+
+    /// Everything for `ambient-cnid dump`: registry, desired state, kernel read-back, pending plan.
+    pub async fn dump(&self) -> serde_json::Value {
+        let inner = self.inner.lock().await;
+        let zt = self.live_ztunnel(&inner.reg);
+        let want = desired(&self.cfg, &inner.reg, zt.as_ref());
+        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await;
+        let pending: Vec<String> = match &have {
+            Ok(h) => reconcile::plan(&want, h).iter().map(|o| o.to_string()).collect(),
+            Err(_) => vec![],
+        };
+        #[derive(Serialize)]
+        struct Dump<'a> {
+            config: &'a Config,
+            pods: Vec<&'a PodRecord>,
+            ztunnel: Option<Ztunnel>,
+            desired: reconcile::Desired,
+            observed: Option<&'a reconcile::Observed>,
+            observe_error: Option<String>,
+            pending: Vec<String>,
+            last_resync: Option<ResyncSummary>,
+        }
+        let dump = Dump {
+            config: &self.cfg,
+            pods: inner.reg.records().collect(),
+            ztunnel: zt,
+            desired: want,
+            observed: have.as_ref().ok(),
+            observe_error: have.as_ref().err().map(|e| e.to_string()),
+            pending,
+            last_resync: inner.last_resync.clone(),
+        };
+        serde_json::to_value(&dump).unwrap_or_else(|e| serde_json::Value::String(format!("cannot serialize the dump: {e}")))
+    }
+}
+
+/// The daemon's status.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusView {
+    /// Able to enroll pods.
+    pub ready: bool,
+    /// Records.
+    pub pods: usize,
+    /// Enrolled records.
+    pub enrolled: usize,
+    /// Active ztunnel.
+    pub ztunnel: Option<Ztunnel>,
+    /// Last full reconcile.
+    pub last_resync: Option<ResyncSummary>,
+    /// Number of full reconciles since start.
+    pub resyncs: u64,
+}
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;

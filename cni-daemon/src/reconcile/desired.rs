@@ -1,0 +1,332 @@
+//! What the kernel should hold: a pure function of (config, registry, ztunnel).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use crate::config::{marks, ports, tables, Config, IPSET_NAME};
+use crate::model::{
+    rp_filter_key, Chain, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope, TunnelLink, TunnelMode,
+    Tunnels,
+};
+use crate::registry::{PodRecord, Registry};
+
+/// The node's active ztunnel as the reconciler needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ztunnel {
+    /// Its netns (`Ns::Pod`).
+    pub ns: Ns,
+    /// Its pod IP (ZIP).
+    pub ip: Ipv4Addr,
+    /// Its host-side veth on the node (ZV).
+    pub host_if: String,
+    /// Its interface name inside the pod (CNI_IFNAME, usually eth0).
+    pub ifname: String,
+    /// Its gateway (a node address).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl Ztunnel {
+    /// Build from the ztunnel's registry record; `None` if the record lacks what is needed.
+    pub fn from_record(rec: &PodRecord) -> Option<Ztunnel> {
+        Some(Ztunnel {
+            ns: Ns::Pod(rec.netns.clone().into()),
+            ip: *rec.ips.first()?,
+            host_if: rec.host_if.clone()?,
+            ifname: rec.ifname.clone(),
+            gateway: rec.gateway,
+        })
+    }
+}
+
+/// Desired state of one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NsDesired {
+    /// Our ip rules.
+    pub rules: BTreeSet<Rule>,
+    /// Our routes by key.
+    #[serde(serialize_with = "crate::model::map_as_pairs::serialize")]
+    pub routes: BTreeMap<RouteKey, Route>,
+    /// Our iptables chains (each jumped to from its hook, first).
+    pub chains: Vec<Chain>,
+    /// Sysctls to hold.
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// Everything the daemon wants the kernel to hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    /// Entries of the ipset: IP → owner (pod UID).
+    pub ipset: BTreeMap<Ipv4Addr, String>,
+    /// The node namespace.
+    pub node: NsDesired,
+    /// The tunnels into the ztunnel pod, when there is one.
+    pub tunnels: Option<Tunnels>,
+    /// The ztunnel's namespace and what it should hold.
+    pub zt: Option<(Ns, NsDesired)>,
+}
+
+/// The node address used as `src` of table-100 routes and in the probe-skip rule.
+pub fn host_ip(cfg: &Config, zt: Option<&Ztunnel>) -> Option<Ipv4Addr> {
+    cfg.host_ip.or_else(|| zt.and_then(|z| z.gateway))
+}
+
+fn route(table: u32, dst: Prefix, metric: u32) -> Route {
+    Route {
+        key: RouteKey { table, dst, metric },
+        kind: RouteKind::Unicast,
+        dev: None,
+        via: None,
+        src: None,
+        scope: Scope::Universe,
+        onlink: false,
+    }
+}
+
+fn unreachable(table: u32, dst: Prefix) -> Route {
+    Route { kind: RouteKind::Unreachable, ..route(table, dst, tables::FALLBACK_METRIC) }
+}
+
+/// A route to ztunnel's pod IP over its veth, `scope link` (tables 100, 101, 102).
+fn zt_link_route(table: u32, zt: &Ztunnel) -> Route {
+    Route { dev: Some(zt.host_if.clone()), scope: Scope::Link, ..route(table, Prefix::host(zt.ip), 0) }
+}
+
+/// Table-100 routes of one enrolled pod IP.
+pub fn pod_routes(cfg: &Config, rec: &PodRecord, ip: Ipv4Addr, zt: Option<&Ztunnel>) -> Vec<Route> {
+    let mut out = Vec::new();
+    if zt.is_some() {
+        let src = rec.gateway.or_else(|| host_ip(cfg, zt));
+        out.push(Route {
+            dev: Some(cfg.inbound.0.clone()),
+            via: Some(cfg.inbound_gw()),
+            src,
+            ..route(tables::INBOUND, Prefix::host(ip), 0)
+        });
+    }
+    if !cfg.fail_open {
+        // Shadowed by the tunnel route while ztunnel is there; holds inbound traffic closed when not.
+        out.push(unreachable(tables::INBOUND, Prefix::host(ip)));
+    }
+    out
+}
+
+/// Route keys a pod IP may have in table 100 (for removal).
+pub fn pod_route_keys(ip: Ipv4Addr) -> [RouteKey; 2] {
+    [
+        RouteKey { table: tables::INBOUND, dst: Prefix::host(ip), metric: 0 },
+        RouteKey { table: tables::INBOUND, dst: Prefix::host(ip), metric: tables::FALLBACK_METRIC },
+    ]
+}
+
+fn mark(v: u32) -> String {
+    format!("{v:#x}/{v:#x}")
+}
+
+/// The node's iptables chains (kernel-state.md §1.2, with the departures the README lists).
+pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) -> Vec<Chain> {
+    let (skip, conn_skip, proxy, ret, out) =
+        (mark(marks::SKIP), mark(marks::CONN_SKIP), mark(marks::PROXY), mark(marks::PROXY_RET), mark(marks::OUTBOUND));
+    let mut pre = Vec::new();
+    for tun in [&cfg.inbound.0, &cfg.outbound.0] {
+        pre.push(format!("-i {tun} -j MARK --set-xmark {skip}"));
+        pre.push(format!("-i {tun} -j RETURN"));
+    }
+    if cfg.tunnel_mode == TunnelMode::Geneve {
+        pre.push("-p udp -m udp --dport 6081 -j RETURN".to_string());
+    }
+    pre.push(format!("-m connmark --mark {conn_skip} -j MARK --set-xmark {skip}"));
+    pre.push(format!("-m mark --mark {skip} -j RETURN"));
+    if let Some(z) = zt {
+        pre.push(format!("! -i {} -m connmark --mark {proxy} -j MARK --set-xmark {ret}", z.host_if));
+    }
+    pre.push(format!("-m mark --mark {ret} -j RETURN"));
+    if let Some(z) = zt {
+        pre.push(format!("! -s {}/32 -i {} -j MARK --set-xmark {proxy}", z.ip, z.host_if));
+        pre.push(format!("-m mark --mark {skip} -j RETURN"));
+        pre.push(format!("-i {} -j MARK --set-xmark {conn_skip}", z.host_if));
+    }
+    pre.push(format!("-p udp -j MARK --set-xmark {conn_skip}"));
+    // Not in the original: ztunnel only takes TCP, so other protocols to an enrolled pod (ICMP,
+    // anything but UDP) must not be routed into the inbound tunnel (prototype-findings B7).
+    pre.push(format!("! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"));
+    pre.push(format!("-m mark --mark {skip} -j RETURN"));
+    pre.push(format!("-p tcp -m set --match-set {IPSET_NAME} src -j MARK --set-xmark {out}"));
+
+    let save = vec![
+        format!(
+            "-m mark --mark {conn_skip} -j CONNMARK --save-mark --nfmask {:#x} --ctmask {:#x}",
+            marks::CONN_SKIP,
+            marks::CONN_SKIP
+        ),
+        format!(
+            "-m mark --mark {proxy} -j CONNMARK --save-mark --nfmask {:#x} --ctmask {:#x}",
+            marks::PROXY,
+            marks::PROXY
+        ),
+    ];
+    // Kubelet probes (node address, local socket) to enrolled pods skip capture. Masked, unlike
+    // the original, which overwrote the whole mark.
+    let output = match hip {
+        Some(h) => vec![format!(
+            "-s {h}/32 -p tcp -m owner --socket-exists -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {conn_skip}"
+        )],
+        None => vec![],
+    };
+    let accept = vec![format!("-m mark --mark {out} -j ACCEPT")];
+    let c = |table: &str, hook: &str, rules: Vec<String>| Chain {
+        table: table.into(),
+        name: format!("ztunnel-{hook}"),
+        hook: hook.into(),
+        rules,
+    };
+    vec![
+        c("mangle", "PREROUTING", pre),
+        c("mangle", "POSTROUTING", vec![]),
+        c("mangle", "OUTPUT", output),
+        c("mangle", "INPUT", save.clone()),
+        c("mangle", "FORWARD", save),
+        c("nat", "PREROUTING", accept.clone()),
+        c("nat", "POSTROUTING", accept.clone()),
+        c("filter", "FORWARD", accept),
+    ]
+}
+
+/// The chain inside the ztunnel netns (§2): TPROXY into ztunnel's ports, and the mark that hands
+/// replies to its original-source sockets to local delivery.
+pub fn zt_chains(cfg: &Config, zt: &Ztunnel) -> Vec<Chain> {
+    let tp = |port: u16| format!("-j TPROXY --on-port {port} --on-ip 127.0.0.1 --tproxy-mark {:#x}/{:#x}", marks::TPROXY, marks::ZT_MASK);
+    let (pin, pout) = (&cfg.inbound.2, &cfg.outbound.2);
+    vec![Chain {
+        table: "mangle".into(),
+        name: "ztunnel-PREROUTING".into(),
+        hook: "PREROUTING".into(),
+        rules: vec![
+            format!("-i {pin} -p tcp -m tcp --dport {} {}", ports::HBONE, tp(ports::HBONE)),
+            format!("-i {pout} -p tcp {}", tp(ports::OUTBOUND)),
+            format!("-i {pin} -p tcp {}", tp(ports::INBOUND)),
+            format!(
+                "! -d {}/32 -i {} -p tcp -j MARK --set-xmark {:#x}/{:#x}",
+                zt.ip,
+                zt.ifname,
+                marks::ORG_SRC_RET,
+                marks::ZT_MASK
+            ),
+        ],
+    }]
+}
+
+/// Node rules 100–103.
+pub fn node_rules() -> BTreeSet<Rule> {
+    [
+        Rule { priority: tables::RULE_SKIP, fwmark: Some((marks::SKIP, marks::SKIP)), action: RuleAction::Goto(tables::MAIN_PRIORITY) },
+        Rule { priority: tables::RULE_OUTBOUND, fwmark: Some((marks::OUTBOUND, marks::OUTBOUND)), action: RuleAction::Lookup(tables::OUTBOUND) },
+        Rule { priority: tables::RULE_PROXY_RET, fwmark: Some((marks::PROXY_RET, marks::PROXY_RET)), action: RuleAction::Lookup(tables::PROXY_RET) },
+        Rule { priority: tables::RULE_INBOUND, fwmark: None, action: RuleAction::Lookup(tables::INBOUND) },
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Node rule priorities we own.
+pub const NODE_RULE_PRIORITIES: [u32; 4] = [tables::RULE_SKIP, tables::RULE_OUTBOUND, tables::RULE_PROXY_RET, tables::RULE_INBOUND];
+/// Node tables we own routes in.
+pub const NODE_TABLES: [u32; 3] = [tables::INBOUND, tables::OUTBOUND, tables::PROXY_RET];
+/// ztunnel-netns rule priorities we own.
+pub const ZT_RULE_PRIORITIES: [u32; 2] = [tables::ZT_RULE_TPROXY, tables::ZT_RULE_ORG_SRC];
+/// ztunnel-netns tables we own routes in.
+pub const ZT_TABLES: [u32; 1] = [tables::ZT_LOCAL];
+
+/// The tunnels for this ztunnel.
+pub fn tunnels(cfg: &Config, zt: &Ztunnel) -> Tunnels {
+    let link = |t: &(String, Prefix, String, Prefix), vni: u32| TunnelLink {
+        node_name: t.0.clone(),
+        node_addr: t.1,
+        peer_name: t.2.clone(),
+        peer_addr: t.3,
+        vni,
+    };
+    Tunnels {
+        mode: cfg.tunnel_mode,
+        ztunnel_ns: zt.ns.clone(),
+        ztunnel_ip: zt.ip,
+        node_ip: host_ip(cfg, Some(zt)).unwrap_or(Ipv4Addr::UNSPECIFIED),
+        mtu: cfg.tunnel_mtu,
+        links: vec![link(&cfg.inbound, 1000), link(&cfg.outbound, 1001)],
+    }
+}
+
+/// The whole desired state. `zt` is the active ztunnel whose netns exists, if any.
+pub fn desired(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>) -> Desired {
+    let hip = host_ip(cfg, zt);
+    let mut d = Desired::default();
+    let owners = reg.enrolled_ips();
+    for (ip, rec) in &owners {
+        d.ipset.insert(*ip, rec.owner().to_string());
+        for r in pod_routes(cfg, rec, *ip, zt) {
+            d.node.routes.insert(r.key, r);
+        }
+        if let Some(h) = &rec.host_if {
+            d.node.sysctls.insert(rp_filter_key(h), "2".into());
+        }
+    }
+    d.node.rules = node_rules();
+    d.node.chains = node_chains(cfg, zt, hip);
+    if !cfg.fail_open {
+        let r = unreachable(tables::OUTBOUND, Prefix::DEFAULT);
+        d.node.routes.insert(r.key, r);
+    }
+    if let Some(z) = zt {
+        for t in NODE_TABLES {
+            let r = zt_link_route(t, z);
+            d.node.routes.insert(r.key, r);
+        }
+        let out = Route {
+            dev: Some(cfg.outbound.0.clone()),
+            via: Some(cfg.outbound_gw()),
+            ..route(tables::OUTBOUND, Prefix::DEFAULT, 0)
+        };
+        d.node.routes.insert(out.key, out);
+        let ret = Route {
+            dev: Some(z.host_if.clone()),
+            via: Some(z.ip),
+            onlink: true,
+            ..route(tables::PROXY_RET, Prefix::DEFAULT, 0)
+        };
+        d.node.routes.insert(ret.key, ret);
+        d.node.sysctls.insert(rp_filter_key(&z.host_if), "2".into());
+        d.tunnels = Some(tunnels(cfg, z));
+
+        let mut zd = NsDesired {
+            rules: [
+                Rule {
+                    priority: tables::ZT_RULE_TPROXY,
+                    fwmark: Some((marks::TPROXY, marks::ZT_MASK)),
+                    action: RuleAction::Lookup(tables::ZT_LOCAL),
+                },
+                Rule {
+                    priority: tables::ZT_RULE_ORG_SRC,
+                    fwmark: Some((marks::ORG_SRC_RET, marks::ZT_MASK)),
+                    action: RuleAction::Lookup(tables::ZT_LOCAL),
+                },
+            ]
+            .into_iter()
+            .collect(),
+            chains: zt_chains(cfg, z),
+            ..Default::default()
+        };
+        let local = Route {
+            kind: RouteKind::Local,
+            dev: Some("lo".into()),
+            scope: Scope::Host,
+            ..route(tables::ZT_LOCAL, Prefix::DEFAULT, 0)
+        };
+        zd.routes.insert(local.key, local);
+        for name in [&cfg.inbound.2, &cfg.outbound.2] {
+            zd.sysctls.insert(rp_filter_key(name), "2".into());
+        }
+        d.zt = Some((z.ns.clone(), zd));
+    }
+    d
+}

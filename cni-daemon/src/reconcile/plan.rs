@@ -1,0 +1,253 @@
+//! The difference between what we want and what the kernel has, as an ordered list of operations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::desired::{pod_route_keys, pod_routes, Desired, NsDesired, Ztunnel};
+use crate::config::Config;
+use crate::model::{rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, RouteKey, Rule, TunnelState, Tunnels};
+use crate::registry::Registry;
+
+/// What was read back from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Observed {
+    /// The ipset (None: it does not exist).
+    pub ipset: IpsetState,
+    /// Our objects in the node netns.
+    pub node: NsState,
+    /// Wiring of the desired tunnels (empty when none are desired).
+    pub tunnels: TunnelState,
+    /// Node-side tunnel links of ours that exist.
+    pub links_present: Vec<String>,
+    /// Our objects in the ztunnel netns (when one is desired and reachable).
+    pub zt: Option<NsState>,
+}
+
+/// One kernel operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Op {
+    /// Create the ipset.
+    IpsetCreate,
+    /// Add or update an entry.
+    IpsetAdd {
+        /// Pod IP.
+        ip: Ipv4Addr,
+        /// Owner (comment).
+        owner: String,
+    },
+    /// Remove an entry.
+    IpsetDel {
+        /// Pod IP.
+        ip: Ipv4Addr,
+    },
+    /// (Re)create one tunnel link pair.
+    TunnelCreate {
+        /// All tunnels (for the netns and addresses).
+        tunnels: Tunnels,
+        /// Node-side name of the pair to create.
+        link: String,
+    },
+    /// Delete a node-side tunnel link.
+    LinkDel {
+        /// Its name.
+        name: String,
+    },
+    /// Make our chains in `ns` exactly these, jumps first.
+    IptablesApply {
+        /// Namespace.
+        ns: Ns,
+        /// Chains.
+        chains: Vec<Chain>,
+    },
+    /// Write a sysctl.
+    SysctlWrite {
+        /// Namespace.
+        ns: Ns,
+        /// Key under /proc/sys.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// Create or replace a route.
+    RouteReplace {
+        /// Namespace.
+        ns: Ns,
+        /// Route.
+        route: Route,
+    },
+    /// Delete a route of ours.
+    RouteDel {
+        /// Namespace.
+        ns: Ns,
+        /// Its key.
+        key: RouteKey,
+    },
+    /// Add a rule.
+    RuleAdd {
+        /// Namespace.
+        ns: Ns,
+        /// Rule.
+        rule: Rule,
+    },
+    /// Delete a rule of ours.
+    RuleDel {
+        /// Namespace.
+        ns: Ns,
+        /// Rule.
+        rule: Rule,
+    },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::IpsetCreate => write!(f, "create ipset"),
+            Op::IpsetAdd { ip, owner } => write!(f, "ipset add {ip} (owner {owner})"),
+            Op::IpsetDel { ip } => write!(f, "ipset del {ip}"),
+            Op::TunnelCreate { tunnels, link } => write!(f, "create tunnel {link} into {}", tunnels.ztunnel_ns),
+            Op::LinkDel { name } => write!(f, "delete link {name}"),
+            Op::IptablesApply { ns, chains } => {
+                let names: BTreeSet<String> = chains.iter().map(|c| format!("{}/{}", c.table, c.name)).collect();
+                write!(f, "iptables-restore in {ns}: {}", names.into_iter().collect::<Vec<_>>().join(" "))
+            }
+            Op::SysctlWrite { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
+            Op::RouteReplace { ns, route } => write!(f, "route replace {route} in {ns}"),
+            Op::RouteDel { ns, key } => write!(f, "route del {} table {} metric {} in {ns}", key.dst, key.table, key.metric),
+            Op::RuleAdd { ns, rule } => write!(f, "rule add {rule} in {ns}"),
+            Op::RuleDel { ns, rule } => write!(f, "rule del {rule} in {ns}"),
+        }
+    }
+}
+
+/// The iptables state a set of chains implies (each jump once, at position 1).
+pub fn iptables_of(chains: &[Chain]) -> IptablesState {
+    let mut s = IptablesState::default();
+    for c in chains {
+        s.chains.insert((c.table.clone(), c.name.clone()), c.rules.clone());
+        s.jumps.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+    }
+    s
+}
+
+/// The interface a sysctl key is about (`net/ipv4/conf/<if>/...`).
+fn sysctl_iface(key: &str) -> Option<&str> {
+    key.strip_prefix("net/ipv4/conf/")?.split('/').next()
+}
+
+fn plan_ns(ns: &Ns, want: &NsDesired, have: &NsState, recreated: &BTreeSet<String>, ops: &mut Vec<Op>, dels: &mut Vec<Op>) {
+    if iptables_of(&want.chains) != have.iptables {
+        ops.push(Op::IptablesApply { ns: ns.clone(), chains: want.chains.clone() });
+    }
+    for (key, value) in &want.sysctls {
+        let fresh = sysctl_iface(key).is_some_and(|i| recreated.contains(i));
+        let write = match have.sysctls.get(key) {
+            Some(v) => v != value || fresh,
+            // The interface does not exist: only write if this plan creates it.
+            None => fresh,
+        };
+        if write {
+            ops.push(Op::SysctlWrite { ns: ns.clone(), key: key.clone(), value: value.clone() });
+        }
+    }
+    for (key, route) in &want.routes {
+        // Recreating a link makes the kernel drop every route through it: replay those.
+        let through_new = route.dev.as_ref().is_some_and(|d| recreated.contains(d));
+        if have.routes.get(key) != Some(route) || through_new {
+            ops.push(Op::RouteReplace { ns: ns.clone(), route: route.clone() });
+        }
+    }
+    for rule in want.rules.difference(&have.rules) {
+        ops.push(Op::RuleAdd { ns: ns.clone(), rule: *rule });
+    }
+    for key in have.routes.keys().filter(|k| !want.routes.contains_key(k)) {
+        dels.push(Op::RouteDel { ns: ns.clone(), key: *key });
+    }
+    for rule in have.rules.difference(&want.rules) {
+        dels.push(Op::RuleDel { ns: ns.clone(), rule: *rule });
+    }
+}
+
+/// Plan a full reconcile. The order makes each step's prerequisites exist: the set before the
+/// rules that match it, links before routes and sysctls on them, routes before the rules that
+/// steer into their tables, and deletions last.
+pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut dels = Vec::new();
+    let empty = BTreeMap::new();
+    let have_set = match &have.ipset {
+        Some(s) => s,
+        None => {
+            ops.push(Op::IpsetCreate);
+            &empty
+        }
+    };
+    let mut recreated = BTreeSet::new();
+    match &want.tunnels {
+        Some(t) => {
+            for l in &t.links {
+                if have.tunnels.links.get(&l.node_name) != Some(&true) {
+                    ops.push(Op::TunnelCreate { tunnels: t.clone(), link: l.node_name.clone() });
+                    recreated.insert(l.node_name.clone());
+                    recreated.insert(l.peer_name.clone());
+                }
+            }
+        }
+        None => {
+            for name in &have.links_present {
+                dels.push(Op::LinkDel { name: name.clone() });
+            }
+        }
+    }
+    plan_ns(&Ns::Node, &want.node, &have.node, &recreated, &mut ops, &mut dels);
+    if let Some((ns, zwant)) = &want.zt {
+        let zhave = have.zt.clone().unwrap_or_default();
+        plan_ns(ns, zwant, &zhave, &recreated, &mut ops, &mut dels);
+    }
+    for (ip, owner) in &want.ipset {
+        if have_set.get(ip) != Some(owner) {
+            ops.push(Op::IpsetAdd { ip: *ip, owner: owner.clone() });
+        }
+    }
+    for ip in have_set.keys().filter(|ip| !want.ipset.contains_key(ip)) {
+        dels.push(Op::IpsetDel { ip: *ip });
+    }
+    // Stop capturing before removing where captured traffic would go.
+    dels.sort_by_key(|op| match op {
+        Op::IpsetDel { .. } => 0,
+        Op::RuleDel { .. } => 1,
+        Op::RouteDel { .. } => 2,
+        _ => 3,
+    });
+    ops.extend(dels);
+    ops
+}
+
+/// The idempotent operations that bring the given IPs' objects in line with the registry: for an
+/// IP with an enrolled owner, its rp_filter, table-100 routes and ipset entry; for an IP nobody
+/// owns any more, the removal of the entry and the routes. Cost: constant per IP.
+pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[Ipv4Addr]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for ip in ips {
+        match reg.owner_of(*ip) {
+            Some(rec) => {
+                if let Some(h) = &rec.host_if {
+                    ops.push(Op::SysctlWrite { ns: Ns::Node, key: rp_filter_key(h), value: "2".into() });
+                }
+                for route in pod_routes(cfg, rec, *ip, zt) {
+                    ops.push(Op::RouteReplace { ns: Ns::Node, route });
+                }
+                ops.push(Op::IpsetAdd { ip: *ip, owner: rec.owner().to_string() });
+            }
+            None => {
+                ops.push(Op::IpsetDel { ip: *ip });
+                for key in pod_route_keys(*ip) {
+                    ops.push(Op::RouteDel { ns: Ns::Node, key });
+                }
+            }
+        }
+    }
+    ops
+}
