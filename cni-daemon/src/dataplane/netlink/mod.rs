@@ -1,1 +1,668 @@
 //! The real dataplane: rtnetlink, ipset over netlink, iptables-restore, /proc/sys.
+//!
+//! Every namespace we touch (the node's, each ztunnel's) gets one [`netns::NsWorker`]: a thread
+//! that entered the namespace once, owns the rtnetlink connection created there and runs the
+//! blocking work for it (sysctl files, `iptables-save`/`-restore`). Tokio workers never call
+//! `setns`. Which kernel answers count as success is decided in one place, [`already_done`].
+
+mod ipset;
+mod iptables;
+mod link;
+mod netns;
+mod route;
+mod rule;
+mod sysctl;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::dataplane::{Dataplane, DpError, DpResult};
+use crate::model::{
+    Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels,
+};
+
+pub use iptables::IptablesBackend;
+use netns::NsWorker;
+
+/// Route protocol number that marks our routes (`ip route ... proto 212`).
+pub const DEFAULT_ROUTE_PROTOCOL: u8 = 212;
+/// The seed's set of enrolled pod IPs.
+pub const DEFAULT_IPSET_NAME: &str = "ztunnel-pods-ips";
+
+/// How [`RealDataplane`] is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RealConfig {
+    /// The node's network namespace file; `None` = the netns of the thread calling
+    /// [`RealDataplane::new`].
+    pub node_netns: Option<PathBuf>,
+    /// Protocol number on every route we create, and the filter for every route we list or
+    /// delete (also set on our ip rules, for people reading `ip rule`).
+    pub route_protocol: u8,
+    /// Which iptables variant to drive.
+    pub iptables_backend: IptablesBackend,
+    /// Name of the ipset of enrolled pod IPs (node netns only).
+    pub ipset_name: String,
+}
+
+impl Default for RealConfig {
+    fn default() -> Self {
+        RealConfig {
+            node_netns: None,
+            route_protocol: DEFAULT_ROUTE_PROTOCOL,
+            iptables_backend: IptablesBackend::Auto,
+            ipset_name: DEFAULT_IPSET_NAME.to_string(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The errno mapping
+
+/// What a kernel request was meant to achieve; decides which errors mean "already so".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Intent {
+    /// Add/create: the object may already be there.
+    Create,
+    /// Delete/destroy: the object may already be gone.
+    Remove,
+    /// Look one object up: it may not exist.
+    Find,
+    /// Anything else: every error is an error.
+    Other,
+}
+
+/// THE errno mapping. `code` is a positive errno (or an ipset error code ≥ 4096). True when that
+/// answer means the goal of `intent` already holds: EEXIST on create; ENOENT, ESRCH, ENODEV,
+/// EADDRNOTAVAIL (and ipset's "element not there") on remove; ENODEV/ENOENT on a lookup.
+pub(crate) fn already_done(intent: Intent, code: i32) -> bool {
+    match intent {
+        Intent::Create => code == libc::EEXIST,
+        Intent::Remove => {
+            matches!(
+                code,
+                libc::ENOENT | libc::ESRCH | libc::ENODEV | libc::EADDRNOTAVAIL
+            ) || code == ipset::IPSET_ERR_EXIST
+        }
+        Intent::Find => matches!(code, libc::ENODEV | libc::ENOENT),
+        Intent::Other => false,
+    }
+}
+
+/// The positive errno of a netlink error answer, if it is one.
+pub(crate) fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => {
+            m.code.map(|c| c.get().checked_neg().unwrap_or(i32::MAX))
+        }
+        _ => None,
+    }
+}
+
+/// A [`DpError::Netlink`] naming what we were doing.
+pub(crate) fn nl_error(what: impl Into<String>, e: &rtnetlink::Error) -> DpError {
+    let msg = match errno_of(e) {
+        Some(code) => ipset::describe_code(code),
+        None => e.to_string(),
+    };
+    DpError::Netlink {
+        what: what.into(),
+        msg,
+    }
+}
+
+/// Maps a netlink result through [`already_done`].
+pub(crate) fn nl_check<T: Default>(
+    intent: Intent,
+    what: impl FnOnce() -> String,
+    r: Result<T, rtnetlink::Error>,
+) -> DpResult<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) if errno_of(&e).is_some_and(|c| already_done(intent, c)) => Ok(T::default()),
+        Err(e) => Err(nl_error(what(), &e)),
+    }
+}
+
+/// Maps an ipset result through [`already_done`].
+fn ipset_check<T: Default>(
+    intent: Intent,
+    what: impl FnOnce() -> String,
+    r: Result<T, ipset::IpsetError>,
+) -> DpResult<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(ipset::IpsetError::Kernel(c)) if already_done(intent, c) => Ok(T::default()),
+        Err(e) => Err(DpError::Netlink {
+            what: what(),
+            msg: e.to_string(),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RealDataplane
+
+/// The kernel-backed [`Dataplane`].
+pub struct RealDataplane {
+    cfg: RealConfig,
+    rt: tokio::runtime::Handle,
+    node: Arc<NsWorker>,
+    /// Pod (ztunnel) namespace workers by path; each checked against the path's (dev, inode)
+    /// whenever it is used, and dropped when the namespace is gone or was replaced: a worker
+    /// holds its namespace alive, so it must not outlive the namespace's file.
+    pods: Mutex<HashMap<PathBuf, Arc<NsWorker>>>,
+    /// Opened in the node netns.
+    ipset: Arc<Mutex<ipset::IpsetSocket>>,
+    /// The node netns's iptables variant, for logs.
+    backend_name: &'static str,
+}
+
+impl std::fmt::Debug for RealDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealDataplane")
+            .field("cfg", &self.cfg)
+            .field("backend", &self.backend_name)
+            .finish()
+    }
+}
+
+impl RealDataplane {
+    /// Enters the node namespace on a worker thread, opens the rtnetlink and ipset sockets there
+    /// and picks the iptables backend. Must run inside a tokio runtime (any flavour); blocks
+    /// briefly (thread start, one `iptables-*-save` per variant for `Auto`).
+    pub fn new(cfg: RealConfig) -> DpResult<Self> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|e| DpError::Netns {
+            path: "node".into(),
+            msg: format!("no tokio runtime: {e}"),
+        })?;
+        let path = cfg
+            .node_netns
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+        let fd = netns::open_ns(&path)?;
+        let node = Arc::new(NsWorker::spawn(path.display().to_string(), fd, rt.clone())?);
+        let sock = node
+            .run_sync(ipset::IpsetSocket::open)?
+            .map_err(|e| DpError::Netlink {
+                what: "open NETLINK_NETFILTER socket for ipset".into(),
+                msg: e.to_string(),
+            })?;
+        let wanted = cfg.iptables_backend;
+        let backend = node.run_sync(move || iptables::resolve(wanted))?;
+        let _ = node.backend.set(backend);
+        Ok(RealDataplane {
+            cfg,
+            rt,
+            node,
+            pods: Mutex::new(HashMap::new()),
+            ipset: Arc::new(Mutex::new(sock)),
+            backend_name: backend.name(),
+        })
+    }
+
+    /// The iptables variant used in the node netns (`legacy` or `nft`), for logs.
+    pub fn backend(&self) -> &str {
+        self.backend_name
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RealConfig {
+        &self.cfg
+    }
+
+    /// Drops workers of pod namespaces whose file is gone or now names another namespace, so
+    /// that we do not keep a dead ztunnel's namespace (and the veth peers in it) alive. Runs on
+    /// every pod-namespace access too; call it from a periodic task to bound the lag.
+    pub fn prune_netns_workers(&self) {
+        let mut cache = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|path, w| {
+            let keep = netns::ns_id_of_path(path).is_ok_and(|id| id == w.id());
+            if !keep {
+                tracing::info!(netns = %path.display(), "pod namespace gone or replaced; dropping its worker");
+            }
+            keep
+        });
+    }
+
+    async fn worker(&self, ns: &Ns) -> DpResult<Arc<NsWorker>> {
+        match ns {
+            Ns::Node => Ok(Arc::clone(&self.node)),
+            Ns::Pod(path) => self.pod_worker(path).await,
+        }
+    }
+
+    async fn pod_worker(&self, path: &Path) -> DpResult<Arc<NsWorker>> {
+        self.prune_netns_workers();
+        if let Some(w) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+        {
+            return Ok(Arc::clone(w));
+        }
+        let fd = netns::open_ns(path)?;
+        let rt = self.rt.clone();
+        let label = path.display().to_string();
+        let w = tokio::task::spawn_blocking(move || NsWorker::spawn(label, fd, rt))
+            .await
+            .map_err(|e| DpError::Netns {
+                path: path.display().to_string(),
+                msg: format!("worker start: {e}"),
+            })??;
+        let w = Arc::new(w);
+        let mut cache = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        // A concurrent caller may have made one for the same namespace meanwhile: keep theirs.
+        if let Some(existing) = cache.get(path) {
+            if existing.id() == w.id() {
+                return Ok(Arc::clone(existing));
+            }
+        }
+        cache.insert(path.to_path_buf(), Arc::clone(&w));
+        Ok(w)
+    }
+
+    /// Backend for a namespace: the configured one, or detected once per worker.
+    async fn backend_for(&self, w: &Arc<NsWorker>) -> DpResult<iptables::Backend> {
+        if let Some(b) = w.backend.get() {
+            return Ok(*b);
+        }
+        let wanted = self.cfg.iptables_backend;
+        let b = w.run(move || iptables::resolve(wanted)).await?;
+        Ok(*w.backend.get_or_init(|| b))
+    }
+
+    async fn ipset_op<T, F>(&self, f: F) -> DpResult<Result<T, ipset::IpsetError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut ipset::IpsetSocket) -> Result<T, ipset::IpsetError> + Send + 'static,
+    {
+        let sock = Arc::clone(&self.ipset);
+        tokio::task::spawn_blocking(move || {
+            let mut g = sock.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut g)
+        })
+        .await
+        .map_err(|e| DpError::Netlink {
+            what: "ipset".into(),
+            msg: format!("ipset task failed: {e}"),
+        })
+    }
+
+    async fn iptables_job<T, F>(&self, ns: &Ns, f: F) -> DpResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(iptables::Backend) -> Result<T, String> + Send + 'static,
+    {
+        let w = self.worker(ns).await?;
+        let backend = self.backend_for(&w).await?;
+        w.run(move || f(backend))
+            .await?
+            .map_err(|msg| DpError::Iptables {
+                ns: ns.to_string(),
+                msg,
+            })
+    }
+}
+
+fn pod_path(ns: &Ns) -> DpResult<&Path> {
+    match ns {
+        Ns::Pod(p) => Ok(p),
+        Ns::Node => Err(DpError::Netns {
+            path: "node".into(),
+            msg: "the ztunnel namespace must be a pod namespace".into(),
+        }),
+    }
+}
+
+impl Dataplane for RealDataplane {
+    async fn ipset_list(&self) -> DpResult<IpsetState> {
+        let name = self.cfg.ipset_name.clone();
+        let r = self.ipset_op(move |s| s.list(&name)).await?;
+        match r {
+            Ok(m) => Ok(Some(m)),
+            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(None),
+            Err(e) => Err(DpError::Netlink {
+                what: format!("list ipset {}", self.cfg.ipset_name),
+                msg: e.to_string(),
+            }),
+        }
+    }
+
+    async fn ipset_create(&self) -> DpResult<()> {
+        let name = self.cfg.ipset_name.clone();
+        let r = self
+            .ipset_op(move |s| match s.create(&name) {
+                Ok(_) => Ok(()),
+                // Only a set with other parameters clashes (same ones are fine without
+                // NLM_F_EXCL): accept it if it is a hash:ip inet set, as a reconcile can use it.
+                Err(ipset::IpsetError::Kernel(libc::EEXIST)) => {
+                    let h = s.header(&name)?;
+                    if h.typename.as_deref() == Some("hash:ip")
+                        && h.family == Some(libc::AF_INET as u8)
+                    {
+                        Ok(())
+                    } else {
+                        Err(ipset::IpsetError::Invalid(format!(
+                            "a set of that name exists with type {:?} family {:?}",
+                            h.typename, h.family
+                        )))
+                    }
+                }
+                Err(e) => Err(e),
+            })
+            .await?;
+        ipset_check(
+            Intent::Other,
+            || format!("create ipset {} hash:ip comment", self.cfg.ipset_name),
+            r,
+        )
+    }
+
+    async fn ipset_destroy(&self) -> DpResult<()> {
+        let name = self.cfg.ipset_name.clone();
+        let r = self.ipset_op(move |s| s.destroy(&name)).await?;
+        ipset_check(
+            Intent::Remove,
+            || format!("destroy ipset {}", self.cfg.ipset_name),
+            r,
+        )
+    }
+
+    async fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> DpResult<()> {
+        let name = self.cfg.ipset_name.clone();
+        let owner = owner.to_string();
+        let r = self.ipset_op(move |s| s.add(&name, ip, &owner)).await?;
+        ipset_check(
+            Intent::Create,
+            || format!("add {ip} to ipset {}", self.cfg.ipset_name),
+            r,
+        )
+    }
+
+    async fn ipset_del(&self, ip: Ipv4Addr) -> DpResult<()> {
+        let name = self.cfg.ipset_name.clone();
+        let r = self.ipset_op(move |s| s.del(&name, ip)).await?;
+        ipset_check(
+            Intent::Remove,
+            || format!("delete {ip} from ipset {}", self.cfg.ipset_name),
+            r,
+        )
+    }
+
+    async fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> DpResult<Vec<Rule>> {
+        let w = self.worker(ns).await?;
+        let msgs = rule::dump(w.handle())
+            .await
+            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| priorities.contains(&rule::priority_of(m)))
+            .filter_map(rule::decode)
+            .collect())
+    }
+
+    async fn rule_add(&self, ns: &Ns, r: &Rule) -> DpResult<()> {
+        let w = self.worker(ns).await?;
+        let have = rule::dump(w.handle())
+            .await
+            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
+        if have.iter().filter_map(rule::decode).any(|h| h == *r) {
+            return Ok(());
+        }
+        let res = rule::add(w.handle(), r, self.cfg.route_protocol).await;
+        nl_check(Intent::Create, || format!("add rule `{r}` in {ns}"), res)
+    }
+
+    async fn rule_del(&self, ns: &Ns, r: &Rule) -> DpResult<()> {
+        let w = self.worker(ns).await?;
+        let have = rule::dump(w.handle())
+            .await
+            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
+        // Send back the kernel's own message of every matching rule, so that the kernel can
+        // only match that rule and never a foreign one with extra selectors.
+        for m in have
+            .into_iter()
+            .filter(|m| rule::decode(m).as_ref() == Some(r))
+        {
+            let res = rule::del(w.handle(), m).await;
+            nl_check(Intent::Remove, || format!("delete rule `{r}` in {ns}"), res)?;
+        }
+        Ok(())
+    }
+
+    async fn routes_list(&self, ns: &Ns, tables: &[u32]) -> DpResult<Vec<Route>> {
+        let w = self.worker(ns).await?;
+        let h = w.handle();
+        let mut msgs = Vec::new();
+        let mut seen = Vec::new();
+        for &t in tables {
+            if seen.contains(&t) {
+                continue;
+            }
+            seen.push(t);
+            let part = route::dump(h, Some(t), Some(self.cfg.route_protocol))
+                .await
+                .map_err(|e| nl_error(format!("list routes of table {t} in {ns}"), &e))?;
+            msgs.extend(part);
+        }
+        let mut names = BTreeMap::new();
+        for idx in route::oifs(&msgs) {
+            if let Some(l) = link::get_by_index(h, idx)
+                .await
+                .map_err(|e| nl_error(format!("get link {idx} in {ns}"), &e))?
+            {
+                if let Some(n) = link::name_of(&l) {
+                    names.insert(idx, n);
+                }
+            }
+        }
+        Ok(msgs
+            .iter()
+            .filter_map(|m| route::decode(m, &names))
+            .collect())
+    }
+
+    async fn route_replace(&self, ns: &Ns, r: &Route) -> DpResult<()> {
+        let w = self.worker(ns).await?;
+        let h = w.handle();
+        let what = || format!("replace route `{r}` in {ns}");
+        let oif = match &r.dev {
+            Some(dev) => Some(
+                link::index_of(h, dev)
+                    .await
+                    .map_err(|e| nl_error(what(), &e))?
+                    .ok_or_else(|| DpError::NoSuchLink(format!("{dev} (in {ns})")))?,
+            ),
+            None => None,
+        };
+        let msg = route::build(r, oif, self.cfg.route_protocol);
+        // Plain add first: it cannot disturb anything. Only when a route with this key exists
+        // do we look at it, and replace it only if it is ours.
+        match route::add_excl(h, msg.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(nl_error(what(), &e)),
+        }
+        let same_key = route::dump(h, Some(r.key.table), None)
+            .await
+            .map_err(|e| nl_error(what(), &e))?
+            .into_iter()
+            .filter(|m| route::key_of(m) == Some(r.key))
+            .collect::<Vec<_>>();
+        if let Some(foreign) = same_key
+            .iter()
+            .find(|m| u8::from(m.header.protocol) != self.cfg.route_protocol)
+        {
+            tracing::warn!(route = %r, %ns, protocol = u8::from(foreign.header.protocol), "foreign route holds our key");
+            return Err(DpError::Netlink {
+                what: what(),
+                msg: format!(
+                    "a route with the same table, prefix and metric exists with protocol {} (not ours: {}); not replacing it",
+                    u8::from(foreign.header.protocol),
+                    self.cfg.route_protocol
+                ),
+            });
+        }
+        route::replace(h, msg)
+            .await
+            .map_err(|e| nl_error(what(), &e))
+    }
+
+    async fn route_del(&self, ns: &Ns, key: &RouteKey) -> DpResult<()> {
+        let w = self.worker(ns).await?;
+        let h = w.handle();
+        let what = || {
+            format!(
+                "delete route table {} {} metric {} in {ns}",
+                key.table, key.dst, key.metric
+            )
+        };
+        let proto = self.cfg.route_protocol;
+        if key.metric == 0 {
+            // The kernel treats metric 0 in a delete as "any metric": make sure our metric-0
+            // route exists, then delete with its full description (type, scope, next hop), so
+            // the first match in the kernel's priority-ordered list is that route.
+            let ours = route::dump(h, Some(key.table), Some(proto)).await;
+            let ours = nl_check(Intent::Remove, what, ours)?;
+            let Some(mut m) = ours
+                .into_iter()
+                .find(|m| route::key_of(m).as_ref() == Some(key))
+            else {
+                return Ok(());
+            };
+            m.header.flags = Default::default();
+            m.attributes.retain(|a| {
+                !matches!(
+                    a,
+                    netlink_packet_route::route::RouteAttribute::CacheInfo(_)
+                        | netlink_packet_route::route::RouteAttribute::Expires(_)
+                )
+            });
+            let res = route::del(h, m).await;
+            return nl_check(Intent::Remove, what, res);
+        }
+        let res = route::del(h, route::del_request(key, proto)).await;
+        nl_check(Intent::Remove, what, res)
+    }
+
+    async fn tunnels_read(&self, want: &Tunnels) -> DpResult<TunnelState> {
+        let path = pod_path(&want.ztunnel_ns)?;
+        let pod = if self.netns_alive(path) {
+            Some(self.pod_worker(path).await?)
+        } else {
+            None
+        };
+        link::tunnels_read(&self.node, pod.as_deref(), want).await
+    }
+
+    async fn tunnel_create(&self, want: &Tunnels, node_name: &str) -> DpResult<()> {
+        let path = pod_path(&want.ztunnel_ns)?;
+        let pod = self.pod_worker(path).await?;
+        link::tunnel_create(&self.node, &pod, want, node_name).await
+    }
+
+    async fn link_del(&self, name: &str) -> DpResult<()> {
+        link::delete_by_name(self.node.handle(), name, "node").await
+    }
+
+    async fn tunnel_links_present(&self, names: &[String]) -> DpResult<Vec<String>> {
+        let have = link::dump_names(self.node.handle())
+            .await
+            .map_err(|e| nl_error("list links in node", &e))?;
+        Ok(names
+            .iter()
+            .filter(|n| have.contains(*n))
+            .cloned()
+            .collect())
+    }
+
+    async fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> DpResult<IptablesState> {
+        let chains = chains.to_vec();
+        self.iptables_job(ns, move |b| iptables::read(b, &chains))
+            .await
+    }
+
+    async fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+        let chains = chains.to_vec();
+        self.iptables_job(ns, move |b| iptables::apply(b, &chains))
+            .await
+    }
+
+    async fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+        let chains = chains.to_vec();
+        self.iptables_job(ns, move |b| iptables::remove(b, &chains))
+            .await
+    }
+
+    async fn sysctl_read(&self, ns: &Ns, key: &str) -> DpResult<Option<String>> {
+        let w = self.worker(ns).await?;
+        let k = key.to_string();
+        w.run(move || sysctl::read(&k)).await?
+    }
+
+    async fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> DpResult<()> {
+        let w = self.worker(ns).await?;
+        let (k, v) = (key.to_string(), value.to_string());
+        w.run(move || sysctl::write(&k, &v)).await?
+    }
+
+    async fn route_dev_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<String>> {
+        let h = self.node.handle();
+        let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
+        let msgs = route::dump(h, Some(main), None)
+            .await
+            .map_err(|e| nl_error(format!("look up route to {ip}"), &e))?;
+        let Some(idx) = route::lpm_main(&msgs, ip) else {
+            return Ok(None);
+        };
+        let l = link::get_by_index(h, idx)
+            .await
+            .map_err(|e| nl_error(format!("get link {idx}"), &e))?;
+        Ok(l.as_ref().and_then(link::name_of))
+    }
+
+    fn netns_alive(&self, path: &Path) -> bool {
+        let alive = netns::is_netns(path);
+        if !alive {
+            let mut cache = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            cache.remove(path);
+        }
+        alive
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        assert!(already_done(Intent::Create, libc::EEXIST));
+        assert!(!already_done(Intent::Create, libc::ENOENT));
+        for e in [
+            libc::ENOENT,
+            libc::ESRCH,
+            libc::ENODEV,
+            libc::EADDRNOTAVAIL,
+            ipset::IPSET_ERR_EXIST,
+        ] {
+            assert!(already_done(Intent::Remove, e), "{e}");
+        }
+        assert!(!already_done(Intent::Remove, libc::EPERM));
+        assert!(!already_done(Intent::Remove, libc::EEXIST));
+        assert!(already_done(Intent::Find, libc::ENODEV));
+        assert!(!already_done(Intent::Other, libc::EEXIST));
+    }
+
+    #[test]
+    fn config_defaults() {
+        let c = RealConfig::default();
+        assert_eq!(c.route_protocol, 212);
+        assert_eq!(c.ipset_name, "ztunnel-pods-ips");
+        assert_eq!(c.iptables_backend, IptablesBackend::Auto);
+        assert_eq!(c.node_netns, None);
+    }
+}

@@ -1,0 +1,866 @@
+//! ipset over netlink (`NFNL_SUBSYS_IPSET`), written by hand.
+//!
+//! Why by hand: no crate does this well. `ipset`/`ipset-sys` are FFI to libipset (C build deps,
+//! non-thread-safe global session), `ripset` has no comment extension and opens a socket per call
+//! in the caller's netns, and `netlink-packet-netfilter` knows only nflog/conntrack. The protocol
+//! subset we need is small: CREATE (`hash:ip`, inet, with comments), DESTROY, ADD, DEL, LIST and
+//! HEADER, all with `IPSET_ATTR_PROTOCOL` 7 (constants from `linux/netfilter/ipset/ip_set.h`).
+//!
+//! Encoding is plain byte pushing; decoding never indexes without a bounds check and never
+//! panics, whatever the kernel (or a fuzzer) hands us.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::Ipv4Addr;
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+/// `NFNL_SUBSYS_IPSET`: the high byte of the netlink message type.
+const NFNL_SUBSYS_IPSET: u16 = 6;
+/// Protocol version we speak (kernel minimum is 6).
+const IPSET_PROTOCOL: u8 = 7;
+/// Set and type names include their NUL within 32 bytes.
+const IPSET_MAXNAMELEN: usize = 32;
+/// Longest comment the kernel keeps.
+pub(crate) const IPSET_MAX_COMMENT_SIZE: usize = 255;
+
+// Commands.
+const IPSET_CMD_CREATE: u8 = 2;
+const IPSET_CMD_DESTROY: u8 = 3;
+const IPSET_CMD_LIST: u8 = 7;
+const IPSET_CMD_ADD: u8 = 9;
+const IPSET_CMD_DEL: u8 = 10;
+const IPSET_CMD_HEADER: u8 = 12;
+
+// Command-level attributes.
+const IPSET_ATTR_PROTOCOL: u16 = 1;
+const IPSET_ATTR_SETNAME: u16 = 2;
+const IPSET_ATTR_TYPENAME: u16 = 3;
+const IPSET_ATTR_REVISION: u16 = 4;
+const IPSET_ATTR_FAMILY: u16 = 5;
+const IPSET_ATTR_DATA: u16 = 7;
+const IPSET_ATTR_ADT: u16 = 8;
+
+// CADT / create / ADT attributes inside DATA.
+const IPSET_ATTR_IP: u16 = 1;
+const IPSET_ATTR_CADT_FLAGS: u16 = 8;
+const IPSET_ATTR_HASHSIZE: u16 = 18;
+const IPSET_ATTR_MAXELEM: u16 = 19;
+const IPSET_ATTR_COMMENT: u16 = 26;
+
+// Inside IPSET_ATTR_IP.
+const IPSET_ATTR_IPADDR_IPV4: u16 = 1;
+
+const IPSET_FLAG_WITH_COMMENT: u32 = 1 << 4;
+
+/// ipset-specific error codes (positive, as in the kernel's `enum ipset_errno`).
+pub(crate) const IPSET_ERR_PROTOCOL: i32 = 4097;
+pub(crate) const IPSET_ERR_FIND_TYPE: i32 = 4098;
+pub(crate) const IPSET_ERR_EXIST: i32 = 4103;
+pub(crate) const IPSET_ERR_REFERENCED: i32 = 4108;
+pub(crate) const IPSET_ERR_COMMENT: i32 = 4112;
+
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
+
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+const NLA_HDRLEN: usize = 4;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+
+const TYPE_HASH_IP: &str = "hash:ip";
+/// Revisions of `hash:ip` that carry the comment extension, newest first (2 added comments;
+/// 6 is current in 6.x kernels). Creation tries them in order until the kernel knows one.
+const HASH_IP_REVISIONS: [u8; 5] = [6, 5, 4, 3, 2];
+const DEFAULT_HASHSIZE: u32 = 1024;
+const DEFAULT_MAXELEM: u32 = 65536;
+
+const fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// A failed ipset request.
+#[derive(Debug)]
+pub(crate) enum IpsetError {
+    /// The kernel answered with this (positive) errno or ipset error code.
+    Kernel(i32),
+    /// Socket I/O failed.
+    Io(io::Error),
+    /// The answer did not parse, or the request could not be encoded.
+    Invalid(String),
+}
+
+impl std::fmt::Display for IpsetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IpsetError::Kernel(code) => write!(f, "{}", describe_code(*code)),
+            IpsetError::Io(e) => write!(f, "socket: {e}"),
+            IpsetError::Invalid(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// Human text for an errno or ipset error code.
+pub(crate) fn describe_code(code: i32) -> String {
+    let name = match code {
+        4096 => "IPSET_ERR_PRIVATE",
+        IPSET_ERR_PROTOCOL => "IPSET_ERR_PROTOCOL: kernel does not speak this ipset protocol",
+        IPSET_ERR_FIND_TYPE => "IPSET_ERR_FIND_TYPE: set type/revision not supported by the kernel",
+        4099 => "IPSET_ERR_MAX_SETS",
+        4100 => {
+            "IPSET_ERR_BUSY: set is in use by a kernel component (an iptables rule references it)"
+        }
+        4101 => "IPSET_ERR_EXIST_SETNAME2",
+        4102 => "IPSET_ERR_TYPE_MISMATCH",
+        IPSET_ERR_EXIST => "IPSET_ERR_EXIST: element (not) present",
+        4104 => "IPSET_ERR_INVALID_CIDR",
+        4105 => "IPSET_ERR_INVALID_NETMASK",
+        4106 => "IPSET_ERR_INVALID_FAMILY",
+        4107 => "IPSET_ERR_TIMEOUT",
+        IPSET_ERR_REFERENCED => "IPSET_ERR_REFERENCED: set is referenced by another set",
+        4109 => "IPSET_ERR_IPADDR_IPV4",
+        4110 => "IPSET_ERR_IPADDR_IPV6",
+        4111 => "IPSET_ERR_COUNTER",
+        IPSET_ERR_COMMENT => "IPSET_ERR_COMMENT: set was created without the comment extension",
+        c if c >= 4096 => return format!("ipset error {c}"),
+        c => return io::Error::from_raw_os_error(c).to_string(),
+    };
+    format!("{name} ({code})")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+/// Builds one netlink message: nlmsghdr + nfgenmsg + attributes.
+struct MsgBuilder {
+    buf: Vec<u8>,
+    /// Offsets of open nested attributes.
+    nests: Vec<usize>,
+}
+
+impl MsgBuilder {
+    fn new(cmd: u8, flags: u16, seq: u32) -> Self {
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, filled in finish()
+        buf.extend_from_slice(&((NFNL_SUBSYS_IPSET << 8) | u16::from(cmd)).to_ne_bytes());
+        buf.extend_from_slice(&flags.to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel fills it in
+                                                    // nfgenmsg { nfgen_family, version = NFNETLINK_V0, res_id (big endian) = 0 }
+        buf.push(libc::AF_INET as u8);
+        buf.push(0);
+        buf.extend_from_slice(&0u16.to_be_bytes());
+        let mut b = MsgBuilder {
+            buf,
+            nests: Vec::new(),
+        };
+        b.put_u8(IPSET_ATTR_PROTOCOL, IPSET_PROTOCOL);
+        b
+    }
+
+    fn put(&mut self, ty: u16, data: &[u8]) {
+        let len = u16::try_from(NLA_HDRLEN + data.len()).unwrap_or(u16::MAX);
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        let aligned = align4(self.buf.len());
+        self.buf.resize(aligned, 0);
+    }
+
+    fn put_u8(&mut self, ty: u16, v: u8) {
+        self.put(ty, &[v]);
+    }
+
+    /// ipset wants every u32 (and address) in network order, flagged as such.
+    fn put_u32_be(&mut self, ty: u16, v: u32) {
+        self.put(ty | NLA_F_NET_BYTEORDER, &v.to_be_bytes());
+    }
+
+    fn put_str(&mut self, ty: u16, s: &str) {
+        let mut data = Vec::with_capacity(s.len() + 1);
+        data.extend_from_slice(s.as_bytes());
+        data.push(0);
+        self.put(ty, &data);
+    }
+
+    fn begin_nested(&mut self, ty: u16) {
+        self.nests.push(self.buf.len());
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    }
+
+    fn end_nested(&mut self) {
+        if let Some(start) = self.nests.pop() {
+            let len = u16::try_from(self.buf.len() - start).unwrap_or(u16::MAX);
+            if let Some(slot) = self.buf.get_mut(start..start + 2) {
+                slot.copy_from_slice(&len.to_ne_bytes());
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        while !self.nests.is_empty() {
+            self.end_nested();
+        }
+        let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+        if let Some(slot) = self.buf.get_mut(0..4) {
+            slot.copy_from_slice(&len.to_ne_bytes());
+        }
+        self.buf
+    }
+}
+
+fn check_setname(name: &str) -> Result<(), IpsetError> {
+    if name.is_empty() || name.len() >= IPSET_MAXNAMELEN || name.contains('\0') {
+        return Err(IpsetError::Invalid(format!(
+            "invalid set name {name:?} (1..31 bytes, no NUL)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_comment(c: &str) -> Result<(), IpsetError> {
+    if c.len() > IPSET_MAX_COMMENT_SIZE || c.contains('\0') {
+        return Err(IpsetError::Invalid(format!(
+            "invalid ipset comment {c:?} (at most 255 bytes, no NUL)"
+        )));
+    }
+    Ok(())
+}
+
+/// CREATE `name` hash:ip family inet, with comments, at `revision`.
+pub(crate) fn encode_create(seq: u32, name: &str, revision: u8) -> Result<Vec<u8>, IpsetError> {
+    check_setname(name)?;
+    let mut b = MsgBuilder::new(IPSET_CMD_CREATE, NLM_F_REQUEST | NLM_F_ACK, seq);
+    b.put_str(IPSET_ATTR_SETNAME, name);
+    b.put_str(IPSET_ATTR_TYPENAME, TYPE_HASH_IP);
+    b.put_u8(IPSET_ATTR_REVISION, revision);
+    b.put_u8(IPSET_ATTR_FAMILY, libc::AF_INET as u8);
+    b.begin_nested(IPSET_ATTR_DATA);
+    b.put_u32_be(IPSET_ATTR_HASHSIZE, DEFAULT_HASHSIZE);
+    b.put_u32_be(IPSET_ATTR_MAXELEM, DEFAULT_MAXELEM);
+    b.put_u32_be(IPSET_ATTR_CADT_FLAGS, IPSET_FLAG_WITH_COMMENT);
+    b.end_nested();
+    Ok(b.finish())
+}
+
+/// DESTROY `name`.
+pub(crate) fn encode_destroy(seq: u32, name: &str) -> Result<Vec<u8>, IpsetError> {
+    check_setname(name)?;
+    let mut b = MsgBuilder::new(IPSET_CMD_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq);
+    b.put_str(IPSET_ATTR_SETNAME, name);
+    Ok(b.finish())
+}
+
+/// ADD (with `comment`) or DEL (comment `None`) one IPv4 entry. Sent without NLM_F_EXCL, which
+/// the kernel reads as `-exist`: adding an existing entry updates its comment, deleting a
+/// missing one succeeds.
+pub(crate) fn encode_adt(
+    seq: u32,
+    name: &str,
+    ip: Ipv4Addr,
+    comment: Option<&str>,
+) -> Result<Vec<u8>, IpsetError> {
+    check_setname(name)?;
+    let cmd = if comment.is_some() {
+        IPSET_CMD_ADD
+    } else {
+        IPSET_CMD_DEL
+    };
+    let mut b = MsgBuilder::new(cmd, NLM_F_REQUEST | NLM_F_ACK, seq);
+    b.put_str(IPSET_ATTR_SETNAME, name);
+    b.begin_nested(IPSET_ATTR_DATA);
+    b.begin_nested(IPSET_ATTR_IP);
+    b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &ip.octets());
+    b.end_nested();
+    if let Some(c) = comment {
+        check_comment(c)?;
+        b.put_str(IPSET_ATTR_COMMENT, c);
+    }
+    b.end_nested();
+    Ok(b.finish())
+}
+
+/// LIST `name` (a dump).
+pub(crate) fn encode_list(seq: u32, name: &str) -> Result<Vec<u8>, IpsetError> {
+    check_setname(name)?;
+    let mut b = MsgBuilder::new(IPSET_CMD_LIST, NLM_F_REQUEST | NLM_F_DUMP, seq);
+    b.put_str(IPSET_ATTR_SETNAME, name);
+    Ok(b.finish())
+}
+
+/// HEADER `name`: type, revision and family of an existing set.
+pub(crate) fn encode_header(seq: u32, name: &str) -> Result<Vec<u8>, IpsetError> {
+    check_setname(name)?;
+    let mut b = MsgBuilder::new(IPSET_CMD_HEADER, NLM_F_REQUEST | NLM_F_ACK, seq);
+    b.put_str(IPSET_ATTR_SETNAME, name);
+    Ok(b.finish())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+/// One netlink message of a reply.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reply<'a> {
+    /// NLMSG_ERROR with code 0.
+    Ack,
+    /// NLMSG_ERROR (or a DONE carrying an error) with this positive code.
+    Error(i32),
+    /// NLMSG_DONE: end of a dump.
+    Done,
+    /// An ipset message: command and its attributes (after nfgenmsg).
+    Data { cmd: u8, attrs: &'a [u8] },
+    /// Anything else (NOOP, another subsystem): ignored.
+    Other,
+}
+
+/// A decoded message header plus body.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Msg<'a> {
+    pub(crate) seq: u32,
+    pub(crate) reply: Reply<'a>,
+}
+
+fn read_u16(b: &[u8], at: usize) -> Option<u16> {
+    let s = b.get(at..at.checked_add(2)?)?;
+    Some(u16::from_ne_bytes([*s.first()?, *s.get(1)?]))
+}
+
+fn read_u32(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    let mut a = [0u8; 4];
+    a.copy_from_slice(s);
+    Some(u32::from_ne_bytes(a))
+}
+
+fn read_i32(b: &[u8], at: usize) -> Option<i32> {
+    read_u32(b, at).map(|v| i32::from_ne_bytes(v.to_ne_bytes()))
+}
+
+/// Splits a datagram into netlink messages. Stops with an error on the first malformed header.
+pub(crate) fn parse_messages(mut buf: &[u8]) -> Result<Vec<Msg<'_>>, IpsetError> {
+    let bad = |m: &str| IpsetError::Invalid(format!("malformed netlink reply: {m}"));
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let len = read_u32(buf, 0).ok_or_else(|| bad("truncated header"))? as usize;
+        let ty = read_u16(buf, 4).ok_or_else(|| bad("truncated header"))?;
+        let seq = read_u32(buf, 8).ok_or_else(|| bad("truncated header"))?;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return Err(bad("bad message length"));
+        }
+        let payload = buf
+            .get(NLMSG_HDRLEN..len)
+            .ok_or_else(|| bad("bad message length"))?;
+        let reply = match ty {
+            NLMSG_ERROR => match read_i32(payload, 0) {
+                Some(0) => Reply::Ack,
+                Some(e) => Reply::Error(e.checked_neg().unwrap_or(i32::MAX)),
+                None => return Err(bad("truncated error message")),
+            },
+            NLMSG_DONE => match read_i32(payload, 0) {
+                Some(e) if e < 0 => Reply::Error(e.checked_neg().unwrap_or(i32::MAX)),
+                _ => Reply::Done,
+            },
+            t if t >> 8 == NFNL_SUBSYS_IPSET => {
+                let attrs = payload
+                    .get(NFGENMSG_LEN..)
+                    .ok_or_else(|| bad("truncated nfgenmsg"))?;
+                Reply::Data {
+                    cmd: (t & 0xff) as u8,
+                    attrs,
+                }
+            }
+            _ => Reply::Other,
+        };
+        out.push(Msg { seq, reply });
+        buf = buf.get(align4(len).min(buf.len())..).unwrap_or(&[]);
+    }
+    Ok(out)
+}
+
+/// Iterates over netlink attributes: (type without flags, payload). Yields an error and stops on
+/// a malformed attribute.
+pub(crate) struct Nlas<'a> {
+    buf: &'a [u8],
+    failed: bool,
+}
+
+pub(crate) fn nlas(buf: &[u8]) -> Nlas<'_> {
+    Nlas { buf, failed: false }
+}
+
+impl<'a> Iterator for Nlas<'a> {
+    type Item = Result<(u16, &'a [u8]), IpsetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.buf.is_empty() {
+            return None;
+        }
+        let parsed = (|| {
+            let len = read_u16(self.buf, 0)? as usize;
+            let ty = read_u16(self.buf, 2)?;
+            if len < NLA_HDRLEN || len > self.buf.len() {
+                return None;
+            }
+            let payload = self.buf.get(NLA_HDRLEN..len)?;
+            let rest = self.buf.get(align4(len).min(self.buf.len())..)?;
+            Some((ty & NLA_TYPE_MASK, payload, rest))
+        })();
+        match parsed {
+            Some((ty, payload, rest)) => {
+                self.buf = rest;
+                Some(Ok((ty, payload)))
+            }
+            None => {
+                self.failed = true;
+                Some(Err(IpsetError::Invalid(
+                    "malformed netlink attribute".into(),
+                )))
+            }
+        }
+    }
+}
+
+/// A NUL-terminated (or not) string attribute.
+fn attr_str(p: &[u8]) -> String {
+    let end = p.iter().position(|&b| b == 0).unwrap_or(p.len());
+    String::from_utf8_lossy(p.get(..end).unwrap_or(&[])).into_owned()
+}
+
+/// What one LIST/HEADER message says.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct SetChunk {
+    pub(crate) setname: Option<String>,
+    pub(crate) typename: Option<String>,
+    pub(crate) revision: Option<u8>,
+    pub(crate) family: Option<u8>,
+    /// IPv4 entries with their comments ("" when none).
+    pub(crate) entries: Vec<(Ipv4Addr, String)>,
+}
+
+/// Decodes the attributes of one LIST (or HEADER) reply message.
+pub(crate) fn decode_set_msg(attrs: &[u8]) -> Result<SetChunk, IpsetError> {
+    let mut chunk = SetChunk::default();
+    for nla in nlas(attrs) {
+        let (ty, p) = nla?;
+        match ty {
+            IPSET_ATTR_SETNAME => chunk.setname = Some(attr_str(p)),
+            IPSET_ATTR_TYPENAME => chunk.typename = Some(attr_str(p)),
+            IPSET_ATTR_REVISION => chunk.revision = p.first().copied(),
+            IPSET_ATTR_FAMILY => chunk.family = p.first().copied(),
+            IPSET_ATTR_ADT => {
+                for entry in nlas(p) {
+                    let (ety, ep) = entry?;
+                    if ety != IPSET_ATTR_DATA {
+                        continue;
+                    }
+                    if let Some(e) = decode_entry(ep)? {
+                        chunk.entries.push(e);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(chunk)
+}
+
+/// One DATA entry of an ADT list; `None` for entries without an IPv4 address.
+fn decode_entry(p: &[u8]) -> Result<Option<(Ipv4Addr, String)>, IpsetError> {
+    let mut ip = None;
+    let mut comment = String::new();
+    for nla in nlas(p) {
+        let (ty, v) = nla?;
+        match ty {
+            IPSET_ATTR_IP => {
+                for inner in nlas(v) {
+                    let (ity, iv) = inner?;
+                    if ity == IPSET_ATTR_IPADDR_IPV4 {
+                        if let Ok(o) = <[u8; 4]>::try_from(iv) {
+                            ip = Some(Ipv4Addr::from(o));
+                        }
+                    }
+                }
+            }
+            IPSET_ATTR_COMMENT => comment = attr_str(v),
+            _ => {}
+        }
+    }
+    Ok(ip.map(|ip| (ip, comment)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket
+
+/// A NETLINK_NETFILTER socket, bound to the netns of the thread that opened it.
+pub(crate) struct IpsetSocket {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Receive buffer: large enough for any dump message the kernel builds (it sizes them to at most
+/// 32 KiB plus one entry, or to what we read before).
+const RECV_BUF: usize = 256 * 1024;
+
+impl IpsetSocket {
+    /// Opens the socket in the calling thread's network namespace.
+    pub(crate) fn open() -> io::Result<Self> {
+        let mut sock = Socket::new(NETLINK_NETFILTER)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        // The kernel answers every request at once; a timeout only guards against a wedged socket.
+        let tv = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(io::Error::from)?;
+        Ok(IpsetSocket {
+            sock,
+            seq: 1,
+            buf: Vec::with_capacity(RECV_BUF),
+        })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq
+    }
+
+    /// Sends one request and collects the attribute blocks of its data replies until the ACK
+    /// (or DONE for a dump). A kernel error ends it with `IpsetError::Kernel`.
+    fn transact(&mut self, msg: &[u8], seq: u32, dump: bool) -> Result<Vec<Vec<u8>>, IpsetError> {
+        self.sock.send(msg, 0).map_err(IpsetError::Io)?;
+        let mut data = Vec::new();
+        loop {
+            self.buf.clear();
+            let n = self
+                .sock
+                .recv(&mut self.buf, libc::MSG_TRUNC)
+                .map_err(IpsetError::Io)?;
+            if n > self.buf.len() {
+                return Err(IpsetError::Invalid(format!(
+                    "netlink reply of {n} bytes truncated"
+                )));
+            }
+            for m in parse_messages(&self.buf)? {
+                if m.seq != seq {
+                    continue; // a late answer to an earlier (timed out) request
+                }
+                match m.reply {
+                    Reply::Ack if !dump => return Ok(data),
+                    Reply::Ack | Reply::Other => {}
+                    Reply::Error(code) => return Err(IpsetError::Kernel(code)),
+                    Reply::Done => return Ok(data),
+                    Reply::Data { attrs, .. } => data.push(attrs.to_vec()),
+                }
+            }
+        }
+    }
+
+    /// Creates the set (hash:ip, inet, comments). Existing with the same parameters is success.
+    /// Tries the newest revision first and falls back while the kernel does not know it.
+    pub(crate) fn create(&mut self, name: &str) -> Result<u8, IpsetError> {
+        let mut last = IpsetError::Kernel(IPSET_ERR_FIND_TYPE);
+        for rev in HASH_IP_REVISIONS {
+            let seq = self.next_seq();
+            let msg = encode_create(seq, name, rev)?;
+            match self.transact(&msg, seq, false) {
+                Ok(_) => return Ok(rev),
+                Err(IpsetError::Kernel(IPSET_ERR_FIND_TYPE)) => {
+                    last = IpsetError::Kernel(IPSET_ERR_FIND_TYPE)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Type name, revision and family of an existing set.
+    pub(crate) fn header(&mut self, name: &str) -> Result<SetChunk, IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_header(seq, name)?;
+        let data = self.transact(&msg, seq, false)?;
+        match data.first() {
+            Some(attrs) => decode_set_msg(attrs),
+            None => Err(IpsetError::Invalid("HEADER answered without data".into())),
+        }
+    }
+
+    /// Destroys the set.
+    pub(crate) fn destroy(&mut self, name: &str) -> Result<(), IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_destroy(seq, name)?;
+        self.transact(&msg, seq, false).map(drop)
+    }
+
+    /// Adds (or updates the comment of) one entry.
+    pub(crate) fn add(
+        &mut self,
+        name: &str,
+        ip: Ipv4Addr,
+        comment: &str,
+    ) -> Result<(), IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_adt(seq, name, ip, Some(comment))?;
+        self.transact(&msg, seq, false).map(drop)
+    }
+
+    /// Deletes one entry.
+    pub(crate) fn del(&mut self, name: &str, ip: Ipv4Addr) -> Result<(), IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_adt(seq, name, ip, None)?;
+        self.transact(&msg, seq, false).map(drop)
+    }
+
+    /// All IPv4 entries with their comments.
+    pub(crate) fn list(&mut self, name: &str) -> Result<BTreeMap<Ipv4Addr, String>, IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_list(seq, name)?;
+        let mut out = BTreeMap::new();
+        for attrs in self.transact(&msg, seq, true)? {
+            let chunk = decode_set_msg(&attrs)?;
+            if chunk.setname.as_deref().is_some_and(|n| n != name) {
+                continue;
+            }
+            out.extend(chunk.entries);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Builds a LIST reply message the way the kernel does (for decode tests).
+    fn list_reply(seq: u32, name: &str, entries: &[(Ipv4Addr, Option<&str>)]) -> Vec<u8> {
+        let mut b = MsgBuilder::new(IPSET_CMD_LIST, 2 /* NLM_F_MULTI */, seq);
+        b.put_str(IPSET_ATTR_SETNAME, name);
+        b.put_str(IPSET_ATTR_TYPENAME, TYPE_HASH_IP);
+        b.put_u8(IPSET_ATTR_REVISION, 6);
+        b.put_u8(IPSET_ATTR_FAMILY, libc::AF_INET as u8);
+        b.begin_nested(IPSET_ATTR_DATA);
+        b.put_u32_be(IPSET_ATTR_HASHSIZE, 1024);
+        b.end_nested();
+        b.begin_nested(IPSET_ATTR_ADT);
+        for (ip, c) in entries {
+            b.begin_nested(IPSET_ATTR_DATA);
+            b.begin_nested(IPSET_ATTR_IP);
+            b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &ip.octets());
+            b.end_nested();
+            if let Some(c) = c {
+                b.put_str(IPSET_ATTR_COMMENT, c);
+            }
+            b.end_nested();
+        }
+        b.end_nested();
+        b.finish()
+    }
+
+    fn ack(seq: u32, code: i32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&36u32.to_ne_bytes());
+        v.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        v.extend_from_slice(&0u16.to_ne_bytes());
+        v.extend_from_slice(&seq.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(&code.to_ne_bytes());
+        v.extend_from_slice(&[0u8; 16]); // the echoed request header
+        v
+    }
+
+    #[test]
+    fn create_message_layout() {
+        let m = encode_create(7, "ztunnel-pods-ips", 6).expect("valid");
+        assert_eq!(read_u32(&m, 0), Some(m.len() as u32));
+        assert_eq!(read_u16(&m, 4), Some((6 << 8) | 2));
+        assert_eq!(read_u32(&m, 8), Some(7));
+        assert_eq!(m.len() % 4, 0);
+        let msgs = parse_messages(&m).expect("parses");
+        let Reply::Data { cmd, attrs } = msgs[0].reply else {
+            panic!("not data")
+        };
+        assert_eq!(cmd, IPSET_CMD_CREATE);
+        let c = decode_set_msg(attrs).expect("decodes");
+        assert_eq!(c.setname.as_deref(), Some("ztunnel-pods-ips"));
+        assert_eq!(c.typename.as_deref(), Some("hash:ip"));
+        assert_eq!(c.revision, Some(6));
+        assert_eq!(c.family, Some(libc::AF_INET as u8));
+        // DATA is nested and holds the comment flag in network order.
+        let data = nlas(attrs)
+            .flatten()
+            .find(|(t, _)| *t == IPSET_ATTR_DATA)
+            .expect("DATA")
+            .1;
+        let flags = nlas(data)
+            .flatten()
+            .find(|(t, _)| *t == IPSET_ATTR_CADT_FLAGS)
+            .expect("flags")
+            .1;
+        assert_eq!(flags, &IPSET_FLAG_WITH_COMMENT.to_be_bytes());
+    }
+
+    #[test]
+    fn nested_and_byteorder_flags_are_set() {
+        let m = encode_adt(1, "s", Ipv4Addr::new(10, 244, 1, 5), Some("uid")).expect("valid");
+        let body = &m[NLMSG_HDRLEN + NFGENMSG_LEN..];
+        let raw: Vec<u16> = {
+            let mut v = Vec::new();
+            let mut b = body;
+            while let (Some(len), Some(ty)) = (read_u16(b, 0), read_u16(b, 2)) {
+                v.push(ty);
+                b = &b[align4(len as usize).min(b.len())..];
+            }
+            v
+        };
+        assert!(raw.contains(&(IPSET_ATTR_DATA | NLA_F_NESTED)), "{raw:?}");
+    }
+
+    #[test]
+    fn adt_round_trip() {
+        let ip = Ipv4Addr::new(10, 244, 1, 5);
+        let m = encode_adt(3, "set", ip, Some("pod-uid-1")).expect("valid");
+        let msgs = parse_messages(&m).expect("parses");
+        let Reply::Data { cmd, attrs } = msgs[0].reply else {
+            panic!("not data")
+        };
+        assert_eq!(cmd, IPSET_CMD_ADD);
+        let data = nlas(attrs)
+            .flatten()
+            .find(|(t, _)| *t == IPSET_ATTR_DATA)
+            .expect("DATA")
+            .1;
+        assert_eq!(
+            decode_entry(data).expect("ok"),
+            Some((ip, "pod-uid-1".to_string()))
+        );
+        let d = encode_adt(4, "set", ip, None).expect("valid");
+        let msgs = parse_messages(&d).expect("parses");
+        let Reply::Data { cmd, .. } = msgs[0].reply else {
+            panic!("not data")
+        };
+        assert_eq!(cmd, IPSET_CMD_DEL);
+    }
+
+    #[test]
+    fn list_reply_decodes_entries_and_comments() {
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 0, 0, 2);
+        let mut buf = list_reply(9, "set", &[(a, Some("one")), (b, None)]);
+        buf.extend(ack(9, 0)); // stands in for DONE here
+        let msgs = parse_messages(&buf).expect("parses");
+        assert_eq!(msgs.len(), 2);
+        let Reply::Data { attrs, .. } = msgs[0].reply else {
+            panic!("not data")
+        };
+        let c = decode_set_msg(attrs).expect("decodes");
+        assert_eq!(c.entries, vec![(a, "one".to_string()), (b, String::new())]);
+        assert_eq!(msgs[1].reply, Reply::Ack);
+    }
+
+    #[test]
+    fn error_codes_are_positive() {
+        let buf = ack(5, -IPSET_ERR_EXIST);
+        let msgs = parse_messages(&buf).expect("parses");
+        assert_eq!(
+            msgs[0],
+            Msg {
+                seq: 5,
+                reply: Reply::Error(IPSET_ERR_EXIST)
+            }
+        );
+        let buf = ack(5, i32::MIN);
+        let msgs = parse_messages(&buf).expect("parses");
+        assert_eq!(msgs[0].reply, Reply::Error(i32::MAX));
+    }
+
+    #[test]
+    fn truncated_buffers_never_panic() {
+        let ips: Vec<(Ipv4Addr, Option<&str>)> = (0..20u8)
+            .map(|i| {
+                (
+                    Ipv4Addr::new(10, 0, 0, i),
+                    if i % 2 == 0 { Some("c") } else { None },
+                )
+            })
+            .collect();
+        let full = list_reply(1, "set", &ips);
+        for cut in 0..full.len() {
+            let part = &full[..cut];
+            if let Ok(msgs) = parse_messages(part) {
+                for m in msgs {
+                    if let Reply::Data { attrs, .. } = m.reply {
+                        let _ = decode_set_msg(attrs);
+                    }
+                }
+            }
+            // And the attribute block alone, cut anywhere.
+            let attrs = full.get(NLMSG_HDRLEN + NFGENMSG_LEN..cut).unwrap_or(&[]);
+            let _ = decode_set_msg(attrs);
+        }
+    }
+
+    #[test]
+    fn garbage_lengths_are_errors() {
+        // nlmsg_len larger than the buffer.
+        let mut m = encode_destroy(1, "s").expect("valid");
+        m[0] = 0xff;
+        assert!(parse_messages(&m).is_err());
+        // nlmsg_len smaller than a header.
+        let mut m = encode_destroy(1, "s").expect("valid");
+        m[0..4].copy_from_slice(&4u32.to_ne_bytes());
+        assert!(parse_messages(&m).is_err());
+        // Attribute with length 0 must not loop forever.
+        assert!(decode_set_msg(&[0, 0, 2, 0, 1, 2, 3, 4]).is_err());
+        // Attribute longer than its container.
+        assert!(decode_set_msg(&[200, 0, 2, 0, 1, 2, 3, 4]).is_err());
+    }
+
+    #[test]
+    fn names_and_comments_are_checked() {
+        assert!(encode_destroy(1, "").is_err());
+        assert!(encode_destroy(1, &"x".repeat(32)).is_err());
+        assert!(encode_destroy(1, &"x".repeat(31)).is_ok());
+        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST, Some(&"c".repeat(256))).is_err());
+        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST, Some("a\0b")).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(msgs) = parse_messages(&bytes) {
+                for m in msgs {
+                    if let Reply::Data { attrs, .. } = m.reply {
+                        let _ = decode_set_msg(attrs);
+                    }
+                }
+            }
+            let _ = decode_set_msg(&bytes);
+        }
+
+        #[test]
+        fn list_round_trip(entries in proptest::collection::btree_map(any::<u32>(), "[a-z0-9-]{0,40}", 0..50)) {
+            let v: Vec<(Ipv4Addr, Option<&str>)> =
+                entries.iter().map(|(ip, c)| (Ipv4Addr::from(*ip), Some(c.as_str()))).collect();
+            let buf = list_reply(1, "set", &v);
+            let msgs = parse_messages(&buf).expect("parses");
+            let Reply::Data { attrs, .. } = msgs[0].reply else { panic!("not data") };
+            let c = decode_set_msg(attrs).expect("decodes");
+            let want: Vec<(Ipv4Addr, String)> = entries.iter().map(|(ip, c)| (Ipv4Addr::from(*ip), c.clone())).collect();
+            prop_assert_eq!(c.entries, want);
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! IPv4 routes in our tables over rtnetlink, all carrying our protocol number.
+//!
+//! The protocol number is our ownership mark: dumps are filtered by it, deletes send it so the
+//! kernel cannot match a foreign route, and `replace` refuses to overwrite a foreign route that
+//! happens to have the same key (the kernel's NLM_F_REPLACE would take any protocol).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::model::{Prefix, Route, RouteKey, RouteKind, Scope};
+
+/// The connection is opened with NETLINK_GET_STRICT_CHK, so the kernel filters dumps by the
+/// header's table and protocol (and type); zero means "any".
+fn dump_request(table: Option<u32>, protocol: Option<u8>) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    m.header.protocol = protocol
+        .map(RouteProtocol::from)
+        .unwrap_or(RouteProtocol::Unspec);
+    m.header.scope = RouteScope::Universe; // 0: required by the strict dump check
+    m.header.kind = RouteType::Unspec;
+    if let Some(t) = table {
+        m.attributes.push(RouteAttribute::Table(t));
+    }
+    m
+}
+
+/// IPv4 routes of `table` (all when `None`) with `protocol` (any when `None`). Filtered again
+/// here, so a kernel that ignores the filter does not change the answer.
+pub(crate) async fn dump(
+    handle: &Handle,
+    table: Option<u32>,
+    protocol: Option<u8>,
+) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
+    let all: Vec<RouteMessage> = handle
+        .route()
+        .get(dump_request(table, protocol))
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(all
+        .into_iter()
+        .filter(|m| m.header.address_family == AddressFamily::Inet)
+        .filter(|m| table.is_none_or(|t| table_of(m) == t))
+        .filter(|m| protocol.is_none_or(|p| u8::from(m.header.protocol) == p))
+        .collect())
+}
+
+/// Table id: the RTA_TABLE attribute (ids > 255 exist only there), else the header byte.
+pub(crate) fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn v4(a: &RouteAddress) -> Option<Ipv4Addr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(*ip),
+        _ => None,
+    }
+}
+
+/// The key of a kernel route (tos must be 0; we never set it).
+pub(crate) fn key_of(m: &RouteMessage) -> Option<RouteKey> {
+    if m.header.tos != 0 || m.header.destination_prefix_length > 32 {
+        return None;
+    }
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut metric = 0;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = v4(d)?,
+            RouteAttribute::Priority(p) => metric = *p,
+            _ => {}
+        }
+    }
+    Some(RouteKey {
+        table: table_of(m),
+        dst: Prefix {
+            addr: dst,
+            len: m.header.destination_prefix_length,
+        },
+        metric,
+    })
+}
+
+/// Decodes one of our routes. `names` maps interface index → name. `None` for shapes we do not
+/// model (multipath, other types or scopes, a source prefix).
+pub(crate) fn decode(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<Route> {
+    let key = key_of(m)?;
+    if m.header.source_prefix_length != 0 {
+        return None;
+    }
+    let kind = match m.header.kind {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::Local => RouteKind::Local,
+        RouteType::Unreachable => RouteKind::Unreachable,
+        _ => return None,
+    };
+    let scope = match m.header.scope {
+        RouteScope::Universe => Scope::Universe,
+        RouteScope::Link => Scope::Link,
+        RouteScope::Host => Scope::Host,
+        _ => return None,
+    };
+    let mut dev = None;
+    let mut via = None;
+    let mut src = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => {
+                dev = Some(names.get(i).cloned().unwrap_or_else(|| format!("if{i}")))
+            }
+            RouteAttribute::Gateway(g) => via = Some(v4(g)?),
+            RouteAttribute::PrefSource(s) => src = Some(v4(s)?),
+            RouteAttribute::MultiPath(_) | RouteAttribute::Source(_) | RouteAttribute::Via(_) => {
+                return None
+            }
+            _ => {}
+        }
+    }
+    let onlink = m.header.flags.contains(RouteFlags::Onlink);
+    Some(Route {
+        key,
+        kind,
+        dev,
+        via,
+        src,
+        scope,
+        onlink,
+    })
+}
+
+/// Interface indexes the routes point at.
+pub(crate) fn oifs(msgs: &[RouteMessage]) -> Vec<u32> {
+    let mut v: Vec<u32> = msgs
+        .iter()
+        .flat_map(|m| m.attributes.iter())
+        .filter_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The message that creates `route` (output interface already resolved to `oif`).
+pub(crate) fn build(route: &Route, oif: Option<u32>, protocol: u8) -> RouteMessage {
+    let k = &route.key;
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(k.dst.addr, k.dst.len)
+        .table_id(k.table)
+        .protocol(RouteProtocol::from(protocol))
+        .scope(match route.scope {
+            Scope::Universe => RouteScope::Universe,
+            Scope::Link => RouteScope::Link,
+            Scope::Host => RouteScope::Host,
+        })
+        .kind(match route.kind {
+            RouteKind::Unicast => RouteType::Unicast,
+            RouteKind::Local => RouteType::Local,
+            RouteKind::Unreachable => RouteType::Unreachable,
+        });
+    if k.table > 255 {
+        // The id travels in RTA_TABLE; the header byte says "see the attribute".
+        b.get_mut().header.table = RouteHeader::RT_TABLE_UNSPEC;
+    }
+    if k.metric != 0 {
+        b = b.priority(k.metric);
+    }
+    if let Some(i) = oif {
+        b = b.output_interface(i);
+    }
+    if let Some(gw) = route.via {
+        b = b.gateway(gw);
+    }
+    if let Some(s) = route.src {
+        b = b.pref_source(s);
+    }
+    if route.onlink {
+        b = b.onlink();
+    }
+    b.build()
+}
+
+/// Adds the route; fails with EEXIST when a route with its key exists.
+pub(crate) async fn add_excl(handle: &Handle, m: RouteMessage) -> Result<(), rtnetlink::Error> {
+    handle.route().add(m).execute().await
+}
+
+/// Replaces the route with its key (NLM_F_REPLACE | NLM_F_CREATE).
+pub(crate) async fn replace(handle: &Handle, m: RouteMessage) -> Result<(), rtnetlink::Error> {
+    handle.route().add(m).replace().execute().await
+}
+
+/// The delete request for `key` among routes of `protocol`. With a non-zero metric the kernel
+/// matches exactly (table, dst, metric, protocol); metric 0 is a wildcard there, so callers
+/// check that the metric-0 route exists first.
+pub(crate) fn del_request(key: &RouteKey, protocol: u8) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(key.dst.addr, key.dst.len)
+        .table_id(key.table)
+        .protocol(RouteProtocol::from(protocol))
+        // RT_SCOPE_NOWHERE and type 0 make the kernel match any scope and type.
+        .scope(RouteScope::NoWhere)
+        .kind(RouteType::Unspec);
+    if key.table > 255 {
+        b.get_mut().header.table = RouteHeader::RT_TABLE_UNSPEC;
+    }
+    if key.metric != 0 {
+        b = b.priority(key.metric);
+    }
+    b.build()
+}
+
+/// Deletes with a prepared message.
+pub(crate) async fn del(handle: &Handle, m: RouteMessage) -> Result<(), rtnetlink::Error> {
+    handle.route().del(m).execute().await
+}
+
+/// Longest-prefix match over the main table, as `ip route get` would answer if no policy rule
+/// came first: our own rule 103 (`lookup 100`) would otherwise make every enrolled pod's IP
+/// resolve to the tunnel. Returns the output interface index.
+pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: Ipv4Addr) -> Option<u32> {
+    let ip = u32::from(ip);
+    let mut best: Option<(u8, u32, u32)> = None; // (prefix len, metric, oif)
+    for m in msgs {
+        if table_of(m) != u32::from(RouteHeader::RT_TABLE_MAIN)
+            || m.header.kind != RouteType::Unicast
+        {
+            continue;
+        }
+        let Some(key) = key_of(m) else { continue };
+        let len = key.dst.len;
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        if u32::from(key.dst.addr) & mask != ip & mask {
+            continue;
+        }
+        let oif = m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let oif = match oif {
+            Some(i) => i,
+            None => {
+                // Multipath: take the first hop's interface.
+                let Some(i) = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                i
+            }
+        };
+        let better = match best {
+            None => true,
+            Some((blen, bmetric, _)) => len > blen || (len == blen && key.metric < bmetric),
+        };
+        if better {
+            best = Some((len, key.metric, oif));
+        }
+    }
+    best.map(|(_, _, oif)| oif)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(kind: RouteKind, dst: Prefix, metric: u32) -> Route {
+        Route {
+            key: RouteKey {
+                table: 100,
+                dst,
+                metric,
+            },
+            kind,
+            dev: Some("istioin".into()),
+            via: Some(Ipv4Addr::new(192, 168, 126, 2)),
+            src: Some(Ipv4Addr::new(10, 244, 1, 1)),
+            scope: Scope::Universe,
+            onlink: true,
+        }
+    }
+
+    #[test]
+    fn build_then_decode_round_trips() {
+        let r = route(
+            RouteKind::Unicast,
+            Prefix::host(Ipv4Addr::new(10, 244, 1, 5)),
+            7,
+        );
+        let m = build(&r, Some(9), 212);
+        assert_eq!(u8::from(m.header.protocol), 212);
+        let names = BTreeMap::from([(9, "istioin".to_string())]);
+        assert_eq!(decode(&m, &names), Some(r));
+    }
+
+    #[test]
+    fn big_tables_use_the_attribute() {
+        let mut r = route(RouteKind::Unreachable, Prefix::DEFAULT, 0);
+        r.key.table = 1000;
+        r.dev = None;
+        r.via = None;
+        r.src = None;
+        r.onlink = false;
+        let m = build(&r, None, 212);
+        assert_eq!(m.header.table, 0);
+        assert_eq!(table_of(&m), 1000);
+        assert_eq!(decode(&m, &BTreeMap::new()), Some(r));
+    }
+
+    #[test]
+    fn lpm_prefers_longest_then_lowest_metric() {
+        let mk = |dst: Prefix, metric: u32, oif: u32| {
+            let mut r = route(RouteKind::Unicast, dst, metric);
+            r.key.table = 254;
+            build(&r, Some(oif), 4)
+        };
+        let msgs = vec![
+            mk(Prefix::DEFAULT, 0, 1),
+            mk(
+                Prefix {
+                    addr: Ipv4Addr::new(10, 244, 0, 0),
+                    len: 16,
+                },
+                0,
+                2,
+            ),
+            mk(Prefix::host(Ipv4Addr::new(10, 244, 1, 5)), 10, 3),
+            mk(Prefix::host(Ipv4Addr::new(10, 244, 1, 5)), 5, 4),
+        ];
+        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(10, 244, 1, 5)), Some(4));
+        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(10, 244, 9, 9)), Some(2));
+        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(8, 8, 8, 8)), Some(1));
+        assert_eq!(lpm_main(&msgs[1..], Ipv4Addr::new(8, 8, 8, 8)), None);
+    }
+}
