@@ -52,8 +52,15 @@ pub fn status_to_cni(status: &tonic::Status, socket: &Path, what: &str) -> CniEr
         format!("{:?}: {}", status.code(), status.message())
     };
     match status.code() {
+        Code::DeadlineExceeded => CniError::new(
+            TRY_AGAIN,
+            format!(
+                "ambient-cnid at {} did not answer in time",
+                socket.display()
+            ),
+            details,
+        ),
         Code::Unavailable
-        | Code::DeadlineExceeded
         | Code::Cancelled
         | Code::Aborted
         | Code::ResourceExhausted
@@ -91,14 +98,13 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Daemon {
-    /// Dials the socket. The caller wraps connect + call in one `tokio::time::timeout`;
-    /// `timeout` here only tells the daemon the deadline (grpc-timeout header).
-    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Daemon, CniError> {
+    /// Dials the socket. No timeouts here: the caller wraps connect + call in one
+    /// `tokio::time::timeout` (a second, inner timer would race it and blur the message), and
+    /// tells the daemon the remaining time per request (grpc-timeout).
+    pub async fn connect(socket: &Path) -> Result<Daemon, CniError> {
         // The URI is a placeholder: the connector below ignores it and dials the socket.
         let endpoint = Endpoint::try_from("http://[::]:50051")
-            .map_err(|e| unreachable(socket, source_chain(&e)))?
-            .timeout(timeout)
-            .connect_timeout(timeout);
+            .map_err(|e| unreachable(socket, source_chain(&e)))?;
         let path = socket.to_path_buf();
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {

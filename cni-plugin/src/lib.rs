@@ -169,17 +169,30 @@ async fn call<T, Fut>(
     socket: &Path,
     timeout: Duration,
     what: &str,
-    f: impl FnOnce(CniNodeClient<Channel>) -> Fut,
+    f: impl FnOnce(CniNodeClient<Channel>, Duration) -> Fut,
 ) -> Result<T, CniError>
 where
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    let start = tokio::time::Instant::now();
     let attempt = async {
-        let client = Daemon::connect(socket, timeout).await?.into_client();
-        f(client)
+        let client = Daemon::connect(socket).await?.into_client();
+        // The daemon learns how much of the deadline is left (grpc-timeout).
+        let left = timeout.saturating_sub(start.elapsed());
+        f(client, left)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| status_to_cni(&s, socket, what))
+            .map_err(|s| {
+                // tonic enforces the request's grpc-timeout on the client side too and reports
+                // it as Cancelled("Timeout expired"): that is our deadline, say so.
+                let expired = start.elapsed() + Duration::from_millis(20) >= timeout;
+                match s.code() {
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded if expired => {
+                        deadline(socket, timeout)
+                    }
+                    _ => status_to_cni(&s, socket, what),
+                }
+            })
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
@@ -231,7 +244,7 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                 socket,
                 timeout,
                 "enroll the pod",
-                |mut c| async move { c.pod_add(request(req, timeout)).await },
+                |mut c, left| async move { c.pod_add(request(req, left)).await },
             ))??;
             info!(
                 container_id = %cid,
@@ -254,7 +267,7 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                 socket,
                 timeout,
                 "remove the pod",
-                |mut c| async move { c.pod_del(request(req, timeout)).await },
+                |mut c, left| async move { c.pod_del(request(req, left)).await },
             ))
             .and_then(|r| r);
             match res {
@@ -277,9 +290,12 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
         Plan::Check { req } => {
             let cid = req.container_id.clone();
             let timeout = conf.timeout;
-            let reply = block_on(call(socket, timeout, "check the pod", |mut c| async move {
-                c.pod_check(request(req, timeout)).await
-            }))?
+            let reply = block_on(call(
+                socket,
+                timeout,
+                "check the pod",
+                |mut c, left| async move { c.pod_check(request(req, left)).await },
+            ))?
             .map_err(|mut e| {
                 if e.code == DAEMON_REFUSED {
                     e.msg = "pod not enrolled as ADD left it".into();
@@ -299,7 +315,7 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                 socket,
                 timeout,
                 "garbage-collect",
-                |mut c| async move { c.gc(request(req, timeout)).await },
+                |mut c, left| async move { c.gc(request(req, left)).await },
             ))??;
             for e in &reply.errors {
                 warn!("GC: {e}");
@@ -329,9 +345,12 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                     details,
                 )
             };
-            let reply = block_on(call(socket, timeout, "report status", |mut c| async move {
-                c.status(request(StatusRequest {}, timeout)).await
-            }))?
+            let reply = block_on(call(
+                socket,
+                timeout,
+                "report status",
+                |mut c, left| async move { c.status(request(StatusRequest {}, left)).await },
+            ))?
             .map_err(|e| not_available(format!("{}: {}", e.msg, e.details)))?;
             if !reply.ready {
                 return Err(not_available(format!("not ready: {}", reply.reason)));
