@@ -1107,21 +1107,21 @@ fn add_latency() {
         .unwrap_or(50);
     let node = Node::new("latency", "1.0.0", 5000);
     let pod = node.pod("pod");
-    let measure = |network: &str| {
-        let (mut adds, mut dels) = (Vec::new(), Vec::new());
-        for i in 0..rounds {
+    // Interleaved rounds, so that drift and other load on the machine hit both chains alike.
+    let mut t: [[Vec<Duration>; 2]; 2] = Default::default();
+    for i in 0..rounds {
+        for (n, network) in ["plain", "k8s"].iter().enumerate() {
             let cid = format!("cid-lat-{network}-{i}");
-            let add = node.cnitool("add", network, &pod, &cid, Some(&k8s_args("lat", &cid)));
+            let args = k8s_args("lat", &cid);
+            let add = node.cnitool("add", network, &pod, &cid, Some(&args));
             assert!(add.success(), "{add}\n{}", node.logs());
-            adds.push(add.elapsed);
-            let del = node.cnitool("del", network, &pod, &cid, Some(&k8s_args("lat", &cid)));
+            let del = node.cnitool("del", network, &pod, &cid, Some(&args));
             assert!(del.success(), "{del}");
-            dels.push(del.elapsed);
+            t[n][0].push(add.elapsed);
+            t[n][1].push(del.elapsed);
         }
-        (median(adds), median(dels))
-    };
-    let (plain_add, plain_del) = measure("plain");
-    let (ours_add, ours_del) = measure("k8s");
+    }
+    let [[plain_add, plain_del], [ours_add, ours_del]] = t.map(|v| v.map(median));
     let mut trivial = Vec::new();
     let mut version = Vec::new();
     for _ in 0..rounds {
