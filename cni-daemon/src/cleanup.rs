@@ -25,7 +25,7 @@ async fn clean_ns<D: Dataplane>(dp: &D, ns: &Ns, prios: &[u32], tables: &[u32], 
     match dp.routes_list(ns, tables).await {
         Ok(routes) => {
             for r in routes {
-                note(report, format!("route del {r} in {ns}"), dp.route_del(ns, &r.key).await);
+                note(report, format!("route del {r} in {ns}"), dp.route_del(ns, &r).await);
             }
         }
         Err(e) => report.errors.push(format!("listing routes in {ns}: {e}")),
@@ -81,7 +81,7 @@ mod tests {
         let ev = |cid: &str, ns: &str, name: &str, ip: &str, hif: &str| PodEvent {
             container_id: cid.into(),
             ifname: "eth0".into(),
-            netns: format!("/run/netns/{cid}"),
+            netns: format!("/tmp/acni-fake-netns-{cid}"),
             namespace: ns.into(),
             name: name.into(),
             uid: format!("uid-{cid}"),
@@ -96,7 +96,7 @@ mod tests {
             r.upsert(crate::registry::PodRecord {
                 container_id: "z".into(),
                 ifname: "eth0".into(),
-                netns: "/run/netns/z".into(),
+                netns: "/tmp/acni-fake-netns-z".into(),
                 namespace: "istio-system".into(),
                 name: "ztunnel-abc".into(),
                 uid: "uid-z".into(),

@@ -389,10 +389,20 @@ impl<D: Dataplane> Daemon<D> {
         (stale.len() as u32, errors)
     }
 
+    /// Is this pod netns certainly gone? A missing `/var/run/netns/x` counts only while its
+    /// directory is visible: if the daemon's mount of the netns dir were missing, every pod would
+    /// look gone, and sweeping them all would uncapture the node.
+    fn netns_gone(&self, netns: &str) -> bool {
+        let p = Path::new(netns);
+        if self.dp.netns_alive(p) {
+            return false;
+        }
+        netns.starts_with("/proc/") || p.parent().is_some_and(|d| d.is_dir())
+    }
+
     /// Records whose netns is gone are stale (their pod was deleted while we were not told).
     fn sweep(&self, inner: &mut Inner) -> Vec<PodRecord> {
-        let gone: Vec<PodRecord> =
-            inner.reg.records().filter(|r| !self.dp.netns_alive(Path::new(&r.netns))).cloned().collect();
+        let gone: Vec<PodRecord> = inner.reg.records().filter(|r| self.netns_gone(&r.netns)).cloned().collect();
         for rec in &gone {
             inner.reg.remove_key(&rec.key());
             if let Err(e) = self.persist(inner, Entry::Del { key: rec.key() }) {

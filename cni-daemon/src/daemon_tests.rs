@@ -24,7 +24,7 @@ fn ev(cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> PodEvent {
     PodEvent {
         container_id: cid.into(),
         ifname: "eth0".into(),
-        netns: format!("/run/netns/{cid}"),
+        netns: format!("/tmp/acni-fake-netns-{cid}"),
         namespace: ns.into(),
         name: name.into(),
         uid: format!("uid-{cid}"),
@@ -71,7 +71,9 @@ async fn start_builds_base_state_and_second_plan_is_empty() {
         assert!(k.ipset.is_some());
         let node = &k.ns[&Ns::Node];
         assert_eq!(node.rules.len(), 4);
-        assert_eq!(node.jumps.len(), 8, "8 jumps: mangle x5, nat x2, filter x1");
+        assert_eq!(node.jumps.len(), 9, "9 jumps: mangle x5, nat x2, filter x2");
+        let hold = &node.chains[&("filter".to_string(), "ztunnel-FORWARD".to_string())];
+        assert!(hold.iter().any(|r| r.contains("REJECT")), "inbound held closed: {hold:?}");
         // Fail closed: no ztunnel yet, table 101 holds an unreachable default.
         let r = node.routes.values().find(|r| r.key.table == tables::OUTBOUND).expect("fallback");
         assert_eq!(r.kind, RouteKind::Unreachable);
@@ -88,11 +90,8 @@ async fn pod_before_ztunnel_is_held_closed_then_captured() {
     let out = w.d.add(ev("a", "default", "app", "10.244.1.5", "vetha")).await.expect("add");
     assert!(out.enrolled);
     assert_eq!(w.dp.kernel().ipset.as_ref().and_then(|s| s.get(&ip("10.244.1.5")).cloned()), Some("uid-a".into()));
+    // No route into a tunnel that does not exist; the filter rule holds inbound TCP closed.
     assert!(w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), 0).is_none());
-    assert_eq!(
-        w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), tables::FALLBACK_METRIC).map(|r| r.kind),
-        Some(RouteKind::Unreachable)
-    );
     let z = w.d.add(ev("z", "istio-system", "ztunnel-1", "10.244.1.2", "vethz")).await.expect("zt add");
     assert!(z.ztunnel && !z.enrolled);
     let r = w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), 0).expect("tunnel route");
@@ -101,7 +100,7 @@ async fn pod_before_ztunnel_is_held_closed_then_captured() {
     assert_eq!(out.dev.as_deref(), Some("istioout"));
     let k = w.dp.kernel();
     assert_eq!(k.tunnels.len(), 2);
-    let zns = Ns::Pod("/run/netns/z".into());
+    let zns = Ns::Pod("/tmp/acni-fake-netns-z".into());
     assert_eq!(k.ns[&zns].rules.len(), 2);
     assert_eq!(k.ns[&zns].sysctls.get("net/ipv4/conf/pistioin/rp_filter").map(String::as_str), Some("2"));
     assert_eq!(k.ns[&Ns::Node].sysctls.get("net/ipv4/conf/vetha/rp_filter").map(String::as_str), Some("2"));
@@ -157,7 +156,7 @@ async fn replaced_ztunnel_gets_fresh_tunnels_and_everything_repoints() {
     w.d.add(ev("z1", "istio-system", "ztunnel-1", "10.244.1.2", "vethz")).await.expect("zt1");
     w.d.add(ev("a", "default", "a", "10.244.1.5", "vetha")).await.expect("a");
     // The old ztunnel's netns vanishes without a DEL: the kernel drops the veths and their routes.
-    w.dp.kernel().kill_ns(std::path::Path::new("/run/netns/z1"));
+    w.dp.kernel().kill_ns(std::path::Path::new("/tmp/acni-fake-netns-z1"));
     w.dp.kernel().del_host_link("vethz");
     assert!(w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), 0).is_none());
     w.d.resync().await;
@@ -181,7 +180,8 @@ async fn ztunnel_del_then_add_in_new_netns() {
     w.d.add(ev("a", "default", "a", "10.244.1.5", "vetha")).await.expect("a");
     w.d.del("z1", "eth0").await.expect("zt del");
     assert!(w.dp.kernel().tunnels.is_empty(), "tunnels removed with their ztunnel");
-    assert!(w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), tables::FALLBACK_METRIC).is_some());
+    assert!(w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), 0).is_none());
+    assert!(w.node_route(tables::OUTBOUND, Prefix::DEFAULT, tables::FALLBACK_METRIC).is_some());
     w.d.add(ev("z2", "istio-system", "ztunnel-2", "10.244.1.3", "vethz2")).await.expect("zt2");
     assert!(w.node_route(tables::INBOUND, Prefix::host(ip("10.244.1.5")), 0).is_some());
     assert!(w.pending().await.is_empty());
@@ -224,7 +224,7 @@ async fn ip_reuse_late_del_keeps_new_owner() {
 #[tokio::test]
 async fn late_add_of_deleted_pod_is_refused() {
     let w = World::new(cfg()).await;
-    w.dp.kernel().dead.insert("/run/netns/x".into());
+    w.dp.kernel().dead.insert("/tmp/acni-fake-netns-x".into());
     let e = w.d.add(ev("x", "default", "x", "10.244.1.7", "vetha")).await.expect_err("netns gone");
     assert!(matches!(e, RequestError::Precondition(_)), "{e}");
     assert!(w.dp.kernel().ipset.as_ref().is_some_and(|s| s.is_empty()));
@@ -269,7 +269,7 @@ async fn gc_and_sweep_remove_stale_pods() {
     let (n, errs) = w.d.gc("k8s", Some(&[("a".into(), "eth0".into()), ("c".into(), "eth0".into())])).await;
     assert_eq!((n, errs.len()), (1, 0));
     assert!(!w.dp.kernel().ipset.as_ref().expect("set").contains_key(&ip("10.244.1.6")));
-    w.dp.kernel().dead.insert("/run/netns/c".into());
+    w.dp.kernel().dead.insert("/tmp/acni-fake-netns-c".into());
     w.d.resync().await;
     let set = w.dp.kernel().ipset.clone().expect("set");
     assert_eq!(set.keys().copied().collect::<Vec<_>>(), vec![ip("10.244.1.5")]);
@@ -283,7 +283,9 @@ async fn fail_open_has_no_fallback_routes() {
     let w = World::new(c).await;
     w.d.add(ev("a", "default", "a", "10.244.1.5", "vetha")).await.expect("a");
     let k = w.dp.kernel();
-    assert!(k.ns[&Ns::Node].routes.values().all(|r| r.kind != RouteKind::Unreachable));
+    let node = &k.ns[&Ns::Node];
+    assert!(node.routes.values().all(|r| r.kind != RouteKind::Unreachable));
+    assert!(node.chains.values().flatten().all(|r| !r.contains("REJECT")), "no hold rules with --fail-open");
 }
 
 #[test]
@@ -306,7 +308,7 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
         seq: 0,
     });
     let zt = Ztunnel {
-        ns: Ns::Pod("/run/netns/z".into()),
+        ns: Ns::Pod("/tmp/acni-fake-netns-z".into()),
         ip: ip("10.244.1.2"),
         host_if: "vethz".into(),
         ifname: "eth0".into(),

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_cni_daemon::config::{Config, DEFAULT_ROUTE_PROTOCOL};
+use ambient_cni_daemon::config::{Config, DEFAULT_ROUTE_PROTOCOL, IPSET_NAME};
 use ambient_cni_daemon::daemon::Daemon;
-use ambient_cni_daemon::dataplane::Dataplane;
+use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::model::TunnelMode;
 use ambient_cni_daemon::store::Store;
 use ambient_cni_daemon::{admin, cleanup, server};
@@ -146,13 +146,25 @@ struct FileConfig {
 
 fn init_logs(filter: &str) -> anyhow::Result<()> {
     let f = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log-level {filter:?}"))?;
-    tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(f).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
     Ok(())
 }
 
-fn open_dataplane(k: &KernelArgs) -> anyhow::Result<impl Dataplane> {
-    let _ = (k.route_protocol, matches!(k.iptables_backend, Backend::Auto | Backend::Legacy | Backend::Nft));
-    Ok(ambient_cni_daemon::dataplane::fake::FakeDataplane::new())
+/// The real dataplane, in the netns the daemon runs in. Must be called inside the runtime.
+fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
+    let dp = RealDataplane::new(RealConfig {
+        node_netns: None,
+        route_protocol: k.route_protocol,
+        iptables_backend: match k.iptables_backend {
+            Backend::Auto => IptablesBackend::Auto,
+            Backend::Legacy => IptablesBackend::Legacy,
+            Backend::Nft => IptablesBackend::Nft,
+        },
+        ipset_name: IPSET_NAME.to_string(),
+    })
+    .context("opening the kernel dataplane")?;
+    Ok(dp)
 }
 
 fn config_from(a: &RunArgs) -> anyhow::Result<Config> {

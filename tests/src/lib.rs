@@ -1065,3 +1065,4 @@ mod tests {
         }
     }
 }
+pub mod world;

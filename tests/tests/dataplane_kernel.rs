@@ -444,19 +444,12 @@ async fn routes_replace_list_delete_only_ours() {
         .await
         .expect_err("a foreign route has that key");
     assert!(err.to_string().contains("not ours"), "{err}");
-    dp.route_del(&ns, &clash.key)
+    dp.route_del(&ns, &clash)
         .await
         .expect("deleting a key we do not have is fine");
-    dp.route_del(
-        &ns,
-        &RouteKey {
-            table: 100,
-            dst: pfx("10.244.7.7/32"),
-            metric: 0,
-        },
-    )
-    .await
-    .expect("del");
+    dp.route_del(&ns, &route(100, "10.244.7.7/32", 0, RouteKind::Unicast))
+        .await
+        .expect("del");
     let t100 = sh(&node, "ip route show table 100");
     assert!(
         t100.contains("10.244.7.7 dev dv0"),
@@ -483,8 +476,8 @@ async fn routes_replace_list_delete_only_ours() {
 
     // Deleting metric 0 must not take the metric-4000 fallback with it (the kernel's delete
     // treats metric 0 as a wildcard).
-    dp.route_del(&ns, &out.key).await.expect("del");
-    dp.route_del(&ns, &out.key).await.expect("del twice");
+    dp.route_del(&ns, &out).await.expect("del");
+    dp.route_del(&ns, &out).await.expect("del twice");
     let listed: BTreeSet<Route> = dp
         .routes_list(&ns, &[101])
         .await
@@ -492,20 +485,13 @@ async fn routes_replace_list_delete_only_ours() {
         .into_iter()
         .collect();
     assert_eq!(listed, BTreeSet::from([fallback.clone()]));
-    dp.route_del(&ns, &fallback.key)
+    dp.route_del(&ns, &fallback)
         .await
         .expect("del fallback");
     assert!(dp.routes_list(&ns, &[101]).await.expect("list").is_empty());
-    dp.route_del(
-        &ns,
-        &RouteKey {
-            table: 4242,
-            dst: Prefix::DEFAULT,
-            metric: 0,
-        },
-    )
-    .await
-    .expect("delete in a table that does not exist");
+    dp.route_del(&ns, &route(4242, "0.0.0.0/0", 0, RouteKind::Unicast))
+        .await
+        .expect("delete in a table that does not exist");
 
     let mut nodev = pod.clone();
     nodev.dev = Some("nosuchdev0".into());

@@ -211,9 +211,12 @@ impl Dataplane for FakeDataplane {
             Ok(())
         })
     }
-    async fn route_del(&self, ns: &Ns, key: &RouteKey) -> DpResult<()> {
+    async fn route_del(&self, ns: &Ns, route: &Route) -> DpResult<()> {
         self.write(|k| {
-            k.ns_mut(ns).routes.remove(key);
+            let n = k.ns_mut(ns);
+            if n.routes.get(&route.key).is_some_and(|r| r.kind == route.kind) {
+                n.routes.remove(&route.key);
+            }
             Ok(())
         })
     }

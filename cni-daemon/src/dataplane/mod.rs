@@ -11,7 +11,7 @@ pub mod netlink;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
-use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels};
+use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
 
 /// A kernel operation failed. Every variant names the object it was about.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -84,8 +84,10 @@ pub trait Dataplane: Send + Sync + 'static {
     fn routes_list(&self, ns: &Ns, tables: &[u32]) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
     /// Create or replace a route (by its key).
     fn route_replace(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
-    /// Delete a route by key (ESRCH is fine).
-    fn route_del(&self, ns: &Ns, key: &RouteKey) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete one of our routes: matched by key, kind (type) and our protocol — the kernel takes
+    /// metric 0 as "any metric", the type tells a tunnel route from its unreachable fallback.
+    /// ESRCH is fine.
+    fn route_del(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- tunnel links ---
     /// Which of the tunnel links exist and whether each is wired as `want` says.

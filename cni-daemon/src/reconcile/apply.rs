@@ -71,7 +71,7 @@ async fn apply_one<D: Dataplane>(dp: &D, op: &Op) -> Result<(), DpError> {
         Op::IptablesApply { ns, chains } => dp.iptables_apply(ns, chains).await,
         Op::SysctlWrite { ns, key, value } => dp.sysctl_write(ns, key, value).await,
         Op::RouteReplace { ns, route } => dp.route_replace(ns, route).await,
-        Op::RouteDel { ns, key } => dp.route_del(ns, key).await,
+        Op::RouteDel { ns, route } => dp.route_del(ns, route).await,
         Op::RuleAdd { ns, rule } => dp.rule_add(ns, rule).await,
         Op::RuleDel { ns, rule } => dp.rule_del(ns, rule).await,
     }

@@ -105,19 +105,12 @@ pub fn pod_routes(cfg: &Config, rec: &PodRecord, ip: Ipv4Addr, zt: Option<&Ztunn
             ..route(tables::INBOUND, Prefix::host(ip), 0)
         });
     }
-    if !cfg.fail_open {
-        // Shadowed by the tunnel route while ztunnel is there; holds inbound traffic closed when not.
-        out.push(unreachable(tables::INBOUND, Prefix::host(ip)));
-    }
     out
 }
 
-/// Route keys a pod IP may have in table 100 (for removal).
-pub fn pod_route_keys(ip: Ipv4Addr) -> [RouteKey; 2] {
-    [
-        RouteKey { table: tables::INBOUND, dst: Prefix::host(ip), metric: 0 },
-        RouteKey { table: tables::INBOUND, dst: Prefix::host(ip), metric: tables::FALLBACK_METRIC },
-    ]
+/// The route a pod IP may have in table 100, as a deletion matches it (key and kind).
+pub fn pod_route_del(ip: Ipv4Addr) -> Route {
+    route(tables::INBOUND, Prefix::host(ip), 0)
 }
 
 fn mark(v: u32) -> String {
@@ -168,13 +161,33 @@ pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) ->
     ];
     // Kubelet probes (node address, local socket) to enrolled pods skip capture. Masked, unlike
     // the original, which overwrote the whole mark.
-    let output = match hip {
+    let mut output = match hip {
         Some(h) => vec![format!(
             "-s {h}/32 -p tcp -m owner --socket-exists -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {conn_skip}"
         )],
         None => vec![],
     };
+    // Not in the original: what the node itself sends to an enrolled pod that is not TCP (a ping
+    // from the node, say) goes straight to the pod instead of into ztunnel, which only takes TCP;
+    // B7 does the same for forwarded packets.
+    output.push(format!("! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"));
     let accept = vec![format!("-m mark --mark {out} -j ACCEPT")];
+    // Fail closed: TCP to an enrolled pod that leaves by any way but the inbound tunnel, carrying
+    // none of the marks of captured (0x100), skipped (0x200) or ztunnel-return (0x040) traffic,
+    // is going around ztunnel — because there is none (its netns vanished and took istioin and the
+    // table-100 routes along) or it is between a DEL and its replacement's ADD. Rejected with a
+    // reset. A rule, not an `unreachable` route: such a route for the pod's IP would also fail
+    // the kernel's reverse-path check of the pod's own packets (ARP included).
+    let hold = format!(
+        "! -o {} -p tcp -m set --match-set {IPSET_NAME} dst -m mark --mark 0x0/{:#x} -j REJECT --reject-with tcp-reset",
+        cfg.inbound.0,
+        marks::OUTBOUND | marks::SKIP | marks::PROXY_RET
+    );
+    let (mut fwd, mut local_out) = (accept.clone(), vec![]);
+    if !cfg.fail_open {
+        fwd.push(hold.clone());
+        local_out.push(hold);
+    }
     let c = |table: &str, hook: &str, rules: Vec<String>| Chain {
         table: table.into(),
         name: format!("ztunnel-{hook}"),
@@ -189,7 +202,8 @@ pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) ->
         c("mangle", "FORWARD", save),
         c("nat", "PREROUTING", accept.clone()),
         c("nat", "POSTROUTING", accept.clone()),
-        c("filter", "FORWARD", accept),
+        c("filter", "FORWARD", fwd),
+        c("filter", "OUTPUT", local_out),
     ]
 }
 

@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use super::desired::{pod_route_keys, pod_routes, Desired, NsDesired, Ztunnel};
+use super::desired::{pod_route_del, pod_routes, Desired, NsDesired, Ztunnel};
 use crate::config::Config;
-use crate::model::{rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, RouteKey, Rule, TunnelState, Tunnels};
+use crate::model::{rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels};
 use crate::registry::Registry;
 
 /// What was read back from the kernel.
@@ -82,8 +82,8 @@ pub enum Op {
     RouteDel {
         /// Namespace.
         ns: Ns,
-        /// Its key.
-        key: RouteKey,
+        /// The route (key and kind are what is matched).
+        route: Route,
     },
     /// Add a rule.
     RuleAdd {
@@ -115,7 +115,7 @@ impl fmt::Display for Op {
             }
             Op::SysctlWrite { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
             Op::RouteReplace { ns, route } => write!(f, "route replace {route} in {ns}"),
-            Op::RouteDel { ns, key } => write!(f, "route del {} table {} metric {} in {ns}", key.dst, key.table, key.metric),
+            Op::RouteDel { ns, route } => write!(f, "route del {route} in {ns}"),
             Op::RuleAdd { ns, rule } => write!(f, "rule add {rule} in {ns}"),
             Op::RuleDel { ns, rule } => write!(f, "rule del {rule} in {ns}"),
         }
@@ -162,8 +162,10 @@ fn plan_ns(ns: &Ns, want: &NsDesired, have: &NsState, recreated: &BTreeSet<Strin
     for rule in want.rules.difference(&have.rules) {
         ops.push(Op::RuleAdd { ns: ns.clone(), rule: *rule });
     }
-    for key in have.routes.keys().filter(|k| !want.routes.contains_key(k)) {
-        dels.push(Op::RouteDel { ns: ns.clone(), key: *key });
+    for (key, route) in &have.routes {
+        if !want.routes.contains_key(key) {
+            dels.push(Op::RouteDel { ns: ns.clone(), route: route.clone() });
+        }
     }
     for rule in have.rules.difference(&want.rules) {
         dels.push(Op::RuleDel { ns: ns.clone(), rule: *rule });
@@ -243,9 +245,7 @@ pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[Ipv4Ad
             }
             None => {
                 ops.push(Op::IpsetDel { ip: *ip });
-                for key in pod_route_keys(*ip) {
-                    ops.push(Op::RouteDel { ns: Ns::Node, key });
-                }
+                ops.push(Op::RouteDel { ns: Ns::Node, route: pod_route_del(*ip) });
             }
         }
     }

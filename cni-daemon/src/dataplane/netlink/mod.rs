@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::dataplane::{Dataplane, DpError, DpResult};
 use crate::model::{
-    Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels,
+    Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels,
 };
 
 pub use iptables::IptablesBackend;
@@ -511,40 +511,15 @@ impl Dataplane for RealDataplane {
             .map_err(|e| nl_error(what(), &e))
     }
 
-    async fn route_del(&self, ns: &Ns, key: &RouteKey) -> DpResult<()> {
+    async fn route_del(&self, ns: &Ns, r: &Route) -> DpResult<()> {
         let w = self.worker(ns).await?;
-        let h = w.handle();
-        let what = || {
-            format!(
-                "delete route table {} {} metric {} in {ns}",
-                key.table, key.dst, key.metric
-            )
-        };
-        let proto = self.cfg.route_protocol;
-        if key.metric == 0 {
-            // The kernel treats metric 0 in a delete as "any metric": make sure our metric-0
-            // route exists, then delete with its full description (type, scope, next hop), so
-            // the first match in the kernel's priority-ordered list is that route.
-            let ours = route::dump(h, Some(key.table), Some(proto)).await;
-            let ours = nl_check(Intent::Remove, what, ours)?;
-            let Some(mut m) = ours
-                .into_iter()
-                .find(|m| route::key_of(m).as_ref() == Some(key))
-            else {
-                return Ok(());
-            };
-            m.header.flags = Default::default();
-            m.attributes.retain(|a| {
-                !matches!(
-                    a,
-                    netlink_packet_route::route::RouteAttribute::CacheInfo(_)
-                        | netlink_packet_route::route::RouteAttribute::Expires(_)
-                )
-            });
-            let res = route::del(h, m).await;
-            return nl_check(Intent::Remove, what, res);
-        }
-        let res = route::del(h, route::del_request(key, proto)).await;
+        let key = &r.key;
+        let what = || format!("delete route {r} in {ns}");
+        // Matched by table, prefix, our protocol and the route's type; the metric too when it is
+        // not 0 (the kernel reads 0 as "any metric"). Our metric-0 routes are unicast or local,
+        // their fallbacks unreachable with a non-zero metric, so the type tells them apart and no
+        // dump is needed: the cost is one request, whatever the size of the table.
+        let res = route::del(w.handle(), route::del_request(key, r.kind, self.cfg.route_protocol)).await;
         nl_check(Intent::Remove, what, res)
     }
 

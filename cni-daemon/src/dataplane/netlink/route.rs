@@ -159,6 +159,14 @@ pub(crate) fn oifs(msgs: &[RouteMessage]) -> Vec<u32> {
     v
 }
 
+fn route_type(kind: RouteKind) -> RouteType {
+    match kind {
+        RouteKind::Unicast => RouteType::Unicast,
+        RouteKind::Local => RouteType::Local,
+        RouteKind::Unreachable => RouteType::Unreachable,
+    }
+}
+
 /// The message that creates `route` (output interface already resolved to `oif`).
 pub(crate) fn build(route: &Route, oif: Option<u32>, protocol: u8) -> RouteMessage {
     let k = &route.key;
@@ -171,11 +179,7 @@ pub(crate) fn build(route: &Route, oif: Option<u32>, protocol: u8) -> RouteMessa
             Scope::Link => RouteScope::Link,
             Scope::Host => RouteScope::Host,
         })
-        .kind(match route.kind {
-            RouteKind::Unicast => RouteType::Unicast,
-            RouteKind::Local => RouteType::Local,
-            RouteKind::Unreachable => RouteType::Unreachable,
-        });
+        .kind(route_type(route.kind));
     if k.table > 255 {
         // The id travels in RTA_TABLE; the header byte says "see the attribute".
         b.get_mut().header.table = RouteHeader::RT_TABLE_UNSPEC;
@@ -208,17 +212,16 @@ pub(crate) async fn replace(handle: &Handle, m: RouteMessage) -> Result<(), rtne
     handle.route().add(m).replace().execute().await
 }
 
-/// The delete request for `key` among routes of `protocol`. With a non-zero metric the kernel
-/// matches exactly (table, dst, metric, protocol); metric 0 is a wildcard there, so callers
-/// check that the metric-0 route exists first.
-pub(crate) fn del_request(key: &RouteKey, protocol: u8) -> RouteMessage {
+/// The delete request for `key` among routes of `protocol` and type `kind`. The kernel matches
+/// table, prefix, protocol and type exactly, and the metric when it is not 0 (0 is a wildcard).
+pub(crate) fn del_request(key: &RouteKey, kind: RouteKind, protocol: u8) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(key.dst.addr, key.dst.len)
         .table_id(key.table)
         .protocol(RouteProtocol::from(protocol))
-        // RT_SCOPE_NOWHERE and type 0 make the kernel match any scope and type.
+        // RT_SCOPE_NOWHERE makes the kernel match any scope.
         .scope(RouteScope::NoWhere)
-        .kind(RouteType::Unspec);
+        .kind(route_type(kind));
     if key.table > 255 {
         b.get_mut().header.table = RouteHeader::RT_TABLE_UNSPEC;
     }

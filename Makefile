@@ -1,0 +1,44 @@
+# ambient-cni — see README.md.
+#   make demo   build, start the daemon in throw-away namespaces, show traffic being captured
+#   make test   unit tests + root-only integration tests (namespaces only, never the root netns)
+SHELL := /bin/bash
+CARGO ?= cargo
+DEB_PACKAGES := iptables ipset iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev procps kmod
+RELEASE_BINS := target/release/ambient-cni target/release/ambient-cnid target/release/acni-probe
+CNITOOL := target/cnitool/cnitool
+
+.PHONY: all deps build cnitool test test-unit test-root demo lint fmt bench chaos clean
+
+all: build
+
+# Install the Debian packages the tests and the demo need, only when one is missing.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+build:
+	$(CARGO) build --release --locked --bins
+
+cnitool: deps
+	tests/cnitool/build.sh $(CNITOOL)
+
+test: deps build cnitool
+	AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release CNITOOL=$(CURDIR)/$(CNITOOL) \
+	  $(CARGO) test --release --locked --workspace
+
+demo: deps build cnitool
+	AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release CNITOOL=$(CURDIR)/$(CNITOOL) tests/demo.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# `make demo`: a node, a remote host, a ztunnel and two pods, all in throw-away network namespaces
+# (never linked to the machine's own), pods made through libcni (our cnitool driver) with Debian's
+# ptp + host-local + ambient-cni, the daemon running inside the node namespace. Prints, step by
+# step, what is captured where, and the kernel state the daemon made. Removes everything on exit.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${AMBIENT_CNI_BIN_DIR:-$root/target/release}
+CNITOOL=${CNITOOL:-$root/target/cnitool/cnitool}
+for b in "$BIN/ambient-cni" "$BIN/ambient-cnid" "$BIN/acni-probe" "$CNITOOL"; do
+  [ -x "$b" ] || { echo "missing $b: run 'make build cnitool' first" >&2; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "the demo needs root (it creates network namespaces)" >&2; exit 1; }
+
+P=acni-demo-$$
+NODE=$P-node REMOTE=$P-remote ZT=$P-ztunnel APP=$P-app OTHER=$P-other
+TMP=$(mktemp -d /tmp/$P.XXXX)
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for ns in $APP $OTHER $ZT $REMOTE $NODE; do
+    # Whatever still runs inside our namespaces goes too.
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Shows a command and its output; a failing command is part of the story, not the end of it.
+show() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@" 2>&1 | sed 's/^/  /' || true; }
+in_ns() { ip netns exec "$@"; }
+
+bold "1. A node and a remote host (network namespaces $NODE and $REMOTE)"
+for ns in $NODE $REMOTE $ZT $APP $OTHER; do ip netns add "$ns"; done
+in_ns $NODE ip link set lo up
+in_ns $REMOTE ip link set lo up
+# Created inside the node namespace, the peer straight in the remote one: never in the root netns.
+in_ns $NODE ip link add eth1 type veth peer name eth0 netns $REMOTE
+in_ns $NODE ip addr add 198.51.100.1/24 dev eth1
+in_ns $REMOTE ip addr add 198.51.100.2/24 dev eth0
+in_ns $NODE ip link set eth1 up
+in_ns $REMOTE ip link set eth0 up
+in_ns $REMOTE ip route add 10.244.1.0/24 via 198.51.100.1
+in_ns $NODE sysctl -qw net.ipv4.ip_forward=1
+# Strict reverse-path filtering, as on many real nodes.
+in_ns $NODE sysctl -qw net.ipv4.conf.all.rp_filter=1
+echo "  node eth1 198.51.100.1  <->  remote eth0 198.51.100.2; pods will be 10.244.1.0/24"
+
+bold "2. The node daemon, running inside the node namespace"
+mkdir -p "$TMP/bin" "$TMP/net.d" "$TMP/cache" "$TMP/ipam"
+for p in ptp host-local loopback; do ln -s /usr/lib/cni/$p "$TMP/bin/$p"; done
+ln -s "$BIN/ambient-cni" "$TMP/bin/ambient-cni"
+cat > "$TMP/net.d/10-demo.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "demo-net",
+  "plugins": [
+    {"type": "ptp", "ipMasq": false,
+     "ipam": {"type": "host-local", "dataDir": "$TMP/ipam",
+              "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}]],
+              "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "ambient-cni", "socket": "$TMP/run/cni.sock", "logFile": "$TMP/plugin.log"}
+  ]
+}
+JSON
+show cat "$TMP/net.d/10-demo.conflist"
+in_ns $NODE "$BIN/ambient-cnid" run --socket "$TMP/run/cni.sock" --state-dir "$TMP/state" \
+  --ambient-namespace default --ztunnel-namespace istio-system --resync-interval-ms 2000 \
+  >"$TMP/daemon.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do [ -S "$TMP/run/cni.sock" ] && break; sleep 0.1; done
+show in_ns $NODE "$BIN/ambient-cnid" status --socket "$TMP/run/cni.sock"
+
+cni() { # cni VERB NETNS NAMESPACE NAME
+  in_ns $NODE env NETCONFPATH="$TMP/net.d" CNI_PATH="$TMP/bin" CNI_CACHE_DIR="$TMP/cache" \
+    CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=$3;K8S_POD_NAME=$4;K8S_POD_UID=uid-$4" \
+    "$CNITOOL" "$1" demo-net "/var/run/netns/$2"
+}
+pod_ip() { in_ns "$1" ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1; }
+
+bold "3. Pods through libcni: 'app' in ambient namespace 'default', 'other' in 'legacy'"
+show cni add $APP default app
+cni add $OTHER legacy other >/dev/null
+APP_IP=$(pod_ip $APP) OTHER_IP=$(pod_ip $OTHER)
+echo "  app=$APP_IP (enrolled before any ztunnel exists)  other=$OTHER_IP"
+in_ns $APP "$BIN/acni-probe" echo 8080 app >/dev/null & PIDS+=($!)
+in_ns $OTHER "$BIN/acni-probe" echo 8080 other >/dev/null & PIDS+=($!)
+in_ns $REMOTE "$BIN/acni-probe" echo 8080 remote >/dev/null & PIDS+=($!)
+sleep 0.3
+
+bold "4. No ztunnel yet: the enrolled pod's TCP is held closed (no bypass)"
+show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080 --timeout-ms 1000 || true
+
+bold "5. The ztunnel pod arrives (istio-system/ztunnel-demo); the daemon builds its tunnels"
+cni add $ZT istio-system ztunnel-demo >/dev/null
+ZT_IP=$(pod_ip $ZT)
+in_ns $ZT "$BIN/acni-probe" tproxy >/dev/null & PIDS+=($!)
+sleep 0.3
+echo "  ztunnel=$ZT_IP, a TPROXY listener on 15001/15006/15008 that answers with the port it caught"
+
+bold "6. Traffic"
+echo "  enrolled app -> remote:8080 (egress is captured to 15001, original destination kept):"
+show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080
+echo "  not enrolled other -> remote:8080 (goes direct):"
+show in_ns $OTHER "$BIN/acni-probe" connect 198.51.100.2:8080
+echo "  remote -> app:8080 (inbound is captured to 15006):"
+show in_ns $REMOTE "$BIN/acni-probe" connect $APP_IP:8080
+echo "  remote -> app:15008 (HBONE port is captured to 15008):"
+show in_ns $REMOTE "$BIN/acni-probe" connect $APP_IP:15008
+echo "  ztunnel -> app:8080 directly (no loop back into ztunnel):"
+show in_ns $ZT "$BIN/acni-probe" connect $APP_IP:8080
+echo "  ztunnel -> app:8080 spoofing the remote client's address (transparent socket, as ztunnel does):"
+show in_ns $ZT "$BIN/acni-probe" connect $APP_IP:8080 --src 198.51.100.2
+
+bold "7. What the daemon programmed"
+show in_ns $NODE ipset list ztunnel-pods-ips
+show in_ns $NODE ip rule
+for t in 100 101 102; do show in_ns $NODE ip route show table $t; done
+show in_ns $NODE iptables-save -t mangle
+show in_ns $ZT iptables-save -t mangle
+show in_ns $ZT ip rule
+show in_ns $ZT ip route show table 100
+show in_ns $NODE "$BIN/ambient-cnid" status --socket "$TMP/run/cni.sock"
+
+bold "8. Drift: someone flushes the ipset; the daemon repairs it within its resync period"
+show in_ns $NODE ipset flush ztunnel-pods-ips
+sleep 2.5
+show in_ns $NODE ipset list ztunnel-pods-ips -terse
+show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080
+
+bold "9. DEL of app: its entries go, and its IP is no longer steered into ztunnel"
+show cni del $APP default app
+show in_ns $NODE ipset list ztunnel-pods-ips
+show in_ns $NODE ip route show table 100
+show in_ns $NODE ip route get $APP_IP from 198.51.100.2 iif eth1
+
+bold "10. The daemon's trace"
+show in_ns $NODE "$BIN/ambient-cnid" trace --socket "$TMP/run/cni.sock" --limit 40
+
+bold "11. cleanup removes every object of ours"
+kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
+show in_ns $NODE "$BIN/ambient-cnid" cleanup --state-dir "$TMP/state"
+show in_ns $NODE ip rule
+show in_ns $NODE ipset list -n
+echo
+echo "Done. Daemon log: shown below (last 15 lines)."
+tail -n 15 "$TMP/daemon.log" | sed 's/^/  /'

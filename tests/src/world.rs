@@ -1,0 +1,296 @@
+//! The end-to-end world of the traffic tests, the chaos test and the benchmarks: a node netns
+//! running the daemon, a remote host behind a veth, pods made through libcni (our cnitool driver,
+//! Debian ptp + host-local + ambient-cni), a ztunnel stand-in with TPROXY listeners, and echo
+//! servers. Everything lives in the [`TestNet`]'s namespaces and goes with it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{ambient_entry, workspace_bin, CniEnv, Daemon, Output, TestNet};
+
+/// Node side of the node↔remote link.
+pub const NODE_IP: &str = "198.51.100.1";
+/// The remote host (outside the node).
+pub const REMOTE_IP: &str = "198.51.100.2";
+/// Pod CIDR of the node.
+pub const POD_CIDR: &str = "10.244.1.0/24";
+/// Gateway of the pods (ptp puts it on every host veth).
+pub const POD_GW: &str = "10.244.1.1";
+/// The namespace whose pods are enrolled.
+pub const AMBIENT_NS: &str = "default";
+/// The CNI network name.
+pub const NETWORK: &str = "acni-net";
+
+/// One pod made through libcni.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Short netns name in the TestNet.
+    pub netns: String,
+    /// Kubernetes namespace.
+    pub k8s_ns: String,
+    /// Pod name.
+    pub name: String,
+    /// Its IPv4 address.
+    pub ip: String,
+    /// The ADD result.
+    pub result: Value,
+}
+
+/// The world.
+pub struct World {
+    /// Namespaces and processes (dropped last).
+    pub net: TestNet,
+    /// CNI dirs and the driver.
+    pub cni: CniEnv,
+    /// The daemon in the node netns (None while stopped).
+    pub daemon: Option<Daemon>,
+    /// The daemon's dir (kept across restarts).
+    pub daemon_dir: PathBuf,
+    /// Extra daemon arguments.
+    pub daemon_args: Vec<String>,
+    probe: PathBuf,
+}
+
+impl World {
+    /// Builds node + remote, starts the daemon with `daemon_args` (plus the ambient namespace and
+    /// a fast resync), writes the conflist, starts the remote echo server on 8080.
+    pub fn new(tag: &str, daemon_args: &[&str]) -> Result<World> {
+        let net = TestNet::new(tag);
+        net.add_ns("node")?;
+        net.add_ns("remote")?;
+        net.veth("node", "eth1", "remote", "eth0")?;
+        net.exec_ok(
+            "node",
+            &["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth1"],
+        )?;
+        net.exec_ok(
+            "remote",
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{REMOTE_IP}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        net.exec_ok("remote", &["ip", "route", "add", POD_CIDR, "via", NODE_IP])?;
+        net.exec_ok("node", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // Strict reverse-path filtering, as on many real nodes: the path must work with it.
+        net.exec_ok("node", &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])?;
+        let cni = CniEnv::new(&net, "node")?;
+        let daemon_dir = net.dir().join("daemon");
+        let mut args: Vec<String> = vec![
+            "--ambient-namespace".into(),
+            AMBIENT_NS.into(),
+            "--resync-interval-ms".into(),
+            "500".into(),
+        ];
+        args.extend(daemon_args.iter().map(|s| s.to_string()));
+        let probe = workspace_bin("acni-probe")?;
+        let mut w = World {
+            net,
+            cni,
+            daemon: None,
+            daemon_dir,
+            daemon_args: args,
+            probe,
+        };
+        w.start_daemon()?;
+        let d = w.daemon()?;
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "plugins": [
+                {"type": "ptp", "ipMasq": false,
+                 "ipam": {"type": "host-local", "dataDir": w.cni.ipam_dir(),
+                          "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GW}]],
+                          "routes": [{"dst": "0.0.0.0/0"}]}},
+                ambient_entry(d.socket(), &w.cni.plugin_log(), 5000),
+            ]
+        });
+        w.cni.write_conflist(&conflist)?;
+        w.spawn("remote", &["echo", "8080", "remote"])?;
+        Ok(w)
+    }
+
+    /// (Re)starts the daemon on the same dir (state kept) and waits until it is ready.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        let d = Daemon::start_in(&self.net, "node", &self.daemon_dir, &args)?;
+        d.wait_ready(Duration::from_secs(20))?;
+        self.daemon = Some(d);
+        Ok(())
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> Result<&Daemon> {
+        self.daemon.as_ref().context("the daemon is not running")
+    }
+
+    /// Runs `acni-probe <args>` in the background inside `ns`.
+    pub fn spawn(&self, ns: &str, args: &[&str]) -> Result<u32> {
+        let mut argv = vec![self.probe.to_str().context("probe path")?];
+        argv.extend_from_slice(args);
+        let log = self.net.dir().join(format!("probe-{ns}.log"));
+        let pid = self.net.spawn(ns, &argv, &log)?;
+        // Listeners are up almost at once; give them a moment.
+        std::thread::sleep(Duration::from_millis(150));
+        Ok(pid)
+    }
+
+    /// CNI_ARGS of a pod.
+    pub fn cni_args(k8s_ns: &str, name: &str) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_ns};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
+        )
+    }
+
+    /// Runs the driver for a pod's netns.
+    pub fn cnitool(&self, verb: &str, netns: &str, k8s_ns: &str, name: &str) -> Output {
+        let args = Self::cni_args(k8s_ns, name);
+        self.cni.cnitool(
+            verb,
+            NETWORK,
+            &self.net.ns_path(netns),
+            &[("CNI_ARGS", args.as_str())],
+        )
+    }
+
+    /// Creates a pod netns and ADDs it through libcni; starts an echo server on 8080 in it.
+    pub fn pod(&self, netns: &str, k8s_ns: &str, name: &str) -> Result<Pod> {
+        self.net.add_ns(netns)?;
+        let out = self.cnitool("add", netns, k8s_ns, name);
+        if !out.success() {
+            bail!("cnitool add {name}: {out}");
+        }
+        let result = out.json()?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .context("no IP in the ADD result")?
+            .to_string();
+        self.spawn(netns, &["echo", "8080", name])?;
+        Ok(Pod {
+            netns: netns.into(),
+            k8s_ns: k8s_ns.into(),
+            name: name.into(),
+            ip,
+            result,
+        })
+    }
+
+    /// A ztunnel pod (istio-system/ztunnel-<suffix>) with the TPROXY listeners.
+    pub fn ztunnel(&self, netns: &str, suffix: &str) -> Result<Pod> {
+        let p = self.pod(netns, "istio-system", &format!("ztunnel-{suffix}"))?;
+        self.spawn(netns, &["tproxy"])?;
+        Ok(p)
+    }
+
+    /// DEL through libcni.
+    pub fn del(&self, pod: &Pod) -> Output {
+        self.cnitool("del", &pod.netns, &pod.k8s_ns, &pod.name)
+    }
+
+    /// `acni-probe connect` from `ns` to `dst` (ip:port), optionally from a spoofed source.
+    pub fn connect(&self, ns: &str, dst: &str, src: Option<&str>) -> Output {
+        let mut argv = vec![
+            self.probe.to_str().unwrap_or("acni-probe"),
+            "connect",
+            dst,
+            "--timeout-ms",
+            "2000",
+        ];
+        if let Some(s) = src {
+            argv.extend_from_slice(&["--src", s]);
+        }
+        self.net.exec(ns, &argv)
+    }
+
+    /// Connects and returns the answer, or an error with the output.
+    pub fn answer(&self, ns: &str, dst: &str, src: Option<&str>) -> Result<String> {
+        let out = self.connect(ns, dst, src);
+        if !out.success() {
+            bail!("connect {dst} from {ns}: {out}");
+        }
+        Ok(out.stdout.trim().to_string())
+    }
+
+    /// Waits (up to `timeout`) for `f` to hold, polling.
+    pub fn eventually(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f()? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("condition not met within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The node's kernel state, as a person would look at it (for comparisons and messages).
+    pub fn node_state(&self, ns: &str) -> Result<String> {
+        let mut s = String::new();
+        for argv in [
+            &["iptables-save"][..],
+            &["ipset", "list", "-n"],
+            &["ip", "rule"],
+            &["ip", "-4", "route", "show", "table", "all"],
+            &["ip", "-o", "link"],
+        ] {
+            let out = self.net.exec(ns, argv);
+            s.push_str(&format!(
+                "$ {}\n{}\n",
+                argv.join(" "),
+                normalize(&out.stdout)
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Drops what changes between two reads without meaning a change of state: iptables-save's
+/// comment and counter lines, link statistics and per-link ids.
+fn normalize(s: &str) -> String {
+    const BUILTIN: [&str; 5] = [
+        ":PREROUTING ",
+        ":INPUT ",
+        ":FORWARD ",
+        ":OUTPUT ",
+        ":POSTROUTING ",
+    ];
+    s.lines()
+        // iptables-save: only rules and non-built-in chains count (an empty table that merely
+        // exists — nft keeps tables once made — is no state of ours).
+        .filter(|l| !l.starts_with('#') && !l.starts_with('*') && *l != "COMMIT")
+        .filter(|l| !BUILTIN.iter().any(|b| l.starts_with(b)))
+        .map(|l| {
+            let l = if l.starts_with(':') {
+                l.split(" [").next().unwrap_or(l)
+            } else {
+                l
+            };
+            // `ip -o link`: keep "name: <flags>", drop the index, addresses and counters.
+            match l.split_once(": ") {
+                Some((idx, rest)) if idx.chars().all(|c| c.is_ascii_digit()) => {
+                    let rest = rest.split(" qdisc").next().unwrap_or(rest);
+                    // `eth1@if7:` — the peer's index differs between otherwise equal worlds.
+                    match rest.split_once('@') {
+                        Some((name, tail)) => format!(
+                            "{name}{}",
+                            tail.split_once(':').map(|(_, t)| t).unwrap_or("")
+                        ),
+                        None => rest.to_string(),
+                    }
+                }
+                _ => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
