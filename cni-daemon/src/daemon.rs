@@ -97,7 +97,38 @@ pub struct ResyncSummary {
     pub micros: u64,
 }
 
+/// Enrollment decided outside the static `--ambient-namespace` list: by the Kubernetes watcher
+/// (namespaces labelled `istio.io/dataplane-mode=ambient`, pods annotated
+/// `ambient.istio.io/redirection: disabled`, host-network pods).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Namespaces whose pods are enrolled, on top of the configured ones.
+    pub namespaces: BTreeSet<String>,
+    /// Pods never enrolled: (namespace, name).
+    pub excluded_pods: BTreeSet<(String, String)>,
+}
+
+/// Is a pod enrolled, and why. Pure.
+pub fn decide(cfg: &Config, policy: &Policy, namespace: &str, name: &str, has_ipv4: bool) -> (bool, bool, String) {
+    let ztunnel = namespace == cfg.ztunnel_namespace && name.starts_with(&cfg.ztunnel_name_prefix);
+    if ztunnel {
+        return (false, true, "the node's ztunnel".into());
+    }
+    if !has_ipv4 {
+        return (false, false, "no IPv4 address (host-network pod?)".into());
+    }
+    if policy.excluded_pods.contains(&(namespace.to_string(), name.to_string())) {
+        return (false, false, "pod opted out (redirection disabled or host network)".into());
+    }
+    if cfg.ambient_namespaces.contains(namespace) || policy.namespaces.contains(namespace) {
+        (true, false, format!("namespace {namespace} is ambient"))
+    } else {
+        (false, false, format!("namespace {namespace} is not ambient"))
+    }
+}
+
 struct Inner {
+    policy: Policy,
     reg: Registry,
     store: Option<Store>,
     last_resync: Option<ResyncSummary>,
@@ -151,7 +182,14 @@ impl<D: Dataplane> Daemon<D> {
         Daemon {
             cfg,
             dp,
-            inner: AsyncMutex::new(Inner { reg, store, last_resync: None, zt_applied: None, resyncs: 0 }),
+            inner: AsyncMutex::new(Inner {
+                policy: Policy::default(),
+                reg,
+                store,
+                last_resync: None,
+                zt_applied: None,
+                resyncs: 0,
+            }),
             trace: Mutex::new(VecDeque::with_capacity(1024)),
             ready: AtomicBool::new(false),
         }
@@ -244,15 +282,9 @@ impl<D: Dataplane> Daemon<D> {
                 }
             }
         }
-        let ztunnel = ev.namespace == self.cfg.ztunnel_namespace && ev.name.starts_with(&self.cfg.ztunnel_name_prefix);
-        let (enrolled, reason) = if ztunnel {
-            (false, "the node's ztunnel".to_string())
-        } else if ips.is_empty() {
-            (false, "no IPv4 address (host-network pod?)".to_string())
-        } else if self.cfg.ambient_namespaces.contains(&ev.namespace) {
-            (true, format!("namespace {} is ambient", ev.namespace))
-        } else {
-            (false, format!("namespace {} is not ambient", ev.namespace))
+        let (enrolled, ztunnel, reason) = {
+            let inner = self.inner.lock().await;
+            decide(&self.cfg, &inner.policy, &ev.namespace, &ev.name, !ips.is_empty())
         };
         let mut host_if = (!ev.host_if.is_empty()).then(|| ev.host_if.clone());
         if host_if.is_none() && (enrolled || ztunnel) {
@@ -339,6 +371,45 @@ impl<D: Dataplane> Daemon<D> {
         } else {
             ApplyReport::default()
         }
+    }
+
+    /// Replace the enrollment policy (from the Kubernetes watcher) and re-decide every known pod:
+    /// pods that join or leave are applied like an ADD or DEL of their IPs.
+    pub async fn set_policy(&self, policy: Policy) -> ApplyReport {
+        let mut inner = self.inner.lock().await;
+        if inner.policy == policy {
+            return ApplyReport::default();
+        }
+        inner.policy = policy;
+        let flipped: Vec<PodRecord> = inner
+            .reg
+            .records()
+            .filter_map(|r| {
+                let (enrolled, _, reason) = decide(&self.cfg, &inner.policy, &r.namespace, &r.name, !r.ips.is_empty());
+                (enrolled != r.enrolled && !r.ztunnel).then(|| {
+                    self.event("policy", format!("{} {}: {}", r.display_name(), if enrolled { "joins" } else { "leaves" }, reason));
+                    PodRecord { enrolled, ..r.clone() }
+                })
+            })
+            .collect();
+        let mut ips = BTreeSet::new();
+        for rec in flipped {
+            ips.extend(rec.ips.iter().copied());
+            let key = (rec.container_id.clone(), rec.ifname.clone());
+            inner.reg.upsert(rec);
+            if let Some(r) = inner.reg.find(&key.0, &key.1).cloned() {
+                if let Err(e) = self.persist(&mut inner, Entry::Put { rec: r }) {
+                    warn!(error = %e, "persisting a policy change");
+                }
+            }
+        }
+        if ips.is_empty() {
+            return ApplyReport::default();
+        }
+        let zt = self.live_ztunnel(&inner.reg);
+        let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
+        let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &ips);
+        self.apply_logged(&ops, "kernel").await
     }
 
     /// Is the attachment in the state ADD left it in?

@@ -335,3 +335,26 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
     };
     assert!(reconcile::plan(&a, &have).is_empty());
 }
+
+#[tokio::test]
+async fn policy_changes_enroll_and_release_known_pods() {
+    let mut c = cfg();
+    c.ambient_namespaces.clear();
+    let w = World::new(c).await;
+    w.d.add(ev("a", "shop", "a", "10.244.1.5", "vetha")).await.expect("a");
+    w.d.add(ev("b", "shop", "b", "10.244.1.6", "vethb")).await.expect("b");
+    assert!(w.dp.kernel().ipset.as_ref().is_some_and(|s| s.is_empty()));
+    let mut p = crate::daemon::Policy::default();
+    p.namespaces.insert("shop".into());
+    p.excluded_pods.insert(("shop".into(), "b".into()));
+    assert!(w.d.set_policy(p.clone()).await.ok());
+    let set = w.dp.kernel().ipset.clone().expect("set");
+    assert_eq!(set.keys().copied().collect::<Vec<_>>(), vec![ip("10.244.1.5")]);
+    // A pod added later follows the policy too.
+    w.d.add(ev("c", "shop", "c", "10.244.1.8", "vethc")).await.expect("c");
+    assert!(w.dp.kernel().ipset.as_ref().is_some_and(|s| s.contains_key(&ip("10.244.1.8"))));
+    p.namespaces.clear();
+    assert!(w.d.set_policy(p).await.ok());
+    assert!(w.dp.kernel().ipset.as_ref().is_some_and(|s| s.is_empty()));
+    assert!(w.pending().await.is_empty());
+}
