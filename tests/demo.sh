@@ -49,10 +49,10 @@ in_ns $NODE sysctl -qw net.ipv4.ip_forward=1
 in_ns $NODE sysctl -qw net.ipv4.conf.all.rp_filter=1
 echo "  node eth1 198.51.100.1  <->  remote eth0 198.51.100.2; pods will be 10.244.1.0/24"
 
-bold "2. The node daemon, running inside the node namespace"
+bold "2. Install the plugin (the DaemonSet's installer) and start the node daemon inside the node namespace"
 mkdir -p "$TMP/bin" "$TMP/net.d" "$TMP/cache" "$TMP/ipam"
 for p in ptp host-local loopback; do ln -s /usr/lib/cni/$p "$TMP/bin/$p"; done
-ln -s "$BIN/ambient-cni" "$TMP/bin/ambient-cni"
+# The node's primary CNI config, as kind's kindnet writes it (ptp + host-local).
 cat > "$TMP/net.d/10-demo.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
@@ -61,11 +61,14 @@ cat > "$TMP/net.d/10-demo.conflist" <<JSON
     {"type": "ptp", "ipMasq": false,
      "ipam": {"type": "host-local", "dataDir": "$TMP/ipam",
               "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}]],
-              "routes": [{"dst": "0.0.0.0/0"}]}},
-    {"type": "ambient-cni", "socket": "$TMP/run/cni.sock", "logFile": "$TMP/plugin.log"}
+              "routes": [{"dst": "0.0.0.0/0"}]}}
   ]
 }
 JSON
+echo "  the installer copies the plugin into the CNI bin dir and appends its entry to the primary config:"
+printf '\033[36m$ ambient-cnid install --bin-dir %s --conf-dir %s --socket %s ...\033[0m\n' "$TMP/bin" "$TMP/net.d" "$TMP/run/cni.sock"
+"$BIN/ambient-cnid" install --bin-src "$BIN/ambient-cni" --bin-dir "$TMP/bin" --conf-dir "$TMP/net.d" \
+  --socket "$TMP/run/cni.sock" --plugin-log-file "$TMP/plugin.log" --wait-secs 5 2>&1 | sed 's/^/  /'
 show cat "$TMP/net.d/10-demo.conflist"
 in_ns $NODE "$BIN/ambient-cnid" run --socket "$TMP/run/cni.sock" --state-dir "$TMP/state" \
   --ambient-namespace default --ztunnel-namespace istio-system --resync-interval-ms 2000 \

@@ -99,6 +99,8 @@ pub struct Config {
     pub host_ip: Option<Ipv4Addr>,
     /// Route protocol number of our routes.
     pub route_protocol: u8,
+    /// Where the host's /proc is mounted (in a container): `/proc/…` netns paths are read there.
+    pub host_proc: Option<PathBuf>,
     /// Inbound tunnel: node name, node address, ztunnel-side name, ztunnel address.
     pub inbound: (String, Prefix, String, Prefix),
     /// Outbound tunnel.
@@ -119,6 +121,7 @@ impl Default for Config {
             resync_interval: Duration::from_secs(2),
             host_ip: None,
             route_protocol: DEFAULT_ROUTE_PROTOCOL,
+            host_proc: None,
             inbound: (
                 "istioin".into(),
                 Prefix { addr: Ipv4Addr::new(192, 168, 126, 1), len: 30 },

@@ -256,7 +256,11 @@ impl<D: Dataplane> Daemon<D> {
     }
 
     /// A pod's sandbox is up: record it and, if enrolled, redirect it.
-    pub async fn add(&self, ev: PodEvent) -> Result<AddOutcome, RequestError> {
+    pub async fn add(&self, mut ev: PodEvent) -> Result<AddOutcome, RequestError> {
+        if let (Some(host_proc), Some(rest)) = (&self.cfg.host_proc, ev.netns.strip_prefix("/proc/")) {
+            // In a container, the runtime's `/proc/<pid>/ns/net` is the host's /proc.
+            ev.netns = host_proc.join(rest).to_string_lossy().into_owned();
+        }
         if !valid_container_id(&ev.container_id) {
             return Err(RequestError::Invalid(format!("invalid container ID {:?}", ev.container_id)));
         }

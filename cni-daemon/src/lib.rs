@@ -9,6 +9,7 @@ pub mod admin;
 pub mod cleanup;
 pub mod config;
 pub mod daemon;
+pub mod install_cmd;
 pub mod dataplane;
 pub mod model;
 pub mod reconcile;

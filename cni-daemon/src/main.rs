@@ -12,7 +12,7 @@ use ambient_cni_daemon::daemon::Daemon;
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::model::TunnelMode;
 use ambient_cni_daemon::store::Store;
-use ambient_cni_daemon::{admin, cleanup, server};
+use ambient_cni_daemon::{admin, cleanup, install_cmd, server};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
@@ -36,6 +36,11 @@ enum Cmd {
     Trace(TraceArgs),
     /// Dump registry, desired state, kernel read-back and pending changes as JSON.
     Dump(ClientArgs),
+    /// Copy the plugin into the CNI bin dir and append it to the node's CNI config (atomic,
+    /// idempotent); `--watch` keeps it there, `--check` is the readiness probe.
+    Install(install_cmd::InstallCmd),
+    /// Remove our entry from the node's CNI config (and the binary with --remove-binary).
+    Uninstall(install_cmd::UninstallCmd),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,18 +74,22 @@ struct RunArgs {
     /// Where the pod registry is kept (snapshot + journal).
     #[arg(long, default_value = "/run/ambient-cni/state")]
     state_dir: PathBuf,
-    /// Enroll pods of this namespace (repeatable).
-    #[arg(long = "ambient-namespace")]
+    /// Enroll pods of this namespace (repeatable, or comma-separated in the env variable).
+    #[arg(long = "ambient-namespace", env = "AMBIENT_CNI_AMBIENT_NAMESPACES", value_delimiter = ',')]
     ambient_namespaces: Vec<String>,
     /// A JSON file with more settings: {"ambientNamespaces": [...]}.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Namespace of the ztunnel pods.
-    #[arg(long, default_value = "istio-system")]
+    #[arg(long, default_value = "istio-system", env = "AMBIENT_CNI_ZTUNNEL_NAMESPACE")]
     ztunnel_namespace: String,
     /// A pod there whose name starts with this is the node's ztunnel.
-    #[arg(long, default_value = "ztunnel")]
+    #[arg(long, default_value = "ztunnel", env = "AMBIENT_CNI_ZTUNNEL_NAME_PREFIX")]
     ztunnel_name_prefix: String,
+    /// Where the host's /proc is mounted when the daemon runs in a container: pod netns paths
+    /// `/proc/<pid>/ns/net` from the runtime are read under it.
+    #[arg(long, env = "AMBIENT_CNI_HOST_PROC")]
+    host_proc: Option<PathBuf>,
     /// How the tunnels into ztunnel are built.
     #[arg(long, value_enum, default_value = "veth")]
     tunnel_mode: Mode,
@@ -168,7 +177,8 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
 }
 
 fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
-    let mut namespaces: BTreeSet<String> = a.ambient_namespaces.iter().cloned().collect();
+    let mut namespaces: BTreeSet<String> =
+        a.ambient_namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
     if let Some(p) = &a.config {
         let body = std::fs::read(p).with_context(|| format!("reading --config {}", p.display()))?;
         let fc: FileConfig = serde_json::from_slice(&body).with_context(|| format!("parsing --config {}", p.display()))?;
@@ -195,6 +205,7 @@ fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
         resync_interval: Duration::from_millis(a.resync_interval_ms),
         host_ip: a.host_ip,
         route_protocol: a.kernel.route_protocol,
+        host_proc: a.host_proc.clone(),
         ..Config::default()
     })
 }
@@ -265,15 +276,29 @@ async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ambient-cnid: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match cli.cmd {
+        // The installer is synchronous: no runtime.
+        Cmd::Install(c) => init_logs("info").and_then(|()| install_cmd::run_install(c)),
+        Cmd::Uninstall(c) => init_logs("info").and_then(|()| install_cmd::run_uninstall(c)),
+        cmd => run_async(cmd),
     };
-    let result = rt.block_on(async move {
-        match cli.cmd {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ambient-cnid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(cmd: Cmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        match cmd {
             Cmd::Run(a) => {
                 init_logs(&a.log_level)?;
                 run(a).await
@@ -285,13 +310,7 @@ fn main() -> ExitCode {
             Cmd::Status(c) => admin::status(&c.socket, c.json).await,
             Cmd::Trace(t) => admin::trace(&t.client.socket, &t.filter, t.limit, t.follow, t.client.json).await,
             Cmd::Dump(c) => admin::dump(&c.socket).await,
+            Cmd::Install(_) | Cmd::Uninstall(_) => anyhow::bail!("internal: the installer runs without a runtime"),
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ambient-cnid: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -9,7 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{ambient_entry, workspace_bin, CniEnv, Daemon, Output, TestNet};
+use std::process::Command;
+
+use crate::{run_cmd, workspace_bin, CniEnv, Daemon, Output, TestNet};
+
+/// Our conflist entry as the installer writes it for these settings.
+fn ambient_entry_of(socket: &std::path::Path, log: &std::path::Path) -> Value {
+    json!({"type": "ambient-cni", "socket": socket, "logFile": log, "logLevel": "debug"})
+}
 
 /// Node side of the node↔remote link.
 pub const NODE_IP: &str = "198.51.100.1";
@@ -101,7 +108,9 @@ impl World {
         };
         w.start_daemon()?;
         let d = w.daemon()?;
-        let conflist = json!({
+        // The node's primary config (ptp + host-local, as kind's kindnet), then our installer
+        // appends our entry and copies the plugin, as the DaemonSet does.
+        let primary = json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
             "plugins": [
@@ -109,10 +118,33 @@ impl World {
                  "ipam": {"type": "host-local", "dataDir": w.cni.ipam_dir(),
                           "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GW}]],
                           "routes": [{"dst": "0.0.0.0/0"}]}},
-                ambient_entry(d.socket(), &w.cni.plugin_log(), 5000),
             ]
         });
-        w.cni.write_conflist(&conflist)?;
+        let conf = w.cni.write_conflist(&primary)?;
+        let out = run_cmd(
+            Command::new(workspace_bin("ambient-cnid")?)
+                .arg("install")
+                .arg("--bin-src")
+                .arg(workspace_bin("ambient-cni")?)
+                .arg("--bin-dir")
+                .arg(w.cni.bin_dir())
+                .arg("--conf-dir")
+                .arg(w.cni.conf_dir())
+                .arg("--socket")
+                .arg(d.socket())
+                .arg("--plugin-log-file")
+                .arg(w.cni.plugin_log())
+                .args(["--plugin-log-level", "debug", "--wait-secs", "5"]),
+            None,
+            Duration::from_secs(30),
+        );
+        if !out.success() {
+            bail!("ambient-cnid install: {out}");
+        }
+        let patched: Value = serde_json::from_slice(&std::fs::read(&conf)?)?;
+        if patched["plugins"][1] != ambient_entry_of(d.socket(), &w.cni.plugin_log()) {
+            bail!("the installer wrote an unexpected entry: {patched:#}");
+        }
         w.spawn("remote", &["echo", "8080", "remote"])?;
         Ok(w)
     }
