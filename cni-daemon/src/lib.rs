@@ -10,6 +10,8 @@ pub mod cleanup;
 pub mod config;
 pub mod daemon;
 pub mod install_cmd;
+#[cfg(feature = "kube")]
+pub mod k8s;
 pub mod dataplane;
 pub mod model;
 pub mod reconcile;
