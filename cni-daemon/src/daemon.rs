@@ -167,6 +167,25 @@ pub fn valid_container_id(s: &str) -> bool {
         && s.len() <= 1024
 }
 
+/// Drops from `have` every rule at our priorities that is not one of ours, so that no plan ever
+/// deletes it. The dataplane lists rules by priority and selector shape only (it does not look at
+/// the protocol number our rules carry), so another agent's `fwmark 0x800/0x800 lookup 200` at
+/// priority 101 read back as "ours, unwanted" and every resync deleted it. The rules we make are
+/// the same for every pod (a pure function of the config), so a rule at our priorities that is
+/// not in `want` was made by someone else and stays.
+fn keep_foreign_rules(want: &reconcile::Desired, have: &mut reconcile::Observed) {
+    have.node.rules.retain(|r| want.node.rules.contains(r));
+    if let (Some((_, zwant)), Some(zhave)) = (&want.zt, have.zt.as_mut()) {
+        zhave.rules.retain(|r| zwant.rules.contains(r));
+    }
+}
+
+/// A pod UID (the ipset comment, ≤ 255 bytes in the kernel) or name/namespace from CNI_ARGS:
+/// 1–253 bytes of `[A-Za-z0-9._-]` (Kubernetes UIDs, names and namespaces all fit).
+pub fn valid_k8s_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
 fn parse_v4(cidr: &str) -> Result<Option<Ipv4Addr>, String> {
     let addr = cidr.split('/').next().unwrap_or(cidr);
     match addr.parse::<std::net::IpAddr>() {
@@ -266,6 +285,14 @@ impl<D: Dataplane> Daemon<D> {
         }
         if !valid_ifname(&ev.ifname) {
             return Err(RequestError::Invalid(format!("invalid interface name {:?}", ev.ifname)));
+        }
+        for (what, v) in [("pod namespace", &ev.namespace), ("pod name", &ev.name)] {
+            if !valid_k8s_token(v) {
+                return Err(RequestError::Invalid(format!("invalid {what} {v:?}")));
+            }
+        }
+        if !ev.uid.is_empty() && !valid_k8s_token(&ev.uid) {
+            return Err(RequestError::Invalid(format!("invalid pod UID {:?}", ev.uid)));
         }
         if !ev.host_if.is_empty() && !valid_ifname(&ev.host_if) {
             return Err(RequestError::Invalid(format!("invalid host interface name {:?}", ev.host_if)));
@@ -503,7 +530,8 @@ impl<D: Dataplane> Daemon<D> {
         }
         let want = desired(&self.cfg, &inner.reg, zt.as_ref());
         let report = match reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await {
-            Ok(have) => {
+            Ok(mut have) => {
+                keep_foreign_rules(&want, &mut have);
                 let ops = reconcile::plan(&want, &have);
                 if ops.is_empty() {
                     debug!("reconcile: kernel matches");
@@ -561,7 +589,10 @@ impl<D: Dataplane> Daemon<D> {
         let inner = self.inner.lock().await;
         let zt = self.live_ztunnel(&inner.reg);
         let want = desired(&self.cfg, &inner.reg, zt.as_ref());
-        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await;
+        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await.map(|mut h| {
+            keep_foreign_rules(&want, &mut h);
+            h
+        });
         let pending: Vec<String> = match &have {
             Ok(h) => reconcile::plan(&want, h).iter().map(|o| o.to_string()).collect(),
             Err(_) => vec![],
@@ -611,3 +642,27 @@ pub struct StatusView {
 #[cfg(test)]
 #[path = "daemon_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod foreign_rule_tests {
+    use std::sync::Arc;
+
+    use super::Daemon;
+    use crate::config::Config;
+    use crate::dataplane::fake::FakeDataplane;
+    use crate::model::{Ns, Rule, RuleAction};
+    use crate::registry::Registry;
+
+    #[tokio::test]
+    async fn a_foreign_rule_at_our_priority_survives_resyncs() {
+        let dp = Arc::new(FakeDataplane::new());
+        let d = Daemon::new(Arc::new(Config::default()), dp.clone(), None, Registry::default());
+        assert!(d.resync().await.ok());
+        let foreign = Rule { priority: 101, fwmark: Some((0x800, 0x800)), action: RuleAction::Lookup(200) };
+        dp.kernel().ns.get_mut(&Ns::Node).expect("node ns").rules.insert(foreign);
+        let r = d.resync().await;
+        assert!(r.ok() && r.applied.is_empty(), "{:?}", r.applied);
+        assert!(dp.kernel().ns[&Ns::Node].rules.contains(&foreign));
+        assert_eq!(d.dump().await["pending"], serde_json::json!([]));
+    }
+}

@@ -250,6 +250,14 @@ async fn invalid_names_are_rejected_before_use() {
         e.container_id = bad.into();
         assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))), "{bad:?}");
     }
+    for (ns, name, uid) in [("de fault", "a", "u"), ("default", "a\nb", "u"), ("default", "a", "\"quoted\"")] {
+        let mut e = ev("a", ns, name, "10.244.1.5", "vetha");
+        e.uid = uid.into();
+        assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))), "{ns:?} {name:?} {uid:?}");
+    }
+    let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
+    e.uid = "x".repeat(300);
+    assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))));
     let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
     e.host_if = "veth/../../x".into();
     assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))));

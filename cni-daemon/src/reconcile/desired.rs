@@ -97,7 +97,9 @@ fn zt_link_route(table: u32, zt: &Ztunnel) -> Route {
 pub fn pod_routes(cfg: &Config, rec: &PodRecord, ip: Ipv4Addr, zt: Option<&Ztunnel>) -> Vec<Route> {
     let mut out = Vec::new();
     if zt.is_some() {
-        let src = rec.gateway.or_else(|| host_ip(cfg, zt));
+        // An explicit --host-ip wins: with CNIs whose gateway is not a node address (Calico's
+        // 169.254.1.1) the pod's gateway cannot be a route's preferred source.
+        let src = cfg.host_ip.or(rec.gateway).or_else(|| host_ip(cfg, zt));
         out.push(Route {
             dev: Some(cfg.inbound.0.clone()),
             via: Some(cfg.inbound_gw()),

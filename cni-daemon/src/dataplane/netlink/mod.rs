@@ -26,10 +26,7 @@ use crate::model::{
 pub use iptables::IptablesBackend;
 use netns::NsWorker;
 
-/// Route protocol number that marks our routes (`ip route ... proto 212`).
-pub const DEFAULT_ROUTE_PROTOCOL: u8 = 212;
-/// The seed's set of enrolled pod IPs.
-pub const DEFAULT_IPSET_NAME: &str = "ztunnel-pods-ips";
+use crate::config::{DEFAULT_ROUTE_PROTOCOL, IPSET_NAME};
 
 /// How [`RealDataplane`] is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,7 +49,7 @@ impl Default for RealConfig {
             node_netns: None,
             route_protocol: DEFAULT_ROUTE_PROTOCOL,
             iptables_backend: IptablesBackend::Auto,
-            ipset_name: DEFAULT_IPSET_NAME.to_string(),
+            ipset_name: IPSET_NAME.to_string(),
         }
     }
 }
