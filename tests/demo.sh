@@ -123,6 +123,8 @@ show in_ns $NODE ipset list ztunnel-pods-ips
 show in_ns $NODE ip rule
 for t in 100 101 102; do show in_ns $NODE ip route show table $t; done
 show in_ns $NODE iptables-save -t mangle
+show in_ns $NODE iptables-save -t nat
+show in_ns $NODE iptables-save -t filter
 show in_ns $ZT iptables-save -t mangle
 show in_ns $ZT ip rule
 show in_ns $ZT ip route show table 100
