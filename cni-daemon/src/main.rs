@@ -107,6 +107,16 @@ struct RunArgs {
     host_ip: Option<Ipv4Addr>,
     #[command(flatten)]
     kernel: KernelArgs,
+    /// Also enroll from the Kubernetes API: namespaces labelled istio.io/dataplane-mode=ambient,
+    /// minus pods annotated ambient.istio.io/redirection=disabled and host-network pods.
+    #[arg(long, env = "AMBIENT_CNI_KUBE")]
+    kube: bool,
+    /// This node's name (the pod watch is limited to it).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A kubeconfig (default: the pod's service account, else KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "AMBIENT_CNI_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or ambient_cni_daemon=debug.
     #[arg(long, default_value = "info", env = "AMBIENT_CNI_LOG")]
     log_level: String,
@@ -224,6 +234,7 @@ async fn shutdown_signal() {
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(config_from(&a)?);
+    let kube = prepare_kube(&a).await?;
     let dp = Arc::new(open_dataplane(&a.kernel)?);
     let (store, reg, discarded) = Store::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
     if discarded {
@@ -236,6 +247,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if !first.ok() {
         error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
     }
+    start_kube_watcher(kube, &daemon);
     let listener = server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "serving");
     let resync = {
@@ -256,6 +268,51 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     info!("stopped; kernel state left in place (pods stay captured)");
     served.context("serving the socket")
 }
+
+/// The enrollment watcher's settings and client, made before the daemon touches the kernel so
+/// that bad settings stop start-up with nothing changed.
+#[cfg(feature = "kube")]
+type KubeWatch = Option<(kube::Client, ambient_cni_daemon::k8s::WatchConfig)>;
+#[cfg(not(feature = "kube"))]
+type KubeWatch = Option<std::convert::Infallible>;
+
+#[cfg(feature = "kube")]
+async fn prepare_kube(a: &RunArgs) -> anyhow::Result<KubeWatch> {
+    use ambient_cni_daemon::k8s;
+    if !a.kube {
+        return Ok(None);
+    }
+    let mut wc = k8s::WatchConfig::new(a.node_name.clone().unwrap_or_default());
+    wc.kubeconfig = a.kubeconfig.clone();
+    wc.validate().context("--kube settings")?;
+    let client = k8s::client(&wc).await.context("Kubernetes client")?;
+    Ok(Some((client, wc)))
+}
+
+#[cfg(not(feature = "kube"))]
+async fn prepare_kube(a: &RunArgs) -> anyhow::Result<KubeWatch> {
+    if a.kube {
+        anyhow::bail!("--kube: this ambient-cnid was built without the `kube` feature");
+    }
+    Ok(None)
+}
+
+/// With `--kube`, the watcher feeds the daemon's enrollment policy (never before the first
+/// complete list of namespaces and pods; until then the restored enrollment stands).
+#[cfg(feature = "kube")]
+fn start_kube_watcher(watch: KubeWatch, daemon: &Arc<Daemon<RealDataplane>>) {
+    let Some((client, wc)) = watch else { return };
+    let d = daemon.clone();
+    tokio::spawn(async move {
+        // It runs for the life of the daemon; it only returns on bad settings.
+        let Err(e) = ambient_cni_daemon::k8s::run(d, client, wc).await;
+        error!(error = %e, "enrollment watcher stopped");
+    });
+    info!("enrollment watcher started");
+}
+
+#[cfg(not(feature = "kube"))]
+fn start_kube_watcher(_watch: KubeWatch, _daemon: &Arc<Daemon<RealDataplane>>) {}
 
 async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
     let cfg = Config { route_protocol: a.kernel.route_protocol, ..Config::default() };
