@@ -1066,3 +1066,4 @@ mod tests {
     }
 }
 pub mod world;
+pub mod fault;
