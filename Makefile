@@ -42,3 +42,12 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Benchmarks (root; namespaces of its own only, state dir on tmpfs): plugin ADD/DEL latency at 10 to
+# 10,000 pods next to a static-binary floor and a shell-plugin baseline from the same run,
+# throughput, reconcile and daemon memory. Prints one table and writes it, with the machine, to
+# bench/RESULTS.md. A few minutes at most; BENCH_ARGS=--quick for a 1,000-pod run.
+BENCH_ARGS ?=
+bench: deps build
+	@mkdir -p bench
+	AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release target/release/acni-bench --results bench/RESULTS.md $(BENCH_ARGS)

@@ -20,7 +20,8 @@ pub async fn connect(socket: &Path) -> anyhow::Result<CniNodeClient<Channel>> {
         }))
         .await
         .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
-    Ok(CniNodeClient::new(ch))
+    // `dump` of a full node is large (~18 MB of JSON at 10,000 pods): no 4 MB default cap.
+    Ok(CniNodeClient::new(ch).max_decoding_message_size(usize::MAX))
 }
 
 /// `ambient-cnid status`: fails when the daemon is not ready.

@@ -19,6 +19,26 @@ use crate::reconcile::{self, desired, ApplyReport, Op, Ztunnel};
 use crate::registry::{PodRecord, Registry, Upsert};
 use crate::store::{Entry, Store};
 
+/// Operations (and errors) of one apply that are logged one by one; the rest are counted.
+const LOG_EACH: usize = 32;
+
+/// "N more: 9990 ipset add, 9990 route replace" for what was not logged one by one (kinds are
+/// the first two words of each line), or None when nothing is left.
+fn summary<'a>(rest: impl Iterator<Item = &'a String>) -> Option<String> {
+    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut n = 0;
+    for line in rest {
+        n += 1;
+        let kind: Vec<&str> = line.split_whitespace().take(2).collect();
+        *kinds.entry(kind.join(" ")).or_default() += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    let parts: Vec<String> = kinds.iter().map(|(k, c)| format!("{c} {k}")).collect();
+    Some(format!("{n} more: {}", parts.join(", ")))
+}
+
 /// How many trace events are kept.
 const TRACE_EVENTS: usize = 8192;
 
@@ -263,13 +283,24 @@ impl<D: Dataplane> Daemon<D> {
 
     async fn apply_logged(&self, ops: &[Op], kind: &str) -> ApplyReport {
         let report = reconcile::apply(&*self.dp, ops).await;
-        for a in &report.applied {
+        // Each operation is logged and traced, up to a point: a restore of 10,000 pods is 20,000
+        // operations, and a line and an event each would flood the log and push everything else
+        // out of the trace ring. Beyond LOG_EACH, one line says how many more, of which kinds.
+        for a in report.applied.iter().take(LOG_EACH) {
             info!(op = %a, "{kind}");
             self.event(kind, a.clone());
         }
-        for e in &report.errors {
+        if let Some(more) = summary(report.applied.iter().skip(LOG_EACH)) {
+            info!(more = %more, "{kind}");
+            self.event(kind, more);
+        }
+        for e in report.errors.iter().take(LOG_EACH) {
             warn!(error = %e, "{kind} failed");
             self.event("error", e.clone());
+        }
+        if let Some(more) = summary(report.errors.iter().skip(LOG_EACH)) {
+            warn!(more = %more, "{kind} failed");
+            self.event("error", more);
         }
         report
     }

@@ -1,20 +1,10 @@
-//! The gRPC client: one connection to the daemon's unix socket, one call, one deadline.
+//! The daemon client: one connection to its unix socket, one gRPC call, one deadline.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use ambient_cni_proto::v1::cni_node_client::CniNodeClient;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::Code;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::error::{CniError, DAEMON_INTERNAL, DAEMON_REFUSED, TRY_AGAIN};
-
-/// A connected client, plus the socket path for messages.
-pub struct Daemon {
-    client: CniNodeClient<Channel>,
-    socket: PathBuf,
-}
+use crate::h2::{self, CallError, Code, Status};
 
 /// "daemon unreachable" (code 11), naming the socket.
 pub fn unreachable(socket: &Path, details: impl Into<String>) -> CniError {
@@ -45,13 +35,13 @@ pub fn deadline(socket: &Path, timeout: Duration) -> CniError {
 /// - 101: Internal / DataLoss: the daemon accepted the pod but failed to program the kernel.
 /// - 100: every other status: the daemon refused (InvalidArgument, FailedPrecondition,
 ///   PermissionDenied, NotFound for a missing attachment, Unimplemented for an old daemon, ...).
-pub fn status_to_cni(status: &tonic::Status, socket: &Path, what: &str) -> CniError {
-    let details = if status.message().is_empty() {
-        format!("{:?}", status.code())
+pub fn status_to_cni(status: &Status, socket: &Path, what: &str) -> CniError {
+    let details = if status.message.is_empty() {
+        format!("{:?}", status.code)
     } else {
-        format!("{:?}: {}", status.code(), status.message())
+        format!("{:?}: {}", status.code, status.message)
     };
-    match status.code() {
+    match status.code {
         Code::DeadlineExceeded => CniError::new(
             TRY_AGAIN,
             format!(
@@ -82,54 +72,49 @@ pub fn status_to_cni(status: &tonic::Status, socket: &Path, what: &str) -> CniEr
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // tonic's transport error already prints its source; do not repeat it.
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-impl Daemon {
-    /// Dials the socket. No timeouts here: the caller wraps connect + call in one
-    /// `tokio::time::timeout` (a second, inner timer would race it and blur the message), and
-    /// tells the daemon the remaining time per request (grpc-timeout).
-    pub async fn connect(socket: &Path) -> Result<Daemon, CniError> {
-        // The URI is a placeholder: the connector below ignores it and dials the socket.
-        let endpoint = Endpoint::try_from("http://[::]:50051")
-            .map_err(|e| unreachable(socket, source_chain(&e)))?;
-        let path = socket.to_path_buf();
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+/// Connects and makes one call of `method` (`PodAdd`, `PodDel`, ...), all within `timeout`. The
+/// daemon learns how much of the deadline is left (`grpc-timeout`). `what` completes "could not
+/// ..." in messages.
+pub fn call<Req, Resp>(
+    socket: &Path,
+    timeout: Duration,
+    method: &str,
+    what: &str,
+    req: &Req,
+) -> Result<Resp, CniError>
+where
+    Req: prost::Message,
+    Resp: prost::Message + Default,
+{
+    let start = Instant::now();
+    let deadline_at = start + timeout;
+    let path = format!("/ambientcni.v1.CniNode/{method}");
+    let body = req.encode_to_vec();
+    let left = timeout.saturating_sub(start.elapsed());
+    match h2::unary(socket, &path, &body, left, deadline_at) {
+        Ok(bytes) => Resp::decode(bytes.as_slice()).map_err(|e| {
+            CniError::new(
+                TRY_AGAIN,
+                format!(
+                    "ambient-cnid at {} sent an unreadable answer",
+                    socket.display()
+                ),
+                e.to_string(),
+            )
+        }),
+        Err(CallError::Connect(e)) => Err(unreachable(socket, e.to_string())),
+        Err(CallError::Deadline) => Err(deadline(socket, timeout)),
+        Err(CallError::Status(s)) => {
+            // The daemon enforces the grpc-timeout we sent: when it gives up, that is our
+            // deadline, say so.
+            let expired = start.elapsed() + Duration::from_millis(20) >= timeout;
+            match s.code {
+                Code::Cancelled | Code::DeadlineExceeded if expired => {
+                    Err(deadline(socket, timeout))
                 }
-            }))
-            .await
-            .map_err(|e| unreachable(socket, source_chain(&e)))?;
-        Ok(Daemon {
-            client: CniNodeClient::new(channel),
-            socket: socket.to_path_buf(),
-        })
-    }
-
-    /// The socket this client dialled.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// The generated client, for one call.
-    pub fn into_client(self) -> CniNodeClient<Channel> {
-        self.client
+                _ => Err(status_to_cni(&s, socket, what)),
+            }
+        }
     }
 }
 
@@ -140,7 +125,7 @@ mod tests {
     #[test]
     fn status_codes_map_to_cni_codes() {
         let s = Path::new("/run/x.sock");
-        let code = |c: Code| status_to_cni(&tonic::Status::new(c, "m"), s, "enroll the pod").code;
+        let code = |c: Code| status_to_cni(&Status::new(c, "m"), s, "enroll the pod").code;
         assert_eq!(code(Code::Unavailable), TRY_AGAIN);
         assert_eq!(code(Code::DeadlineExceeded), TRY_AGAIN);
         assert_eq!(code(Code::Internal), DAEMON_INTERNAL);
@@ -149,7 +134,7 @@ mod tests {
         assert_eq!(code(Code::PermissionDenied), DAEMON_REFUSED);
         assert_eq!(code(Code::NotFound), DAEMON_REFUSED);
         let e = status_to_cni(
-            &tonic::Status::internal("ipset add failed"),
+            &Status::new(Code::Internal, "ipset add failed"),
             s,
             "enroll the pod",
         );
@@ -161,5 +146,22 @@ mod tests {
         let e = unreachable(Path::new("/run/ambient-cni/cni.sock"), "No such file");
         assert_eq!(e.code, TRY_AGAIN);
         assert!(e.msg.contains("/run/ambient-cni/cni.sock"));
+    }
+
+    #[test]
+    fn missing_socket_is_unreachable_with_the_os_error() {
+        let dir = std::env::temp_dir().join(format!("acni-client-{}", std::process::id()));
+        let sock = dir.join("absent.sock");
+        let r = call::<_, ambient_cni_proto::v1::StatusReply>(
+            &sock,
+            Duration::from_millis(500),
+            "Status",
+            "report status",
+            &ambient_cni_proto::v1::StatusRequest {},
+        );
+        let e = r.expect_err("no socket");
+        assert_eq!(e.code, TRY_AGAIN);
+        assert!(e.msg.contains("absent.sock"), "{e}");
+        assert!(e.details.contains("No such file or directory"), "{e}");
     }
 }

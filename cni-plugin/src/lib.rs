@@ -14,26 +14,21 @@ pub mod client;
 pub mod cni;
 pub mod config;
 pub mod error;
+pub mod h2;
 pub mod logging;
 
-use std::future::Future;
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
 use std::time::Duration;
 
-use ambient_cni_proto::v1::cni_node_client::CniNodeClient;
-use ambient_cni_proto::v1::StatusRequest;
+use ambient_cni_proto::v1::{
+    GcReply, PodAddReply, PodCheckReply, PodDelReply, StatusReply, StatusRequest,
+};
 use serde_json::Value;
-use tonic::transport::Channel;
-use tracing::{error, info, warn};
 
-use crate::client::{deadline, status_to_cni, Daemon};
 use crate::cni::Plan;
 use crate::config::{MAX_STDIN, SUPPORTED_VERSIONS};
-use crate::error::{
-    CniError, DAEMON_REFUSED, FALLBACK_VERSION, NOT_AVAILABLE, PLUGIN_BUG, TRY_AGAIN,
-};
+use crate::error::{CniError, DAEMON_REFUSED, FALLBACK_VERSION, NOT_AVAILABLE, PLUGIN_BUG};
 
 /// DEL gives up on the daemon after at most this long (then logs; the daemon reconciles).
 pub const DEL_TIMEOUT_CAP: Duration = Duration::from_secs(3);
@@ -45,7 +40,7 @@ pub const STATUS_TIMEOUT_CAP: Duration = Duration::from_secs(1);
 pub struct Outcome {
     /// Exactly one JSON document (with a trailing newline), or nothing.
     pub stdout: Option<String>,
-    /// Text for stderr (only the about text; logs go through tracing).
+    /// Text for stderr (only the about text; logs go through [`logging`]).
     pub stderr: Option<String>,
     /// 0 on success, 1 on a CNI error.
     pub exit: u8,
@@ -118,11 +113,11 @@ pub fn run(
                 None => (None, config::LogLevel::Info),
             };
             if let Some(w) = logging::init(file, level) {
-                warn!("{w}");
+                plog!(Warn, "{w}");
             }
         }
         if let Some(w) = &read_warning {
-            warn!("{w}");
+            plog!(Warn, "{w}");
         }
         let version = inv.error_version.clone();
         (execute(inv), version)
@@ -130,7 +125,7 @@ pub fn run(
     match handled {
         Ok((Ok(out), _)) => out,
         Ok((Err(e), version)) => {
-            error!(code = e.code, details = %e.details, "{}", e.msg);
+            plog!(Error, "{} code={} details={}", e.msg, e.code, e.details);
             Outcome::error(&e, &version)
         }
         Err(panic) => {
@@ -147,63 +142,6 @@ pub fn run(
             Outcome::error(&e, FALLBACK_VERSION)
         }
     }
-}
-
-fn block_on<F: Future>(f: F) -> Result<F::Output, CniError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| {
-            CniError::new(
-                TRY_AGAIN,
-                "cannot start the plugin's I/O runtime",
-                e.to_string(),
-            )
-        })?;
-    Ok(rt.block_on(f))
-}
-
-/// Connects and makes one call, all under one deadline.
-async fn call<T, Fut>(
-    socket: &Path,
-    timeout: Duration,
-    what: &str,
-    f: impl FnOnce(CniNodeClient<Channel>, Duration) -> Fut,
-) -> Result<T, CniError>
-where
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let start = tokio::time::Instant::now();
-    let attempt = async {
-        let client = Daemon::connect(socket).await?.into_client();
-        // The daemon learns how much of the deadline is left (grpc-timeout).
-        let left = timeout.saturating_sub(start.elapsed());
-        f(client, left)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| {
-                // tonic enforces the request's grpc-timeout on the client side too and reports
-                // it as Cancelled("Timeout expired"): that is our deadline, say so.
-                let expired = start.elapsed() + Duration::from_millis(20) >= timeout;
-                match s.code() {
-                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded if expired => {
-                        deadline(socket, timeout)
-                    }
-                    _ => status_to_cni(&s, socket, what),
-                }
-            })
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(deadline(socket, timeout)),
-    }
-}
-
-fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(timeout);
-    r
 }
 
 fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
@@ -225,106 +163,94 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
         }),
         Plan::Print { doc, note } => {
             if !note.is_empty() {
-                info!(verb = ?inv.verb, "{note}");
+                plog!(Info, "{note} verb={:?}", inv.verb);
             }
             Ok(Outcome::json(&doc, 0))
         }
         Plan::Succeed { note } => {
-            info!(verb = ?inv.verb, "{note}");
+            plog!(Info, "{note} verb={:?}", inv.verb);
             Ok(Outcome::success())
         }
         Plan::Add { req, result } => {
-            let (cid, ns, name) = (
-                req.container_id.clone(),
-                req.pod_namespace.clone(),
-                req.pod_name.clone(),
-            );
-            let timeout = conf.timeout;
-            let reply = block_on(call(
-                socket,
-                timeout,
-                "enroll the pod",
-                |mut c, left| async move { c.pod_add(request(req, left)).await },
-            ))??;
-            info!(
-                container_id = %cid,
-                pod = %format!("{ns}/{name}"),
-                enrolled = reply.enrolled,
-                ztunnel = reply.ztunnel,
-                reason = %reply.reason,
-                "ADD done"
+            let reply: PodAddReply =
+                client::call(socket, conf.timeout, "PodAdd", "enroll the pod", &req)?;
+            plog!(
+                Info,
+                "ADD done container_id={} pod={}/{} enrolled={} ztunnel={} reason={}",
+                req.container_id,
+                req.pod_namespace,
+                req.pod_name,
+                reply.enrolled,
+                reply.ztunnel,
+                reply.reason
             );
             Ok(Outcome::json(&result, 0))
         }
         Plan::Del { req, warnings } => {
             for w in &warnings {
-                warn!(container_id = %req.container_id, "DEL: {w}");
+                plog!(Warn, "DEL: {w} container_id={}", req.container_id);
             }
-            let cid = req.container_id.clone();
-            let ifname = req.ifname.clone();
             let timeout = conf.timeout.min(DEL_TIMEOUT_CAP);
-            let res = block_on(call(
-                socket,
-                timeout,
-                "remove the pod",
-                |mut c, left| async move { c.pod_del(request(req, left)).await },
-            ))
-            .and_then(|r| r);
+            let res: Result<PodDelReply, CniError> =
+                client::call(socket, timeout, "PodDel", "remove the pod", &req);
             match res {
-                Ok(reply) => {
-                    info!(container_id = %cid, ifname = %ifname, removed = reply.removed, "DEL done")
-                }
+                Ok(reply) => plog!(
+                    Info,
+                    "DEL done container_id={} ifname={} removed={}",
+                    req.container_id,
+                    req.ifname,
+                    reply.removed
+                ),
                 // DEL must succeed (spec; and containerd turns a DEL error into a pod stuck
                 // Terminating). The daemon sweeps attachments whose netns is gone on reconcile.
-                Err(e) => warn!(
-                    container_id = %cid,
-                    ifname = %ifname,
-                    code = e.code,
-                    details = %e.details,
-                    "DEL not confirmed by ambient-cnid, returning success anyway: {}",
-                    e.msg
+                Err(e) => plog!(
+                    Warn,
+                    "DEL not confirmed by ambient-cnid, returning success anyway: {} container_id={} ifname={} code={} details={}",
+                    e.msg,
+                    req.container_id,
+                    req.ifname,
+                    e.code,
+                    e.details
                 ),
             }
             Ok(Outcome::success())
         }
         Plan::Check { req } => {
-            let cid = req.container_id.clone();
-            let timeout = conf.timeout;
-            let reply = block_on(call(
-                socket,
-                timeout,
-                "check the pod",
-                |mut c, left| async move { c.pod_check(request(req, left)).await },
-            ))?
-            .map_err(|mut e| {
-                if e.code == DAEMON_REFUSED {
-                    e.msg = "pod not enrolled as ADD left it".into();
-                }
-                e
-            })?;
-            info!(container_id = %cid, enrolled = reply.enrolled, detail = %reply.detail, "CHECK ok");
+            let reply: PodCheckReply =
+                client::call(socket, conf.timeout, "PodCheck", "check the pod", &req).map_err(
+                    |mut e| {
+                        if e.code == DAEMON_REFUSED {
+                            e.msg = "pod not enrolled as ADD left it".into();
+                        }
+                        e
+                    },
+                )?;
+            plog!(
+                Info,
+                "CHECK ok container_id={} enrolled={} detail={}",
+                req.container_id,
+                reply.enrolled,
+                reply.detail
+            );
             Ok(Outcome::success())
         }
         Plan::Gc { req } => {
-            let timeout = conf.timeout;
             let (n, has) = (req.valid.len(), req.has_valid_list);
             if !has {
-                info!("GC without a valid-attachments list: the daemon removes nothing");
+                plog!(
+                    Info,
+                    "GC without a valid-attachments list: the daemon removes nothing"
+                );
             }
-            let reply = block_on(call(
-                socket,
-                timeout,
-                "garbage-collect",
-                |mut c, left| async move { c.gc(request(req, left)).await },
-            ))??;
+            let reply: GcReply = client::call(socket, conf.timeout, "Gc", "garbage-collect", &req)?;
             for e in &reply.errors {
-                warn!("GC: {e}");
+                plog!(Warn, "GC: {e}");
             }
-            info!(
-                valid = n,
-                removed = reply.removed,
-                errors = reply.errors.len(),
-                "GC done"
+            plog!(
+                Info,
+                "GC done valid={n} removed={} errors={}",
+                reply.removed,
+                reply.errors.len()
             );
             if reply.errors.is_empty() {
                 Ok(Outcome::success())
@@ -345,12 +271,13 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                     details,
                 )
             };
-            let reply = block_on(call(
+            let reply: StatusReply = client::call(
                 socket,
                 timeout,
+                "Status",
                 "report status",
-                |mut c, left| async move { c.status(request(StatusRequest {}, left)).await },
-            ))?
+                &StatusRequest {},
+            )
             .map_err(|e| not_available(format!("{}: {}", e.msg, e.details)))?;
             if !reply.ready {
                 return Err(not_available(format!("not ready: {}", reply.reason)));

@@ -1,63 +1,147 @@
 //! Plugin logs: to `logFile` (O_APPEND, one write per record) or stderr. Never stdout, which
 //! belongs to the one JSON document the runtime parses.
+//!
+//! A few lines per invocation do not need a logging framework: records are formatted here, in the
+//! layout tracing's fmt layer prints (`2026-01-02T03:04:05.678901Z  INFO message key=value`),
+//! so that logs of the plugin and of the daemon read alike. Until [`init`] runs (tests), records
+//! are dropped.
 
-use std::fs::OpenOptions;
+use std::fmt::Arguments;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Mutex;
-
-use tracing::level_filters::LevelFilter;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer as _;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::LogLevel;
 
-fn filter(level: LogLevel) -> Targets {
-    let l = match level {
-        LogLevel::Error => LevelFilter::ERROR,
-        LogLevel::Warn => LevelFilter::WARN,
-        LogLevel::Info => LevelFilter::INFO,
-        LogLevel::Debug => LevelFilter::DEBUG,
-        LogLevel::Trace => LevelFilter::TRACE,
-    };
-    // Only our own events: h2/hyper/tower at debug would bury one pod's story.
-    Targets::new().with_target("ambient_cni", l)
+enum Sink {
+    File(File),
+    Stderr,
 }
 
-/// Installs the global subscriber. Many plugin processes append to one file at once: the fmt
-/// layer formats a record into a buffer and writes it with one `write(2)`, and O_APPEND makes
-/// each write land whole at the end. Returns a warning to log if the file could not be opened
-/// (then stderr is used).
+struct Logger {
+    sink: Sink,
+    level: LogLevel,
+}
+
+static LOGGER: OnceLock<Logger> = OnceLock::new();
+
+fn rank(l: LogLevel) -> u8 {
+    match l {
+        LogLevel::Error => 0,
+        LogLevel::Warn => 1,
+        LogLevel::Info => 2,
+        LogLevel::Debug => 3,
+        LogLevel::Trace => 4,
+    }
+}
+
+fn name(l: LogLevel) -> &'static str {
+    match l {
+        LogLevel::Error => "ERROR",
+        LogLevel::Warn => "WARN",
+        LogLevel::Info => "INFO",
+        LogLevel::Debug => "DEBUG",
+        LogLevel::Trace => "TRACE",
+    }
+}
+
+/// Installs the logger (once; later calls change nothing). Many plugin processes append to one
+/// file at once: each record is formatted into a buffer and written with one `write(2)`, and
+/// O_APPEND makes each write land whole at the end. Returns a warning to log if the file could
+/// not be opened (then stderr is used).
 pub fn init(log_file: Option<&Path>, level: LogLevel) -> Option<String> {
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(false)
-        .with_target(false);
     let mut warning = None;
-    if let Some(path) = log_file {
-        match OpenOptions::new()
+    let sink = match log_file {
+        Some(path) => match OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o640)
             .open(path)
         {
-            Ok(file) => {
-                let _ = tracing_subscriber::registry()
-                    .with(fmt.with_writer(Mutex::new(file)).with_filter(filter(level)))
-                    .try_init();
-                return None;
-            }
+            Ok(f) => Sink::File(f),
             Err(e) => {
                 warning = Some(format!(
                     "cannot open logFile {}: {e}; logging to stderr",
                     path.display()
-                ))
+                ));
+                Sink::Stderr
             }
-        }
-    }
-    let _ = tracing_subscriber::registry()
-        .with(fmt.with_writer(std::io::stderr).with_filter(filter(level)))
-        .try_init();
+        },
+        None => Sink::Stderr,
+    };
+    let _ = LOGGER.set(Logger { sink, level });
     warning
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// RFC 3339 UTC with microseconds.
+fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (y, mo, da) = civil((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{da:02}T{:02}:{:02}:{:02}.{:06}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Writes one record if `level` is enabled.
+pub fn log(level: LogLevel, args: Arguments<'_>) {
+    let Some(l) = LOGGER.get() else {
+        return;
+    };
+    if rank(level) > rank(l.level) {
+        return;
+    }
+    let line = format!(
+        "{} {:>5} {args}\n",
+        timestamp(SystemTime::now()),
+        name(level)
+    );
+    let _ = match &l.sink {
+        Sink::File(f) => (&*f).write_all(line.as_bytes()),
+        Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+    };
+}
+
+/// `plog!(Info, "ADD done container_id={cid}")`: one record, formatted only if enabled.
+#[macro_export]
+macro_rules! plog {
+    ($level:ident, $($arg:tt)+) => {
+        $crate::logging::log($crate::config::LogLevel::$level, format_args!($($arg)+))
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let t = UNIX_EPOCH + Duration::new(1_709_210_096, 123_456_000);
+        assert_eq!(timestamp(t), "2024-02-29T12:34:56.123456Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_102_444_799);
+        assert_eq!(timestamp(t), "2099-12-31T23:59:59.000000Z");
+    }
 }

@@ -301,3 +301,29 @@ fn gc_and_status() {
         }
     );
 }
+
+/// A GC list far larger than HTTP/2's initial 64 KiB windows: the client must wait for the
+/// daemon's WINDOW_UPDATEs (and its SETTINGS) instead of overrunning them.
+#[test]
+fn large_gc_request_respects_flow_control() {
+    let s = server();
+    let valid: Vec<Value> = (0..6000)
+        .map(|i| json!({"containerID": format!("container-{i:08}-{}", "x".repeat(32)), "ifname": "eth0"}))
+        .collect();
+    let gc = json!({"cniVersion": "1.1.0", "name": "testnet", "socket": s.socket,
+        "cni.dev/valid-attachments": valid});
+    let env: HashMap<&str, String> = [("CNI_COMMAND", "GC".to_string())].into_iter().collect();
+    let o = ambient_cni::run(
+        &|k| env.get(k).cloned(),
+        &mut gc.to_string().as_bytes(),
+        false,
+    );
+    assert_eq!(o.exit, 0, "{o:?}");
+    let reqs = s.fake.gc.lock().expect("lock").clone();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].valid.len(), 6000);
+    assert_eq!(
+        reqs[0].valid[5999].container_id,
+        format!("container-{:08}-{}", 5999, "x".repeat(32))
+    );
+}

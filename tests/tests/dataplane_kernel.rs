@@ -1184,6 +1184,93 @@ async fn sysctls_are_per_namespace() {
         .expect_err("stays under /proc/sys");
 }
 
+/// The batch operations a bulk repair uses give the same kernel state and the same per-item
+/// answers as the one-by-one ones: pipelined ipset adds, pipelined route adds that fall back to
+/// the careful path for existing, foreign and link-less routes, and sysctls read in one go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_match_one_by_one() {
+    if !require_root() {
+        return;
+    }
+    let mut t = TestNs::new();
+    let node = t.add("node");
+    let dp = dataplane(&node, IptablesBackend::Auto);
+    let ns = Ns::Node;
+    sh(
+        &node,
+        "ip link add bv0 type veth peer name bv1 && ip addr add 10.9.0.1/24 dev bv0 && \
+         ip link set bv0 up && ip link set bv1 up",
+    );
+
+    // 1,000 entries: several sends of the pipelined path; one existing entry changes owner.
+    dp.ipset_create().await.expect("create");
+    dp.ipset_add(ip4("10.50.0.1"), "old-owner").await.expect("add");
+    let entries: Vec<(Ipv4Addr, String)> = (0..1000u32)
+        .map(|i| (Ipv4Addr::from(0x0a32_0001 + i), format!("uid-{i}")))
+        .collect();
+    let res = dp.ipset_add_many(&entries).await;
+    assert_eq!(res.len(), entries.len());
+    assert!(res.iter().all(Result::is_ok), "{:?}", res.iter().find(|r| r.is_err()));
+    let set = dp.ipset_list().await.expect("list").expect("exists");
+    assert_eq!(set.len(), 1000);
+    assert_eq!(set.get(&ip4("10.50.0.1")).map(String::as_str), Some("uid-0"));
+    assert_eq!(set.get(&ip4("10.50.3.232")).map(String::as_str), Some("uid-999"));
+
+    // Routes: new ones, one of ours that exists with other attributes, a foreign one holding a
+    // key, and one over a link that does not exist.
+    let pod = |i: u32| {
+        let mut r = route(100, &format!("{}/32", Ipv4Addr::from(0x0a33_0001 + i)), 0, RouteKind::Unicast);
+        r.dev = Some("bv0".into());
+        r.via = Some(ip4("10.9.0.2"));
+        r.src = Some(ip4("10.9.0.1"));
+        r
+    };
+    let mut routes: Vec<Route> = (0..300).map(pod).collect();
+    let mut ours_before = pod(0);
+    ours_before.via = Some(ip4("10.9.0.3"));
+    dp.route_replace(&ns, &ours_before).await.expect("pre-existing route of ours");
+    sh(&node, "ip route add 10.51.0.2/32 dev bv0 table 100");
+    let mut nodev = pod(1000);
+    nodev.dev = Some("nosuchdev0".into());
+    routes.push(nodev);
+    let res = dp.route_replace_many(&ns, &routes).await;
+    assert_eq!(res.len(), routes.len());
+    for (r, got) in routes.iter().zip(&res) {
+        let dst = r.key.dst.addr;
+        if dst == ip4("10.51.0.2") {
+            assert!(got.as_ref().is_err_and(|e| e.to_string().contains("not ours")), "{got:?}");
+        } else if r.dev.as_deref() == Some("nosuchdev0") {
+            assert!(matches!(got, Err(DpError::NoSuchLink(_))), "{got:?}");
+        } else {
+            assert!(got.is_ok(), "{r}: {got:?}");
+        }
+    }
+    let listed: BTreeSet<Route> = dp.routes_list(&ns, &[100]).await.expect("list").into_iter().collect();
+    let want: BTreeSet<Route> = routes
+        .iter()
+        .filter(|r| r.key.dst.addr != ip4("10.51.0.2") && r.dev.as_deref() == Some("bv0"))
+        .cloned()
+        .collect();
+    assert_eq!(listed, want, "the replaced route carries the new next hop");
+
+    // Sysctls: one call, the same answers as one read each (a missing interface reads None).
+    let keys = vec![
+        rp_filter_key("bv0"),
+        rp_filter_key("nosuchdev0"),
+        rp_filter_key("lo"),
+        "net/ipv4/ip_forward".to_string(),
+    ];
+    dp.sysctl_write(&ns, &keys[0], "2").await.expect("write");
+    let many = dp.sysctl_read_many(&ns, &keys).await.expect("read many");
+    let mut one = Vec::new();
+    for k in &keys {
+        one.push(dp.sysctl_read(&ns, k).await.expect("read"));
+    }
+    assert_eq!(many, one);
+    assert_eq!(many[0].as_deref(), Some("2"));
+    assert_eq!(many[1], None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_alive_checks_nsfs() {
     if !require_root() {

@@ -68,6 +68,18 @@ pub trait Dataplane: Send + Sync + 'static {
     fn ipset_destroy(&self) -> impl Future<Output = DpResult<()>> + Send;
     /// Add or update (`-exist`) one entry with its owner as comment.
     fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// [`Dataplane::ipset_add`] for many entries, one result each in order. A bulk repair (10,000
+    /// entries after a flush) is what this is for: the kernel-backed version pipelines the
+    /// requests; this default adds them one by one.
+    fn ipset_add_many(&self, entries: &[(Ipv4Addr, String)]) -> impl Future<Output = Vec<DpResult<()>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(entries.len());
+            for (ip, owner) in entries {
+                out.push(self.ipset_add(*ip, owner).await);
+            }
+            out
+        }
+    }
     /// Delete one entry.
     fn ipset_del(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<()>> + Send;
 
@@ -84,6 +96,17 @@ pub trait Dataplane: Send + Sync + 'static {
     fn routes_list(&self, ns: &Ns, tables: &[u32]) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
     /// Create or replace a route (by its key).
     fn route_replace(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
+    /// [`Dataplane::route_replace`] for many routes of one namespace, one result each in order
+    /// (pipelined by the kernel-backed version, one by one here).
+    fn route_replace_many(&self, ns: &Ns, routes: &[Route]) -> impl Future<Output = Vec<DpResult<()>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(routes.len());
+            for r in routes {
+                out.push(self.route_replace(ns, r).await);
+            }
+            out
+        }
+    }
     /// Delete one of our routes: matched by key, kind (type) and our protocol — the kernel takes
     /// metric 0 as "any metric", the type tells a tunnel route from its unreachable fallback.
     /// ESRCH is fine.
@@ -111,6 +134,17 @@ pub trait Dataplane: Send + Sync + 'static {
     // --- sysctls (per namespace) ---
     /// Read one key; `None` when it does not exist (e.g. the interface is gone).
     fn sysctl_read(&self, ns: &Ns, key: &str) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    /// [`Dataplane::sysctl_read`] for many keys of one namespace, in order: a resync reads one
+    /// rp_filter per enrolled pod. The kernel-backed version reads them all in one go.
+    fn sysctl_read_many(&self, ns: &Ns, keys: &[String]) -> impl Future<Output = DpResult<Vec<Option<String>>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                out.push(self.sysctl_read(ns, k).await?);
+            }
+            Ok(out)
+        }
+    }
     /// Write one key.
     fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> impl Future<Output = DpResult<()>> + Send;
 

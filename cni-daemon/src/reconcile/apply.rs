@@ -36,9 +36,11 @@ async fn observe_ns<D: Dataplane>(
         iptables: dp.iptables_read(ns, &want.chains).await?,
         ..Default::default()
     };
-    for key in want.sysctls.keys() {
-        if let Some(v) = dp.sysctl_read(ns, key).await? {
-            s.sysctls.insert(key.clone(), v);
+    let keys: Vec<String> = want.sysctls.keys().cloned().collect();
+    let values = dp.sysctl_read_many(ns, &keys).await?;
+    for (key, v) in keys.into_iter().zip(values) {
+        if let Some(v) = v {
+            s.sysctls.insert(key, v);
         }
     }
     Ok(s)
@@ -77,13 +79,67 @@ async fn apply_one<D: Dataplane>(dp: &D, op: &Op) -> Result<(), DpError> {
     }
 }
 
-/// Apply operations in order, keeping going past failures and reporting them all.
+/// How many operations from `at` on form a batch: consecutive ipset adds, or consecutive route
+/// replaces in one namespace (a plan puts them next to each other).
+fn batch_len(ops: &[Op], at: usize) -> usize {
+    let rest = ops.get(at..).unwrap_or(&[]);
+    match rest.first() {
+        Some(Op::IpsetAdd { .. }) => rest.iter().take_while(|o| matches!(o, Op::IpsetAdd { .. })).count(),
+        Some(Op::RouteReplace { ns, .. }) => rest
+            .iter()
+            .take_while(|o| matches!(o, Op::RouteReplace { ns: n, .. } if n == ns))
+            .count(),
+        _ => 1,
+    }
+}
+
+/// Apply operations in order, keeping going past failures and reporting them all. Runs of ipset
+/// adds and of route replaces go to the dataplane as batches, which a restore of thousands of pods
+/// needs (one request at a time costs a round trip each).
 pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
     let mut report = ApplyReport::default();
-    for op in ops {
-        match apply_one(dp, op).await {
-            Ok(()) => report.applied.push(op.to_string()),
-            Err(e) => report.errors.push(format!("{op}: {e}")),
+    let mut record = |op: &Op, r: Result<(), DpError>| match r {
+        Ok(()) => report.applied.push(op.to_string()),
+        Err(e) => report.errors.push(format!("{op}: {e}")),
+    };
+    let mut at = 0;
+    while let Some(first) = ops.get(at) {
+        let n = batch_len(ops, at);
+        let batch = ops.get(at..at + n).unwrap_or(&[]);
+        at += n.max(1);
+        if n < 2 {
+            record(first, apply_one(dp, first).await);
+            continue;
+        }
+        let results = match first {
+            Op::IpsetAdd { .. } => {
+                let entries: Vec<_> = batch
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::IpsetAdd { ip, owner } => Some((*ip, owner.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                dp.ipset_add_many(&entries).await
+            }
+            Op::RouteReplace { ns, .. } => {
+                let routes: Vec<_> = batch
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::RouteReplace { route, .. } => Some(route.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                dp.route_replace_many(ns, &routes).await
+            }
+            _ => Vec::new(),
+        };
+        let mut results = results.into_iter();
+        for op in batch {
+            let r = results.next().unwrap_or_else(|| {
+                Err(DpError::Netlink { what: op.to_string(), msg: "no result from the batch".into() })
+            });
+            record(op, r);
         }
     }
     report

@@ -512,6 +512,11 @@ pub(crate) struct IpsetSocket {
     buf: Vec<u8>,
 }
 
+/// Requests per `send` in [`IpsetSocket::add_many`]. The kernel queues all their
+/// acknowledgements before `send` returns, each in its own buffer (~1 KiB of the socket's receive
+/// budget, ~208 KiB by default): more at once would overflow it and lose answers.
+const ADD_BATCH: usize = 128;
+
 /// Receive buffer: large enough for any dump message the kernel builds (it sizes them to at most
 /// 32 KiB plus one entry, or to what we read before).
 const RECV_BUF: usize = 256 * 1024;
@@ -615,6 +620,92 @@ impl IpsetSocket {
         let seq = self.next_seq();
         let msg = encode_adt(seq, name, ip, Some(comment))?;
         self.transact(&msg, seq, false).map(drop)
+    }
+
+    /// Adds (or updates) many entries, pipelined: up to [`ADD_BATCH`] requests go out in one
+    /// `send`, then their acknowledgements are collected by sequence number. One result per
+    /// entry, in order; a failure of one entry does not stop the others.
+    pub(crate) fn add_many(
+        &mut self,
+        name: &str,
+        entries: &[(Ipv4Addr, String)],
+    ) -> Vec<Result<(), IpsetError>> {
+        let mut out: Vec<Result<(), IpsetError>> = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(ADD_BATCH) {
+            let base = out.len();
+            // seq → index in `out`; entries that do not encode fail at once.
+            let mut pending = std::collections::HashMap::with_capacity(chunk.len());
+            let mut req = Vec::with_capacity(chunk.len() * 96);
+            for (ip, comment) in chunk {
+                let seq = self.next_seq();
+                match encode_adt(seq, name, *ip, Some(comment)) {
+                    Ok(m) => {
+                        req.extend_from_slice(&m);
+                        pending.insert(seq, out.len());
+                        out.push(Err(IpsetError::Invalid("no answer from the kernel".into())));
+                    }
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+            if req.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.sock.send(&req, 0) {
+                for r in out.iter_mut().skip(base) {
+                    if matches!(r, Err(IpsetError::Invalid(m)) if m == "no answer from the kernel")
+                    {
+                        *r = Err(IpsetError::Io(io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+                continue;
+            }
+            while !pending.is_empty() {
+                self.buf.clear();
+                let n = match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        for (_, i) in pending.drain() {
+                            if let Some(r) = out.get_mut(i) {
+                                *r = Err(IpsetError::Io(io::Error::new(e.kind(), e.to_string())));
+                            }
+                        }
+                        break;
+                    }
+                };
+                let msgs = if n > self.buf.len() {
+                    Err(IpsetError::Invalid(format!(
+                        "netlink reply of {n} bytes truncated"
+                    )))
+                } else {
+                    parse_messages(&self.buf)
+                };
+                let msgs = match msgs {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let text = e.to_string();
+                        for (_, i) in pending.drain() {
+                            if let Some(r) = out.get_mut(i) {
+                                *r = Err(IpsetError::Invalid(text.clone()));
+                            }
+                        }
+                        break;
+                    }
+                };
+                for m in msgs {
+                    let res = match m.reply {
+                        Reply::Ack => Ok(()),
+                        Reply::Error(code) => Err(IpsetError::Kernel(code)),
+                        _ => continue,
+                    };
+                    if let Some(i) = pending.remove(&m.seq) {
+                        if let Some(r) = out.get_mut(i) {
+                            *r = res;
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Deletes one entry.

@@ -68,12 +68,6 @@ pub(crate) async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>, rtne
     Ok(get_by_name(h, name).await?.map(|m| m.header.index))
 }
 
-/// Names of all links.
-pub(crate) async fn dump_names(h: &Handle) -> Result<Vec<String>, rtnetlink::Error> {
-    let all: Vec<LinkMessage> = h.link().get().execute().try_collect().await?;
-    Ok(all.iter().filter_map(name_of).collect())
-}
-
 /// IFLA_IFNAME.
 pub(crate) fn name_of(m: &LinkMessage) -> Option<String> {
     m.attributes.iter().find_map(|a| match a {

@@ -36,6 +36,54 @@ pub(crate) fn read(key: &str) -> DpResult<Option<String>> {
     }
 }
 
+/// Reads many keys, in order (`None`: missing). Keys under `net/ipv4/conf/` are opened relative
+/// to that directory (one path walk for all of them, not one per key), read into a small buffer
+/// and closed: three syscalls a key. A resync reads one rp_filter per enrolled pod; this costs
+/// about half of what [`read`] in a loop does, and no thread hop per key.
+pub(crate) fn read_many(keys: &[String]) -> DpResult<Vec<Option<String>>> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::Mode;
+    use std::io::Read;
+    const CONF: &str = "net/ipv4/conf/";
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let conf = open(
+        "/proc/sys/net/ipv4/conf",
+        flags | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )
+    .ok();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let full = path_of(key)?;
+        let opened = match (&conf, key.strip_prefix(CONF)) {
+            (Some(dir), Some(rel)) => openat(dir, rel, flags, Mode::empty()),
+            _ => open(&full, flags, Mode::empty()),
+        };
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => {
+                out.push(None);
+                continue;
+            }
+            Err(e) => {
+                return Err(DpError::Sysctl {
+                    key: key.clone(),
+                    msg: format!("read: {e}"),
+                })
+            }
+        };
+        let mut f = std::fs::File::from(fd);
+        let mut buf = [0u8; 64];
+        let n = f.read(&mut buf).map_err(|e| DpError::Sysctl {
+            key: key.clone(),
+            msg: format!("read: {e}"),
+        })?;
+        let text = String::from_utf8_lossy(buf.get(..n).unwrap_or(&[]));
+        out.push(Some(text.trim_end_matches('\n').to_string()));
+    }
+    Ok(out)
+}
+
 /// Writes `value` (a missing key is an error).
 pub(crate) fn write(key: &str, value: &str) -> DpResult<()> {
     let p = path_of(key)?;
@@ -65,6 +113,23 @@ mod tests {
         assert!(path_of("/etc/passwd").is_err());
         assert!(path_of("net/../../x").is_err());
         assert!(path_of("").is_err());
+    }
+
+    #[test]
+    fn read_many_matches_read() {
+        let keys: Vec<String> = [
+            "net/ipv4/conf/lo/rp_filter",
+            "net/ipv4/conf/acni-no-such-if/rp_filter",
+            "net/ipv4/ip_forward",
+        ]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+        let many = read_many(&keys).expect("reads");
+        let one: Vec<Option<String>> = keys.iter().map(|k| read(k).expect("reads")).collect();
+        assert_eq!(many, one);
+        assert_eq!(many[1], None);
+        assert!(read_many(&["../etc/passwd".to_string()]).is_err());
     }
 
     #[test]
