@@ -468,35 +468,55 @@ pub fn restart_daemon(w: &World) -> Result<(Daemon, Duration)> {
 }
 
 /// Starts `ambient-cnid run` on the world's state dir without waiting for anything (to kill it
-/// during its start-up). Returns its pid (`ip netns exec` execs the daemon in place); the
-/// [`TestNet`] reaps it.
+/// during its start-up). Returns its pid; the [`TestNet`] reaps it.
 pub fn spawn_daemon_raw(w: &World) -> Result<u32> {
+    let args: Vec<&str> = world_args(w);
+    spawn_daemon_at(&w.net, "node", &w.daemon_dir, &args)
+}
+
+/// Starts `ambient-cnid run --socket <dir>/run/cni.sock --state-dir <dir>/state <args>` in `ns`,
+/// logging to `<dir>/daemon.log`, without waiting. Returns its pid (`ip netns exec` execs the
+/// daemon in place), for signals; the [`TestNet`] reaps it.
+pub fn spawn_daemon_at(net: &TestNet, ns: &str, dir: &Path, args: &[&str]) -> Result<u32> {
+    std::fs::create_dir_all(dir)?;
     let bin = workspace_bin("ambient-cnid")?;
-    let bin = bin.to_str().context("daemon path")?.to_string();
-    let socket = w.daemon_dir.join("run").join("cni.sock");
-    let state = w.daemon_dir.join("state");
+    let socket = dir.join("run").join("cni.sock");
+    let state = dir.join("state");
     let mut argv: Vec<String> = vec![
-        bin,
+        bin.to_string_lossy().into_owned(),
         "run".into(),
         "--socket".into(),
         socket.to_string_lossy().into_owned(),
         "--state-dir".into(),
         state.to_string_lossy().into_owned(),
     ];
-    argv.extend(w.daemon_args.iter().cloned());
+    argv.extend(args.iter().map(|a| a.to_string()));
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    w.net.spawn("node", &argv, &w.daemon_dir.join("daemon.log"))
+    net.spawn(ns, &argv, &dir.join("daemon.log"))
+}
+
+/// Waits until a unix socket accepts connections.
+pub fn wait_socket(path: &Path, timeout: Duration) -> Result<()> {
+    wait_for(timeout, Duration::from_millis(20), || {
+        Ok(std::os::unix::net::UnixStream::connect(path).is_ok())
+    })
+    .with_context(|| format!("{} never accepted", path.display()))
+    .map(|_| ())
+}
+
+/// Sends `sig` to a pid we started.
+pub fn signal(pid: u32, sig: i32) {
+    if let Ok(p) = i32::try_from(pid) {
+        // SAFETY: kill(2) on a child of ours that the TestNet has not reaped; at worst ESRCH.
+        unsafe {
+            libc::kill(p, sig);
+        }
+    }
 }
 
 /// SIGKILL to a pid we started.
 pub fn kill9(pid: u32) {
-    if let Ok(p) = i32::try_from(pid) {
-        // SAFETY: kill(2) on a child of ours that the TestNet has not reaped (it reaps on kill or
-        // drop only); at worst ESRCH.
-        unsafe {
-            libc::kill(p, libc::SIGKILL);
-        }
-    }
+    signal(pid, libc::SIGKILL);
 }
 
 /// Polls `f` every `every` until it returns true or `timeout` passes; returns the time it took.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ambient_cni_tests::fault::*;
-use ambient_cni_tests::world::{Pod, World, AMBIENT_NS, NETWORK, REMOTE_IP};
+use ambient_cni_tests::world::{Pod, World, AMBIENT_NS, NETWORK, POD_CIDR, POD_GW, REMOTE_IP};
 use ambient_cni_tests::{require_root, workspace_bin, Daemon, Output};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -579,5 +579,930 @@ fn drift_is_repaired_within_5s_and_foreign_objects_are_never_touched() -> Result
         now == foreign,
         "objects of other owners changed: {foreign:?} → {now:?}"
     );
+    Ok(())
+}
+
+/// The container ID of the registry record of pod `name`.
+fn cid_of(d: &Daemon, name: &str) -> Result<String> {
+    registry(d)?
+        .iter()
+        .find(|r| r["name"] == json!(name))
+        .and_then(|r| r["container_id"].as_str().map(str::to_string))
+        .with_context(|| format!("no registry record of {name}"))
+}
+
+/// 3. Garbage collection: CNI GC (cniVersion 1.1.0, `cni.dev/valid-attachments`, the plugin run
+/// directly since Debian's libcni stops at 1.0.0) removes exactly the unlisted attachments of
+/// its network, kernel entries included; the periodic sweep removes a pod whose netns vanished
+/// without a DEL; and 40 short-lived pods whose netns went leave nothing behind.
+#[test]
+fn cni_gc_and_the_netns_sweep_remove_exactly_the_stale_pods() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let w = World::new("gc", &[])?;
+    w.ztunnel("zt", "a")?;
+    let a = w.pod("a", AMBIENT_NS, "a")?;
+    let b = w.pod("b", AMBIENT_NS, "b")?;
+    let c = w.pod("c", AMBIENT_NS, "c")?;
+    let d = w.daemon()?;
+    let plugin = DirectPlugin::new(d.socket(), &w.cni.plugin_log(), NETWORK);
+    let mut want: Enrolled = [&a, &b, &c]
+        .iter()
+        .map(|p| (p.ip.clone(), uid(&p.name)))
+        .collect();
+    assert_enrolled(&w, d, &want, "before GC")?;
+
+    // GC of another network removes nothing.
+    let other = DirectPlugin::new(d.socket(), &w.cni.plugin_log(), "another-net");
+    let out = other.gc(&[]);
+    ensure!(out.success(), "GC of another network: {out}");
+    assert_enrolled(&w, d, &want, "after another network's GC")?;
+    // GC listing the ztunnel and a: b and c go, from the registry and the kernel.
+    let keep = vec![
+        (cid_of(d, "ztunnel-a")?, "eth0".to_string()),
+        (cid_of(d, "a")?, "eth0".to_string()),
+    ];
+    let t0 = now_ms();
+    let out = plugin.gc(&keep);
+    ensure!(out.success() && out.stdout.is_empty(), "GC: {out}");
+    want.remove(&b.ip);
+    want.remove(&c.ip);
+    assert_enrolled(&w, d, &want, "after GC")?;
+    let gc_events: Vec<TraceEvent> = trace(d)?
+        .into_iter()
+        .filter(|e| e.kind == "gc" && e.unix_ms + 5 >= t0)
+        .collect();
+    for (p, gone) in [(&a, false), (&b, true), (&c, true)] {
+        let seen = gc_events.iter().any(|e| e.message.contains(&uid(&p.name)));
+        ensure!(seen == gone, "gc trace for {}: {gc_events:?}", p.name);
+    }
+    ensure!(
+        d.status_json()?["pods"] == json!(2),
+        "registry after GC: zt + a"
+    );
+    assert_captured(&w, &a)?;
+    println!(
+        "gc: CNI GC kept zt + a, removed b and c ({} trace events)",
+        gc_events.len()
+    );
+
+    // The sweep: a's netns vanishes without any DEL.
+    w.net.del_ns(&a.netns)?;
+    let took = wait_for(Duration::from_secs(5), Duration::from_millis(20), || {
+        Ok(ipset_members(&w.net, "node")?.is_empty() && pod_routes(&w.net, "node")?.is_empty())
+    })
+    .context("a's entries were not swept")?;
+    want.clear();
+    assert_enrolled(&w, d, &want, "after the sweep")?;
+    ensure!(
+        trace(d)?
+            .iter()
+            .any(|e| e.kind == "sweep" && e.message.contains(&uid("a"))),
+        "no sweep event for a"
+    );
+    println!(
+        "gc: pod whose netns vanished swept in {} ms (resync every 500 ms)",
+        took.as_millis()
+    );
+
+    // Nothing grows: 40 pods come, their netns go without a DEL.
+    w.net.exec_ok("node", &["sh", "-c", "ip link add vhgc type veth peer name vhgcp && ip link set vhgc up && ip link set vhgcp up"])?;
+    for i in 0..40 {
+        let name = format!("s{i}");
+        w.net.add_ns(&name)?;
+        let ns = w.net.ns_path(&name);
+        let out = plugin.add(
+            &format!("cid-{name}"),
+            &ns,
+            &k8s_args(AMBIENT_NS, &name, &uid(&name)),
+            &prev_result("vhgc", &ns, &format!("10.244.1.{}", 100 + i)),
+        );
+        ensure!(out.success(), "ADD {name}: {out}");
+    }
+    ensure!(d.status_json()?["pods"] == json!(41), "zt + 40");
+    ensure!(ipset_members(&w.net, "node")?.len() == 40);
+    for i in 0..40 {
+        w.net.del_ns(&format!("s{i}"))?;
+    }
+    let took = wait_for(Duration::from_secs(5), Duration::from_millis(20), || {
+        Ok(d.status_json()?["pods"] == json!(1) && ipset_members(&w.net, "node")?.is_empty())
+    })
+    .context("the 40 pods were not swept")?;
+    assert_enrolled(&w, d, &want, "after sweeping 40")?;
+    let journal = std::fs::metadata(w.daemon_dir.join("state").join("registry.journal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "gc: 40 pods whose netns went swept {} ms after the last one went; registry back to 1 record (the ztunnel); journal {journal} bytes (compacted every 4096 changes)",
+        took.as_millis()
+    );
+    Ok(())
+}
+
+/// 4. IP reuse with the real plugin, through libcni: a network whose host-local range holds one
+/// address forces it. Pod X gets it; X goes away while the daemon is down (its DEL is lost, ptp
+/// and host-local release the address, its netns is not removed yet); pod Y gets the same
+/// address; then X's DEL arrives late: Y's ipset entry (comment = Y's UID), its table-100 route
+/// and its capture stay. Then X's netns goes and a late ADD retry of X is refused (code 100),
+/// and a late DEL without a netns exits 0, Y untouched throughout.
+#[test]
+fn a_late_del_or_add_of_a_pod_whose_ip_was_reused_leaves_the_new_owner_alone() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const ONLY: &str = "10.244.1.250";
+    let mut w = World::new("reuse", &[])?;
+    w.ztunnel("zt", "a")?;
+    let socket = w.daemon()?.socket().to_path_buf();
+    w.cni.write_conflist(&json!({
+        "cniVersion": "1.0.0",
+        "name": "reuse",
+        "plugins": [
+            {"type": "ptp", "ipMasq": false,
+             "ipam": {"type": "host-local", "dataDir": w.cni.ipam_dir(),
+                      "ranges": [[{"subnet": POD_CIDR, "rangeStart": ONLY, "rangeEnd": ONLY, "gateway": POD_GW}]],
+                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            ambient_cni_tests::ambient_entry(&socket, &w.cni.plugin_log(), 5000),
+        ]
+    }))?;
+    let cnitool = |verb: &str, ns: &str, name: &str| {
+        let args = World::cni_args(AMBIENT_NS, name);
+        w.cni.cnitool(
+            verb,
+            "reuse",
+            &w.net.ns_path(ns),
+            &[("CNI_ARGS", args.as_str())],
+        )
+    };
+
+    w.net.add_ns("x")?;
+    let out = cnitool("add", "x", "x");
+    ensure!(out.success(), "ADD x: {out}");
+    ensure!(result_ip(&out)? == ONLY, "{out}");
+    let x_result = out.json()?;
+    let x_cid = cid_of(w.daemon()?, "x")?;
+    // The range is exhausted: the next pod can only get the address once X's is released.
+    w.net.add_ns("y")?;
+    let out = cnitool("add", "y", "y");
+    ensure!(
+        !out.success(),
+        "a second address from a range of one: {out}"
+    );
+    ensure!(cnitool("del", "y", "y").success());
+
+    // X is deleted while the daemon is down.
+    w.daemon.take().context("daemon")?.kill();
+    let out = cnitool("del", "x", "x");
+    ensure!(out.success(), "DEL x while the daemon is down: {out}");
+    let (d, _) = restart_daemon(&w)?;
+    w.daemon = Some(d);
+    let d = w.daemon()?;
+    ensure!(
+        registry(d)?.iter().any(|r| r["name"] == json!("x")),
+        "X's record is kept while its netns exists"
+    );
+
+    // Y gets X's address.
+    let out = cnitool("add", "y", "y");
+    ensure!(out.success(), "ADD y: {out}");
+    ensure!(result_ip(&out)? == ONLY, "y must reuse X's address: {out}");
+    w.spawn("y", &["echo", "8080", "y"])?;
+    let y = Pod {
+        netns: "y".into(),
+        k8s_ns: AMBIENT_NS.into(),
+        name: "y".into(),
+        ip: ONLY.into(),
+        result: out.json()?,
+    };
+    let want: Enrolled = [(ONLY.to_string(), uid("y"))].into();
+    assert_enrolled(
+        &w,
+        d,
+        &want,
+        "Y owns the reused address while X's record still claims it",
+    )?;
+    assert_captured(&w, &y)?;
+
+    // X's DEL arrives late (the runtime retries the one the daemon missed).
+    let out = cnitool("del", "x", "x");
+    ensure!(out.success(), "late DEL of x: {out}");
+    ensure!(
+        !registry(d)?.iter().any(|r| r["name"] == json!("x")),
+        "X's record is gone"
+    );
+    assert_enrolled(&w, d, &want, "after X's late DEL")?;
+    assert_captured(&w, &y)?;
+    println!(
+        "reuse: {ONLY} went from X to Y; X's late DEL left Y's entry (owner {}) and route in place",
+        uid("y")
+    );
+
+    // X's netns goes; a late ADD retry of X is refused, a late DEL without netns succeeds.
+    w.net.del_ns("x")?;
+    let plugin = DirectPlugin::new(&socket, &w.cni.plugin_log(), "reuse");
+    let x_ns = w.net.ns_path("x");
+    let x_args = World::cni_args(AMBIENT_NS, "x");
+    let out = plugin.add(&x_cid, &x_ns, &x_args, &x_result);
+    ensure!(out.cni_code() == Some(100), "late ADD retry of X: {out}");
+    ensure!(out.stdout.contains("does not exist"), "{out}");
+    assert_enrolled(&w, d, &want, "after X's late ADD")?;
+    let out = plugin.del(&x_cid, &x_ns, &x_args, Some(&x_result));
+    ensure!(
+        out.success() && out.stdout.is_empty(),
+        "late DEL of X without its netns: {out}"
+    );
+    let out = plugin.del(&x_cid, Path::new(""), &x_args, None);
+    ensure!(out.success(), "late DEL of X with CNI_NETNS empty: {out}");
+    assert_enrolled(&w, d, &want, "after X's late DELs")?;
+    assert_captured(&w, &y)?;
+    println!(
+        "reuse: X's late ADD retry refused with code 100 ({}), Y untouched",
+        out_msg(&plugin.add(&x_cid, &x_ns, &x_args, &x_result))
+    );
+    Ok(())
+}
+
+fn out_msg(o: &Output) -> String {
+    o.json()
+        .ok()
+        .and_then(|j| j["details"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One pod of the parallel test.
+#[derive(Clone)]
+struct Synthetic {
+    cid: String,
+    uid: String,
+    ip: String,
+}
+
+/// Runs ADD (and DEL when `del`) of each pod, every pod on its own thread, all at once.
+fn in_parallel(
+    plugin: &DirectPlugin,
+    ns: &Path,
+    jobs: &[(Synthetic, bool, bool)],
+) -> Vec<(String, Output)> {
+    let barrier = std::sync::Barrier::new(jobs.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(p, add, del)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let args = k8s_args(AMBIENT_NS, &p.cid, &p.uid);
+                    let prev = prev_result("vhshared", ns, &p.ip);
+                    barrier.wait();
+                    let mut outs = Vec::new();
+                    if *add {
+                        outs.push((
+                            format!("ADD {}", p.cid),
+                            plugin.add(&p.cid, ns, &args, &prev),
+                        ));
+                    }
+                    if *del {
+                        outs.push((
+                            format!("DEL {}", p.cid),
+                            plugin.del(&p.cid, ns, &args, Some(&prev)),
+                        ));
+                    }
+                    outs
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// The registry's non-ztunnel records as container ID → (UID, IP).
+fn registry_pods(d: &Daemon) -> Result<BTreeMap<String, (String, String)>> {
+    Ok(registry(d)?
+        .iter()
+        .filter(|r| r["ztunnel"] != json!(true))
+        .map(|r| {
+            (
+                r["container_id"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["uid"].as_str().unwrap_or_default().to_string(),
+                    r["ips"][0].as_str().unwrap_or_default().to_string(),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Kernel = registry = expected, for a set of live pods.
+fn assert_parallel_state(w: &World, d: &Daemon, live: &[Synthetic], ctx: &str) -> Result<()> {
+    let want_pods: BTreeMap<String, (String, String)> = live
+        .iter()
+        .map(|p| (p.cid.clone(), (p.uid.clone(), p.ip.clone())))
+        .collect();
+    let reg = registry_pods(d)?;
+    ensure!(
+        reg == want_pods,
+        "{ctx}: registry {reg:?}\nwant {want_pods:?}"
+    );
+    let owners = registry_owners(d)?;
+    let set = ipset_members(&w.net, "node")?;
+    let routes = pod_routes(&w.net, "node")?;
+    ensure!(
+        set == owners,
+        "{ctx}: ipset {set:?} != registry owners {owners:?}"
+    );
+    let ips: BTreeSet<String> = live.iter().map(|p| p.ip.clone()).collect();
+    ensure!(
+        routes == ips,
+        "{ctx}: table-100 routes {routes:?} != live IPs {ips:?}"
+    );
+    ensure!(
+        set.keys().cloned().collect::<BTreeSet<_>>() == ips,
+        "{ctx}: ipset IPs {set:?} != live IPs {ips:?}"
+    );
+    for (ip, owner) in &set {
+        ensure!(
+            live.iter().any(|p| &p.ip == ip && &p.uid == owner),
+            "{ctx}: {ip} is owned by {owner}, which is not a live pod with that IP"
+        );
+    }
+    Ok(())
+}
+
+/// 5. Concurrency: 80 plugin processes at once, ADD (and for a third of them DEL right after)
+/// with 10 IPs shared among them (pods share one netns and one host interface), then a second
+/// wave of 30 ADDs racing the DELs of half the live pods: the kernel's ipset (members and owner comments) and table-100
+/// routes equal what the registry says, and both equal the expected set of live pods. A resync
+/// afterwards has nothing to do.
+#[test]
+fn parallel_add_del_with_overlapping_ips_ends_equal_to_the_registry() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let w = World::new("parallel", &[])?;
+    w.ztunnel("zt", "a")?;
+    w.net.add_ns("shared")?;
+    w.net.exec_ok("node", &["sh", "-c", "ip link add vhshared type veth peer name vhsharedp && ip link set vhshared up && ip link set vhsharedp up"])?;
+    let d = w.daemon()?;
+    let plugin = DirectPlugin::new(d.socket(), &w.cni.plugin_log(), NETWORK);
+    let ns = w.net.ns_path("shared");
+    let pod = |i: usize| Synthetic {
+        cid: format!("par-{i}"),
+        uid: format!("uid-par-{i}"),
+        ip: format!("10.244.1.{}", 100 + i % 10),
+    };
+
+    let wave1: Vec<(Synthetic, bool, bool)> = (0..80).map(|i| (pod(i), true, i % 3 == 0)).collect();
+    let t = Instant::now();
+    let outs = in_parallel(&plugin, &ns, &wave1);
+    let took1 = t.elapsed();
+    ensure!(outs.len() == 80 + 27, "{} outcomes", outs.len());
+    for (what, o) in &outs {
+        ensure!(o.success(), "{what}: {o}");
+    }
+    let mut live: Vec<Synthetic> = (0..80).filter(|i| i % 3 != 0).map(pod).collect();
+    assert_parallel_state(&w, d, &live, "after wave 1")?;
+
+    // Wave 2: DEL every live pod with an even index while 30 new pods ADD on the same IPs.
+    let mut wave2: Vec<(Synthetic, bool, bool)> = live
+        .iter()
+        .filter(|p| {
+            p.cid
+                .trim_start_matches("par-")
+                .parse::<usize>()
+                .is_ok_and(|i| i % 2 == 0)
+        })
+        .map(|p| (p.clone(), false, true))
+        .collect();
+    let dels = wave2.len();
+    wave2.extend((80..110).map(|i| (pod(i), true, false)));
+    let t = Instant::now();
+    let outs = in_parallel(&plugin, &ns, &wave2);
+    let took2 = t.elapsed();
+    for (what, o) in &outs {
+        ensure!(o.success(), "{what}: {o}");
+    }
+    live.retain(|p| !wave2.iter().any(|(q, _, del)| *del && q.cid == p.cid));
+    live.extend((80..110).map(pod));
+    assert_parallel_state(&w, d, &live, "after wave 2")?;
+
+    // A full resync finds nothing to do.
+    std::thread::sleep(Duration::from_millis(1200));
+    let dump = d.dump_json()?;
+    ensure!(
+        dump["pending"] == json!([]),
+        "pending after the waves: {}",
+        dump["pending"]
+    );
+    ensure!(
+        dump["last_resync"]["repaired"] == json!(0),
+        "the resync after the waves repaired: {}",
+        dump["last_resync"]
+    );
+    assert_parallel_state(&w, d, &live, "after a resync")?;
+    println!(
+        "parallel: wave 1: 80 ADD + 27 DEL on 10 IPs from 80 processes in {} ms; wave 2: 30 ADD + {dels} DEL in {} ms; \
+         final {} live pods on {} IPs: kernel == registry == expected",
+        took1.as_millis(),
+        took2.as_millis(),
+        live.len(),
+        ipset_members(&w.net, "node")?.len()
+    );
+    Ok(())
+}
+
+/// A copy of the plugin binary that any user can run (the build dir may not be reachable).
+fn plugin_copy(dir: &Path) -> Result<std::path::PathBuf> {
+    let p = dir.join("ambient-cni");
+    std::fs::copy(workspace_bin("ambient-cni")?, &p)?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+/// `setpriv` to uid/gid 65534 without supplementary groups.
+fn as_nobody() -> Vec<String> {
+    [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// 6. The plugin under every daemon fault: socket missing, a stale socket of a daemon killed
+/// with -9 (connection refused), a socket that accepts and never answers, a daemon that is
+/// stopped (SIGSTOP: the kernel still accepts, nobody answers), a regular file where the socket
+/// should be, and a socket the plugin may not open (permission denied): ADD fails with code 11
+/// within its 1 s deadline naming the socket, and DEL exits 0 within its deadline, every time.
+#[test]
+fn plugin_fails_closed_on_add_and_succeeds_on_del_under_every_daemon_fault() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = ambient_cni_tests::TestNet::new("faults");
+    net.add_ns("node")?;
+    net.add_ns("pod")?;
+    let pod_ns = net.ns_path("pod");
+    let prev = prev_result("vhpod", &pod_ns, "10.244.1.9");
+    let args = k8s_args(AMBIENT_NS, "p", "uid-p");
+    let log = net.dir().join("plugin.log");
+    let bin = plugin_copy(net.dir())?;
+    let deadline = Duration::from_millis(1000);
+    let daemon_args = ["--ambient-namespace", AMBIENT_NS];
+
+    // Each fault: a name, the socket, and whether the plugin runs as nobody.
+    let mut faults: Vec<(&str, std::path::PathBuf, bool)> = Vec::new();
+    faults.push((
+        "socket missing",
+        net.dir().join("none").join("cni.sock"),
+        false,
+    ));
+    // A daemon killed with -9 leaves its socket file behind.
+    let killed = net.dir().join("killed");
+    let pid = spawn_daemon_at(&net, "node", &killed, &daemon_args)?;
+    wait_socket(&killed.join("run/cni.sock"), Duration::from_secs(20))?;
+    kill9(pid);
+    net.kill(pid);
+    faults.push((
+        "stale socket of a daemon killed -9",
+        killed.join("run/cni.sock"),
+        false,
+    ));
+    let hung_path = net.dir().join("hung.sock");
+    let _hung = HungSocket::start(&hung_path)?;
+    faults.push(("accepts and never answers", hung_path, false));
+    let stopped = net.dir().join("stopped");
+    let stopped_pid = spawn_daemon_at(&net, "node", &stopped, &daemon_args)?;
+    wait_socket(&stopped.join("run/cni.sock"), Duration::from_secs(20))?;
+    signal(stopped_pid, libc::SIGSTOP);
+    faults.push((
+        "daemon stopped (SIGSTOP)",
+        stopped.join("run/cni.sock"),
+        false,
+    ));
+    let file = net.dir().join("file.sock");
+    std::fs::write(&file, b"not a socket")?;
+    faults.push(("a regular file", file, false));
+    let live = net.dir().join("live");
+    let live_pid = spawn_daemon_at(&net, "node", &live, &daemon_args)?;
+    wait_socket(&live.join("run/cni.sock"), Duration::from_secs(20))?;
+    faults.push((
+        "permission denied (0700 dir, plugin not root)",
+        live.join("run/cni.sock"),
+        true,
+    ));
+
+    for (name, socket, nobody) in &faults {
+        let mut plugin = DirectPlugin::new(socket, &log, NETWORK);
+        plugin.timeout_ms = deadline.as_millis() as u64;
+        plugin.bin = Some(bin.clone());
+        if *nobody {
+            plugin.wrapper = as_nobody();
+        }
+        let add = plugin.add("cid-fault", &pod_ns, &args, &prev);
+        let j = add.json().with_context(|| format!("{name}: ADD"))?;
+        ensure!(
+            add.status == Some(1) && j["code"] == json!(11),
+            "{name}: ADD must fail with 11: {add}"
+        );
+        let msg = j["msg"].as_str().unwrap_or_default();
+        ensure!(
+            msg.contains(&socket.display().to_string()),
+            "{name}: the message names the socket: {add}"
+        );
+        ensure!(
+            add.elapsed < deadline + Duration::from_millis(1500),
+            "{name}: ADD took {:?}",
+            add.elapsed
+        );
+        let del = plugin.del("cid-fault", &pod_ns, &args, Some(&prev));
+        ensure!(
+            del.success() && del.stdout.is_empty(),
+            "{name}: DEL must exit 0: {del}"
+        );
+        ensure!(
+            del.elapsed < deadline + Duration::from_millis(1500),
+            "{name}: DEL took {:?}",
+            del.elapsed
+        );
+        println!(
+            "fault {name:<46} ADD code 11 in {:>4} ms ({msg}: {}); DEL exit 0 in {:>4} ms",
+            add.elapsed.as_millis(),
+            j["details"].as_str().unwrap_or_default(),
+            del.elapsed.as_millis()
+        );
+    }
+    signal(stopped_pid, libc::SIGCONT);
+    net.kill(stopped_pid);
+    net.kill(live_pid);
+    Ok(())
+}
+
+/// 7. The socket is a privilege boundary: 0600 in a 0700 directory, owned by root, and the daemon
+/// listens on no TCP port. With the socket and its directory opened up on purpose, a client with
+/// uid 65534 reaches the daemon and is refused by SO_PEERCRED: the plugin's ADD gets code 100
+/// saying permission denied, `ambient-cnid status` fails the same way, and nothing is recorded.
+#[test]
+fn socket_is_0600_in_a_0700_dir_and_only_root_peers_are_served() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = ambient_cni_tests::TestNet::new("peercred");
+    net.add_ns("node")?;
+    net.add_ns("pod")?;
+    let daemon = Daemon::start(&net, "node", &["--ambient-namespace", AMBIENT_NS])?;
+    daemon.wait_ready(Duration::from_secs(20))?;
+    let sock = daemon.socket().to_path_buf();
+    let dir = sock.parent().context("socket dir")?;
+    let (dm, sm) = (std::fs::metadata(dir)?, std::fs::symlink_metadata(&sock)?);
+    use std::os::unix::fs::MetadataExt;
+    ensure!(
+        dm.mode() & 0o7777 == 0o700 && dm.uid() == 0,
+        "socket dir mode {:o} uid {}",
+        dm.mode() & 0o7777,
+        dm.uid()
+    );
+    ensure!(
+        sm.file_type().is_socket() && sm.mode() & 0o7777 == 0o600 && sm.uid() == 0,
+        "socket mode {:o} uid {}",
+        sm.mode() & 0o7777,
+        sm.uid()
+    );
+    let tcp = net.exec_ok("node", &["ss", "-Htlnp"])?;
+    ensure!(
+        !tcp.contains("ambient-cnid"),
+        "the daemon listens on TCP: {tcp}"
+    );
+    let unix = net.exec_ok("node", &["ss", "-Hxlp"])?;
+    ensure!(
+        unix.contains(&sock.display().to_string()) && unix.contains("ambient-cnid"),
+        "unix listener: {unix}"
+    );
+    println!(
+        "socket: {} mode 0600 in a 0700 dir, both root's; no TCP listener",
+        sock.display()
+    );
+
+    // Open it up for the test: now only SO_PEERCRED stands between uid 65534 and the daemon.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let pod_ns = net.ns_path("pod");
+    let mut plugin = DirectPlugin::new(&sock, &net.dir().join("plugin.log"), NETWORK);
+    plugin.bin = Some(plugin_copy(net.dir())?);
+    plugin.wrapper = as_nobody();
+    let args = k8s_args(AMBIENT_NS, "p", "uid-p");
+    let prev = prev_result("vhpod", &pod_ns, "10.244.1.9");
+    let add = plugin.add("cid-nobody", &pod_ns, &args, &prev);
+    let j = add.json().context("ADD as nobody")?;
+    ensure!(
+        add.status == Some(1) && j["code"] == json!(100),
+        "ADD as uid 65534: {add}"
+    );
+    let text = format!("{} {}", j["msg"], j["details"]);
+    ensure!(
+        text.contains("PermissionDenied") && text.contains("peer uid 65534 is not root"),
+        "the refusal says why: {add}"
+    );
+    let del = plugin.del("cid-nobody", &pod_ns, &args, Some(&prev));
+    ensure!(del.success(), "DEL always exits 0: {del}");
+    let bin = workspace_bin("ambient-cnid")?;
+    let admin_copy = net.dir().join("ambient-cnid");
+    std::fs::copy(&bin, &admin_copy)?;
+    std::fs::set_permissions(&admin_copy, std::fs::Permissions::from_mode(0o755))?;
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&admin_copy)
+        .arg("status")
+        .arg("--socket")
+        .arg(&sock);
+    let status = ambient_cni_tests::run_cmd(&mut c, None, ambient_cni_tests::COMMAND_TIMEOUT);
+    ensure!(
+        !status.success() && status.stderr.contains("not root"),
+        "status as uid 65534: {status}"
+    );
+    ensure!(
+        daemon.status_json()?["pods"] == json!(0),
+        "a refused peer recorded something"
+    );
+    ensure!(
+        daemon
+            .log_text()
+            .contains("refused a peer that is not root"),
+        "the daemon logs the refusal"
+    );
+    println!(
+        "socket: uid 65534 refused by SO_PEERCRED: ADD code 100 ({}: {}); status: {}",
+        j["msg"],
+        j["details"],
+        status.stderr.trim()
+    );
+    Ok(())
+}
+
+/// 8 (daemon side). Names and addresses from CNI input are checked before anything is recorded
+/// or touched: the plugin refuses what libcni would (code 4 for env, 7 for prevResult), the
+/// daemon refuses the rest (code 100: host interface names that are no interface names, pod
+/// UIDs/names that could not be an ipset comment or a Kubernetes name, a netns path that is no
+/// netns). After 20 hostile ADDs the registry and the kernel hold nothing, and a good ADD works.
+#[test]
+fn hostile_names_are_refused_before_anything_is_recorded() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = ambient_cni_tests::TestNet::new("hostile");
+    net.add_ns("node")?;
+    net.add_ns("pod")?;
+    net.exec_ok("node", &["sh", "-c", "ip link add vhpod type veth peer name vhpodp && ip link set vhpod up && ip link set vhpodp up"])?;
+    let daemon = Daemon::start(&net, "node", &["--ambient-namespace", AMBIENT_NS])?;
+    daemon.wait_ready(Duration::from_secs(20))?;
+    let plugin = DirectPlugin::new(daemon.socket(), &net.dir().join("plugin.log"), NETWORK);
+    let pod_ns = net.ns_path("pod");
+    let ns = pod_ns.to_string_lossy().into_owned();
+    let good_args = k8s_args(AMBIENT_NS, "p", "uid-p");
+    let good_prev = prev_result("vhpod", &pod_ns, "10.244.1.9");
+    let long_uid = "u".repeat(300);
+
+    // (what, container ID, ifname, netns, CNI_ARGS, prevResult, expected code)
+    let mut cases: Vec<(String, String, String, String, String, Value, u64)> = Vec::new();
+    let mut case =
+        |what: &str, cid: &str, ifname: &str, netns: &str, args: &str, prev: Value, code: u64| {
+            cases.push((
+                what.into(),
+                cid.into(),
+                ifname.into(),
+                netns.into(),
+                args.into(),
+                prev,
+                code,
+            ));
+        };
+    let p = good_prev.clone();
+    case(
+        "container ID with a path",
+        "../../etc/passwd",
+        "eth0",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    case(
+        "container ID with a shell",
+        "a;reboot",
+        "eth0",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    case(
+        "container ID starting with -",
+        "-rf",
+        "eth0",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    case(
+        "ifname with a path",
+        "cid",
+        "../x",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    case(
+        "ifname with a space",
+        "cid",
+        "e th0",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    case(
+        "ifname of 16 bytes",
+        "cid",
+        "0123456789abcdef",
+        &ns,
+        &good_args,
+        p.clone(),
+        4,
+    );
+    let with = |ptr: &str, v: Value| {
+        let mut x = good_prev.clone();
+        if let Some(slot) = x.pointer_mut(ptr) {
+            *slot = v;
+        }
+        x
+    };
+    case(
+        "host interface with a path",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/interfaces/0/name", json!("../../x")),
+        100,
+    );
+    case(
+        "host interface with a space",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/interfaces/0/name", json!("vh pod")),
+        100,
+    );
+    case(
+        "host interface with a newline",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/interfaces/0/name", json!("vh\npod")),
+        100,
+    );
+    case(
+        "host interface of 16 bytes",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/interfaces/0/name", json!("vhpod0123456789a")),
+        100,
+    );
+    case(
+        "host interface ..",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/interfaces/0/name", json!("..")),
+        100,
+    );
+    case(
+        "address /33",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/ips/0/address", json!("10.244.1.9/33")),
+        7,
+    );
+    case(
+        "address with a shell",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/ips/0/address", json!("10.244.1.9/24;id")),
+        7,
+    );
+    case(
+        "gateway with a shell",
+        "cid",
+        "eth0",
+        &ns,
+        &good_args,
+        with("/ips/0/gateway", json!("$(id)")),
+        7,
+    );
+    case(
+        "pod UID of 300 bytes",
+        "cid",
+        "eth0",
+        &ns,
+        &k8s_args(AMBIENT_NS, "p", &long_uid),
+        p.clone(),
+        100,
+    );
+    case(
+        "pod UID with a quote",
+        "cid",
+        "eth0",
+        &ns,
+        &k8s_args(AMBIENT_NS, "p", "u\"$(id)"),
+        p.clone(),
+        100,
+    );
+    case(
+        "pod UID with a space",
+        "cid",
+        "eth0",
+        &ns,
+        &k8s_args(AMBIENT_NS, "p", "u v"),
+        p.clone(),
+        100,
+    );
+    case(
+        "pod name with a path",
+        "cid",
+        "eth0",
+        &ns,
+        &k8s_args(AMBIENT_NS, "../p", "uid-p"),
+        p.clone(),
+        100,
+    );
+    case(
+        "netns that is a file",
+        "cid",
+        "eth0",
+        "/etc/hostname",
+        &good_args,
+        p.clone(),
+        100,
+    );
+    case(
+        "netns that does not exist",
+        "cid",
+        "eth0",
+        "/var/run/netns/none",
+        &good_args,
+        p.clone(),
+        100,
+    );
+
+    for (what, cid, ifname, netns, args, prev, code) in &cases {
+        let env = vec![
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", cid.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", ifname.as_str()),
+            ("CNI_ARGS", args.as_str()),
+        ];
+        let out = plugin.run(&env, &plugin.conf(json!({ "prevResult": prev })));
+        ensure!(
+            out.cni_code() == Some(*code),
+            "{what}: want code {code}: {out}"
+        );
+        let j = out.json()?;
+        let details: String = j["details"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(110)
+            .collect();
+        println!(
+            "hostile: {what:<30} → code {code}: {}: {details}",
+            j["msg"].as_str().unwrap_or_default()
+        );
+        let pods = daemon.status_json()?["pods"].clone();
+        ensure!(pods == json!(0), "{what}: something was recorded ({pods})");
+    }
+    ensure!(
+        ipset_members(&net, "node")?.is_empty(),
+        "hostile input reached the ipset"
+    );
+    let out = plugin.add("cid-good", &pod_ns, &good_args, &good_prev);
+    ensure!(out.success(), "the good ADD: {out}");
+    ensure!(ipset_members(&net, "node")?.get("10.244.1.9") == Some(&"uid-p".to_string()));
     Ok(())
 }
