@@ -98,14 +98,15 @@ async fn pod_before_ztunnel_is_held_closed_then_captured() {
     assert_eq!((r.via, r.dev.as_deref(), r.src), (Some(ip("192.168.126.2")), Some("istioin"), Some(ip("10.244.1.1"))));
     let out = w.node_route(tables::OUTBOUND, Prefix::DEFAULT, 0).expect("outbound default");
     assert_eq!(out.dev.as_deref(), Some("istioout"));
-    let k = w.dp.kernel();
-    assert_eq!(k.tunnels.len(), 2);
-    let zns = Ns::Pod("/tmp/acni-fake-netns-z".into());
-    assert_eq!(k.ns[&zns].rules.len(), 2);
-    assert_eq!(k.ns[&zns].sysctls.get("net/ipv4/conf/pistioin/rp_filter").map(String::as_str), Some("2"));
-    assert_eq!(k.ns[&Ns::Node].sysctls.get("net/ipv4/conf/vetha/rp_filter").map(String::as_str), Some("2"));
-    assert_eq!(k.ns[&Ns::Node].sysctls.get("net/ipv4/conf/vethz/rp_filter").map(String::as_str), Some("2"));
-    drop(k);
+    {
+        let k = w.dp.kernel();
+        assert_eq!(k.tunnels.len(), 2);
+        let zns = Ns::Pod("/tmp/acni-fake-netns-z".into());
+        assert_eq!(k.ns[&zns].rules.len(), 2);
+        assert_eq!(k.ns[&zns].sysctls.get("net/ipv4/conf/pistioin/rp_filter").map(String::as_str), Some("2"));
+        assert_eq!(k.ns[&Ns::Node].sysctls.get("net/ipv4/conf/vetha/rp_filter").map(String::as_str), Some("2"));
+        assert_eq!(k.ns[&Ns::Node].sysctls.get("net/ipv4/conf/vethz/rp_filter").map(String::as_str), Some("2"));
+    }
     assert!(w.pending().await.is_empty());
 }
 
@@ -194,14 +195,15 @@ async fn del_removes_exactly_that_pod() {
     w.d.add(ev("a", "default", "a", "10.244.1.5", "vetha")).await.expect("a");
     w.d.add(ev("b", "default", "b", "10.244.1.6", "vethb")).await.expect("b");
     assert!(w.d.del("a", "eth0").await.expect("del"));
-    let k = w.dp.kernel();
-    let set = k.ipset.as_ref().expect("set");
-    assert!(!set.contains_key(&ip("10.244.1.5")));
-    assert!(set.contains_key(&ip("10.244.1.6")));
-    let node = &k.ns[&Ns::Node];
-    assert!(!node.routes.keys().any(|k| k.dst == Prefix::host(ip("10.244.1.5"))));
-    assert!(node.routes.keys().any(|k| k.dst == Prefix::host(ip("10.244.1.6"))));
-    drop(k);
+    {
+        let k = w.dp.kernel();
+        let set = k.ipset.as_ref().expect("set");
+        assert!(!set.contains_key(&ip("10.244.1.5")));
+        assert!(set.contains_key(&ip("10.244.1.6")));
+        let node = &k.ns[&Ns::Node];
+        assert!(!node.routes.keys().any(|k| k.dst == Prefix::host(ip("10.244.1.5"))));
+        assert!(node.routes.keys().any(|k| k.dst == Prefix::host(ip("10.244.1.6"))));
+    }
     assert!(!w.d.del("a", "eth0").await.expect("second del"), "a second DEL is a no-op");
     assert!(!w.d.del("never", "eth0").await.expect("unknown del"));
     assert!(w.pending().await.is_empty());
