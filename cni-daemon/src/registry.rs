@@ -7,7 +7,7 @@
 //! old pod's DEL arrived), the newest owns it — so a late DEL of the old pod leaves the new pod's
 //! kernel entries alone.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,9 @@ pub struct Registry {
     by_cid: HashMap<(String, String), PodKey>,
     /// IP → keys of the records claiming it. Derived.
     #[serde(skip)]
-    by_ip: HashMap<Ipv4Addr, BTreeSet<PodKey>>,
+    /// A Vec, not a set: an IP almost always has one claimant, and a one-key BTreeSet allocates a
+    /// whole B-tree node (~550 bytes) per IP.
+    by_ip: HashMap<Ipv4Addr, Vec<PodKey>>,
 }
 
 /// What an ADD changed.
@@ -135,7 +137,10 @@ impl Registry {
     fn index(&mut self, key: &PodKey, rec: &PodRecord) {
         self.by_cid.insert((rec.container_id.clone(), rec.ifname.clone()), key.clone());
         for ip in &rec.ips {
-            self.by_ip.entry(*ip).or_default().insert(key.clone());
+            let keys = self.by_ip.entry(*ip).or_default();
+            if !keys.contains(key) {
+                keys.push(key.clone());
+            }
         }
     }
 
@@ -146,7 +151,7 @@ impl Registry {
         }
         for ip in &rec.ips {
             if let Some(set) = self.by_ip.get_mut(ip) {
-                set.remove(key);
+                set.retain(|k| k != key);
                 if set.is_empty() {
                     self.by_ip.remove(ip);
                 }

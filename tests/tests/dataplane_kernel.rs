@@ -1269,6 +1269,43 @@ async fn batches_match_one_by_one() {
     assert_eq!(many, one);
     assert_eq!(many[0].as_deref(), Some("2"));
     assert_eq!(many[1], None);
+
+    // Many rp_filter keys: read from one netconf dump, names mapped to indexes (and cached).
+    // Still the same answers after links go, come back under the same name with a new index,
+    // and change value.
+    let mut script = String::new();
+    for i in 0..40 {
+        script.push_str(&format!("link add rv{i} type veth peer name rp{i}\n"));
+    }
+    let batch = std::env::temp_dir().join(format!("acni-dp-{}-links", std::process::id()));
+    std::fs::write(&batch, script).expect("batch file");
+    sh(&node, &format!("ip -batch {}", batch.display()));
+    let _ = std::fs::remove_file(&batch);
+    let mut keys: Vec<String> = (0..40).map(|i| rp_filter_key(&format!("rv{i}"))).collect();
+    keys.push(rp_filter_key("nosuchdev0"));
+    keys.push(rp_filter_key("lo"));
+    for k in keys.iter().step_by(3).take(10) {
+        dp.sysctl_write(&ns, k, "2").await.expect("write");
+    }
+    let check = |label: &'static str| {
+        let (dp, keys) = (&dp, &keys);
+        async move {
+            let many = dp.sysctl_read_many(&Ns::Node, keys).await.expect("read many");
+            let mut one = Vec::new();
+            for k in keys {
+                one.push(dp.sysctl_read(&Ns::Node, k).await.expect("read"));
+            }
+            assert_eq!(many, one, "{label}");
+        }
+    };
+    check("first read").await;
+    check("cached indexes").await;
+    sh(
+        &node,
+        "ip link del rv3 && ip link del rv4 && ip link add rv4 type veth peer name rp4b && \
+         sysctl -qw net.ipv4.conf.rv4.rp_filter=1 net.ipv4.conf.rv5.rp_filter=2",
+    );
+    check("after a delete, a re-create and changes").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
