@@ -352,16 +352,22 @@ impl DirectPlugin {
                 }
             },
         };
-        let mut c = match self.wrapper.split_first() {
-            Some((w, rest)) => {
-                let mut c = Command::new(w);
-                c.args(rest).arg(&bin);
+        let stdin = stdin.to_string();
+        run_fresh_binary(
+            || {
+                let mut c = match self.wrapper.split_first() {
+                    Some((w, rest)) => {
+                        let mut c = Command::new(w);
+                        c.args(rest).arg(&bin);
+                        c
+                    }
+                    None => Command::new(&bin),
+                };
+                c.env_clear().envs(env.iter().copied());
                 c
-            }
-            None => Command::new(&bin),
-        };
-        c.env_clear().envs(env.iter().copied());
-        run_cmd(&mut c, Some(stdin.to_string().as_bytes()), COMMAND_TIMEOUT)
+            },
+            Some(stdin.as_bytes()),
+        )
     }
 
     /// ADD of a Kubernetes pod with `prev` as prevResult.
@@ -395,6 +401,22 @@ impl DirectPlugin {
             &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/nonexistent")],
             &conf,
         )
+    }
+}
+
+/// Runs a command whose binary may have been copied just now: while a test thread writes the
+/// copy, another thread's fork can inherit the open file for the moment before its exec, and
+/// executing the copy then fails with ETXTBSY ("Text file busy"). That is retried.
+pub fn run_fresh_binary(mk: impl Fn() -> Command, stdin: Option<&[u8]>) -> Output {
+    let mut tries = 0;
+    loop {
+        let out = run_cmd(&mut mk(), stdin, COMMAND_TIMEOUT);
+        let busy = out.stderr.contains("Text file busy") && out.stdout.is_empty();
+        if !busy || tries >= 50 {
+            return out;
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -119,7 +119,7 @@ fn result_ip(out: &Output) -> Result<String> {
         .to_string())
 }
 
-/// 1. `kill -9` of the daemon at five different moments and a SIGTERM: while it is down and
+/// (1) `kill -9` of the daemon at five different moments and a SIGTERM: while it is down and
 /// while it restarts, an enrolled pod's TCP keeps going through ztunnel in both directions (a
 /// thread connects all the time: no connection bypasses, none fails) and the kernel state stays
 /// as it was; after each restart the registry is reloaded and equals the kernel; a pod deleted
@@ -518,7 +518,7 @@ fn repair_each_drift(
     Ok(out)
 }
 
-/// 2. Drift: with the real kernel, an outside agent flushes the ipset, flushes our mangle chain,
+/// (2) Drift: with the real kernel, an outside agent flushes the ipset, flushes our mangle chain,
 /// deletes rule 101, deletes a pod's table-100 route, deletes istioin: each is repaired within
 /// 5 s (resync every 500 ms, then with the default 2 s), shows up as a `repair` in the trace,
 /// and the pod is captured again. Objects of other owners (routes with other protocols in tables
@@ -591,7 +591,7 @@ fn cid_of(d: &Daemon, name: &str) -> Result<String> {
         .with_context(|| format!("no registry record of {name}"))
 }
 
-/// 3. Garbage collection: CNI GC (cniVersion 1.1.0, `cni.dev/valid-attachments`, the plugin run
+/// (3) Garbage collection: CNI GC (cniVersion 1.1.0, `cni.dev/valid-attachments`, the plugin run
 /// directly since Debian's libcni stops at 1.0.0) removes exactly the unlisted attachments of
 /// its network, kernel entries included; the periodic sweep removes a pod whose netns vanished
 /// without a DEL; and 40 short-lived pods whose netns went leave nothing behind.
@@ -700,7 +700,7 @@ fn cni_gc_and_the_netns_sweep_remove_exactly_the_stale_pods() -> Result<()> {
     Ok(())
 }
 
-/// 4. IP reuse with the real plugin, through libcni: a network whose host-local range holds one
+/// (4) IP reuse with the real plugin, through libcni: a network whose host-local range holds one
 /// address forces it. Pod X gets it; X goes away while the daemon is down (its DEL is lost, ptp
 /// and host-local release the address, its netns is not removed yet); pod Y gets the same
 /// address; then X's DEL arrives late: Y's ipset entry (comment = Y's UID), its table-100 route
@@ -931,7 +931,7 @@ fn assert_parallel_state(w: &World, d: &Daemon, live: &[Synthetic], ctx: &str) -
     Ok(())
 }
 
-/// 5. Concurrency: 80 plugin processes at once, ADD (and for a third of them DEL right after)
+/// (5) Concurrency: 80 plugin processes at once, ADD (and for a third of them DEL right after)
 /// with 10 IPs shared among them (pods share one netns and one host interface), then a second
 /// wave of 30 ADDs racing the DELs of half the live pods: the kernel's ipset (members and owner comments) and table-100
 /// routes equal what the registry says, and both equal the expected set of live pods. A resync
@@ -1034,7 +1034,7 @@ fn as_nobody() -> Vec<String> {
     .collect()
 }
 
-/// 6. The plugin under every daemon fault: socket missing, a stale socket of a daemon killed
+/// (6) The plugin under every daemon fault: socket missing, a stale socket of a daemon killed
 /// with -9 (connection refused), a socket that accepts and never answers, a daemon that is
 /// stopped (SIGSTOP: the kernel still accepts, nobody answers), a regular file where the socket
 /// should be, and a socket the plugin may not open (permission denied): ADD fails with code 11
@@ -1143,7 +1143,7 @@ fn plugin_fails_closed_on_add_and_succeeds_on_del_under_every_daemon_fault() -> 
     Ok(())
 }
 
-/// 7. The socket is a privilege boundary: 0600 in a 0700 directory, owned by root, and the daemon
+/// (7) The socket is a privilege boundary: 0600 in a 0700 directory, owned by root, and the daemon
 /// listens on no TCP port. With the socket and its directory opened up on purpose, a client with
 /// uid 65534 reaches the daemon and is refused by SO_PEERCRED: the plugin's ADD gets code 100
 /// saying permission denied, `ambient-cnid status` fails the same way, and nothing is recorded.
@@ -1214,13 +1214,18 @@ fn socket_is_0600_in_a_0700_dir_and_only_root_peers_are_served() -> Result<()> {
     let admin_copy = net.dir().join("ambient-cnid");
     std::fs::copy(&bin, &admin_copy)?;
     std::fs::set_permissions(&admin_copy, std::fs::Permissions::from_mode(0o755))?;
-    let mut c = std::process::Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&admin_copy)
-        .arg("status")
-        .arg("--socket")
-        .arg(&sock);
-    let status = ambient_cni_tests::run_cmd(&mut c, None, ambient_cni_tests::COMMAND_TIMEOUT);
+    let status = run_fresh_binary(
+        || {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&admin_copy)
+                .arg("status")
+                .arg("--socket")
+                .arg(&sock);
+            c
+        },
+        None,
+    );
     ensure!(
         !status.success() && status.stderr.contains("not root"),
         "status as uid 65534: {status}"
@@ -1244,7 +1249,7 @@ fn socket_is_0600_in_a_0700_dir_and_only_root_peers_are_served() -> Result<()> {
     Ok(())
 }
 
-/// 8 (daemon side). Names and addresses from CNI input are checked before anything is recorded
+/// (8, daemon side) Names and addresses from CNI input are checked before anything is recorded
 /// or touched: the plugin refuses what libcni would (code 4 for env, 7 for prevResult), the
 /// daemon refuses the rest (code 100: host interface names that are no interface names, pod
 /// UIDs/names that could not be an ipset comment or a Kubernetes name, a netns path that is no
