@@ -16,7 +16,11 @@ pub async fn connect(socket: &Path) -> anyhow::Result<CniNodeClient<Channel>> {
         .timeout(Duration::from_secs(10))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
         }))
         .await
         .with_context(|| format!("cannot reach the daemon at {}", socket.display()))?;
@@ -26,16 +30,36 @@ pub async fn connect(socket: &Path) -> anyhow::Result<CniNodeClient<Channel>> {
 
 /// `ambient-cnid status`: fails when the daemon is not ready.
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let s = connect(socket).await?.status(StatusRequest {}).await.context("status")?.into_inner();
+    let s = connect(socket)
+        .await?
+        .status(StatusRequest {})
+        .await
+        .context("status")?
+        .into_inner();
     if json {
         println!(
             "{}",
             serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "version": s.version})
         );
     } else {
-        println!("ready:      {}{}", s.ready, if s.reason.is_empty() { String::new() } else { format!(" ({})", s.reason) });
+        println!(
+            "ready:      {}{}",
+            s.ready,
+            if s.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.reason)
+            }
+        );
         println!("pods:       {} ({} enrolled)", s.pods, s.enrolled_pods);
-        println!("ztunnel:    {}", if s.ztunnel_present { "present" } else { "absent" });
+        println!(
+            "ztunnel:    {}",
+            if s.ztunnel_present {
+                "present"
+            } else {
+                "absent"
+            }
+        );
         println!("version:    {}", s.version);
     }
     if !s.ready {
@@ -51,12 +75,21 @@ fn fmt_ms(ms: u64) -> String {
 }
 
 /// `ambient-cnid trace`.
-pub async fn trace(socket: &Path, filter: &str, limit: u32, follow: bool, json: bool) -> anyhow::Result<()> {
+pub async fn trace(
+    socket: &Path,
+    filter: &str,
+    limit: u32,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut client = connect(socket).await?;
     let mut last = 0u64;
     loop {
         let events = client
-            .trace(TraceRequest { filter: filter.into(), limit })
+            .trace(TraceRequest {
+                filter: filter.into(),
+                limit,
+            })
             .await
             .context("trace")?
             .into_inner()
@@ -65,7 +98,10 @@ pub async fn trace(socket: &Path, filter: &str, limit: u32, follow: bool, json: 
         for e in events.into_iter().filter(|e| e.unix_ms > since || !follow) {
             last = last.max(e.unix_ms);
             if json {
-                println!("{}", serde_json::json!({"unixMs": e.unix_ms, "kind": e.kind, "message": e.message}));
+                println!(
+                    "{}",
+                    serde_json::json!({"unixMs": e.unix_ms, "kind": e.kind, "message": e.message})
+                );
             } else {
                 println!("{} {:<8} {}", fmt_ms(e.unix_ms), e.kind, e.message);
             }
@@ -79,7 +115,12 @@ pub async fn trace(socket: &Path, filter: &str, limit: u32, follow: bool, json: 
 
 /// `ambient-cnid dump`.
 pub async fn dump(socket: &Path) -> anyhow::Result<()> {
-    let d = connect(socket).await?.dump(DumpRequest {}).await.context("dump")?.into_inner();
+    let d = connect(socket)
+        .await?
+        .dump(DumpRequest {})
+        .await
+        .context("dump")?
+        .into_inner();
     println!("{}", d.json);
     Ok(())
 }

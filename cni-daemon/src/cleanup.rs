@@ -9,15 +9,27 @@ use std::path::Path;
 use crate::config::Config;
 use crate::dataplane::Dataplane;
 use crate::model::Ns;
-use crate::reconcile::desired::{node_chains, zt_chains, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES};
+use crate::reconcile::desired::{
+    node_chains, zt_chains, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES,
+};
 use crate::reconcile::{ApplyReport, Ztunnel};
 use crate::registry::Registry;
 
-async fn clean_ns<D: Dataplane>(dp: &D, ns: &Ns, prios: &[u32], tables: &[u32], report: &mut ApplyReport) {
+async fn clean_ns<D: Dataplane>(
+    dp: &D,
+    ns: &Ns,
+    prios: &[u32],
+    tables: &[u32],
+    report: &mut ApplyReport,
+) {
     match dp.rules_list(ns, prios).await {
         Ok(rules) => {
             for r in rules {
-                note(report, format!("rule del {r} in {ns}"), dp.rule_del(ns, &r).await);
+                note(
+                    report,
+                    format!("rule del {r} in {ns}"),
+                    dp.rule_del(ns, &r).await,
+                );
             }
         }
         Err(e) => report.errors.push(format!("listing rules in {ns}: {e}")),
@@ -25,7 +37,11 @@ async fn clean_ns<D: Dataplane>(dp: &D, ns: &Ns, prios: &[u32], tables: &[u32], 
     match dp.routes_list(ns, tables).await {
         Ok(routes) => {
             for r in routes {
-                note(report, format!("route del {r} in {ns}"), dp.route_del(ns, &r).await);
+                note(
+                    report,
+                    format!("route del {r} in {ns}"),
+                    dp.route_del(ns, &r).await,
+                );
             }
         }
         Err(e) => report.errors.push(format!("listing routes in {ns}: {e}")),
@@ -46,17 +62,41 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
     if let Some(z) = reg.ztunnel().and_then(Ztunnel::from_record) {
         if let Ns::Pod(p) = &z.ns {
             if dp.netns_alive(Path::new(p)) {
-                note(&mut report, format!("iptables remove in {}", z.ns), dp.iptables_remove(&z.ns, &zt_chains(cfg, &z)).await);
+                note(
+                    &mut report,
+                    format!("iptables remove in {}", z.ns),
+                    dp.iptables_remove(&z.ns, &zt_chains(cfg, &z)).await,
+                );
                 clean_ns(dp, &z.ns, &ZT_RULE_PRIORITIES, &ZT_TABLES, &mut report).await;
             }
         }
     }
     // Stop steering first (rules), then routes, chains, the set (once nothing references it), links.
-    clean_ns(dp, &Ns::Node, &NODE_RULE_PRIORITIES, &NODE_TABLES, &mut report).await;
-    note(&mut report, "iptables remove in node".into(), dp.iptables_remove(&Ns::Node, &node_chains(cfg, None, None)).await);
-    note(&mut report, "ipset destroy".into(), dp.ipset_destroy().await);
+    clean_ns(
+        dp,
+        &Ns::Node,
+        &NODE_RULE_PRIORITIES,
+        &NODE_TABLES,
+        &mut report,
+    )
+    .await;
+    note(
+        &mut report,
+        "iptables remove in node".into(),
+        dp.iptables_remove(&Ns::Node, &node_chains(cfg, None, None))
+            .await,
+    );
+    note(
+        &mut report,
+        "ipset destroy".into(),
+        dp.ipset_destroy().await,
+    );
     for name in cfg.tunnel_names() {
-        note(&mut report, format!("link del {name}"), dp.link_del(&name).await);
+        note(
+            &mut report,
+            format!("link del {name}"),
+            dp.link_del(&name).await,
+        );
     }
     report
 }
@@ -89,8 +129,18 @@ mod tests {
             ips: vec![(format!("{ip}/24"), "10.244.1.1".into())],
             host_if: hif.into(),
         };
-        d.add(ev("z", "istio-system", "ztunnel-abc", "10.244.1.2", "vethz")).await.expect("ztunnel add");
-        d.add(ev("a", "default", "app", "10.244.1.5", "vetha")).await.expect("pod add");
+        d.add(ev(
+            "z",
+            "istio-system",
+            "ztunnel-abc",
+            "10.244.1.2",
+            "vethz",
+        ))
+        .await
+        .expect("ztunnel add");
+        d.add(ev("a", "default", "app", "10.244.1.5", "vetha"))
+            .await
+            .expect("pod add");
         let reg = {
             let mut r = Registry::default();
             r.upsert(crate::registry::PodRecord {
@@ -118,7 +168,10 @@ mod tests {
         for (ns, n) in &k.ns {
             assert!(n.rules.is_empty(), "rules left in {ns}");
             assert!(n.routes.is_empty(), "routes left in {ns}");
-            assert!(n.chains.is_empty() && n.jumps.is_empty(), "chains left in {ns}");
+            assert!(
+                n.chains.is_empty() && n.jumps.is_empty(),
+                "chains left in {ns}"
+            );
         }
     }
 }

@@ -124,15 +124,27 @@ impl Default for Config {
             host_proc: None,
             inbound: (
                 "istioin".into(),
-                Prefix { addr: Ipv4Addr::new(192, 168, 126, 1), len: 30 },
+                Prefix {
+                    addr: Ipv4Addr::new(192, 168, 126, 1),
+                    len: 30,
+                },
                 "pistioin".into(),
-                Prefix { addr: Ipv4Addr::new(192, 168, 126, 2), len: 30 },
+                Prefix {
+                    addr: Ipv4Addr::new(192, 168, 126, 2),
+                    len: 30,
+                },
             ),
             outbound: (
                 "istioout".into(),
-                Prefix { addr: Ipv4Addr::new(192, 168, 127, 1), len: 30 },
+                Prefix {
+                    addr: Ipv4Addr::new(192, 168, 127, 1),
+                    len: 30,
+                },
                 "pistioout".into(),
-                Prefix { addr: Ipv4Addr::new(192, 168, 127, 2), len: 30 },
+                Prefix {
+                    addr: Ipv4Addr::new(192, 168, 127, 2),
+                    len: 30,
+                },
             ),
         }
     }

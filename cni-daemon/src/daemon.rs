@@ -142,7 +142,13 @@ pub struct Policy {
 }
 
 /// Is a pod enrolled, and why. Pure.
-pub fn decide(cfg: &Config, policy: &Policy, namespace: &str, name: &str, has_ipv4: bool) -> (bool, bool, String) {
+pub fn decide(
+    cfg: &Config,
+    policy: &Policy,
+    namespace: &str,
+    name: &str,
+    has_ipv4: bool,
+) -> (bool, bool, String) {
     let ztunnel = namespace == cfg.ztunnel_namespace && name.starts_with(&cfg.ztunnel_name_prefix);
     if ztunnel {
         return (false, true, "the node's ztunnel".into());
@@ -150,13 +156,24 @@ pub fn decide(cfg: &Config, policy: &Policy, namespace: &str, name: &str, has_ip
     if !has_ipv4 {
         return (false, false, "no IPv4 address (host-network pod?)".into());
     }
-    if policy.excluded_pods.contains(&(namespace.to_string(), name.to_string())) {
-        return (false, false, "pod opted out (redirection disabled or host network)".into());
+    if policy
+        .excluded_pods
+        .contains(&(namespace.to_string(), name.to_string()))
+    {
+        return (
+            false,
+            false,
+            "pod opted out (redirection disabled or host network)".into(),
+        );
     }
     if cfg.ambient_namespaces.contains(namespace) || policy.namespaces.contains(namespace) {
         (true, false, format!("namespace {namespace} is ambient"))
     } else {
-        (false, false, format!("namespace {namespace} is not ambient"))
+        (
+            false,
+            false,
+            format!("namespace {namespace} is not ambient"),
+        )
     }
 }
 
@@ -180,7 +197,10 @@ pub struct Daemon<D> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A valid Linux interface name: 1–15 bytes, no `/`, `:` or whitespace, not `.`/`..`.
@@ -189,7 +209,8 @@ pub fn valid_ifname(s: &str) -> bool {
         && s.len() <= 15
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 /// A valid container ID as libcni checks it: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
@@ -216,7 +237,10 @@ fn keep_foreign_rules(want: &reconcile::Desired, have: &mut reconcile::Observed)
 /// A pod UID (the ipset comment, ≤ 255 bytes in the kernel) or name/namespace from CNI_ARGS:
 /// 1–253 bytes of `[A-Za-z0-9._-]` (Kubernetes UIDs, names and namespaces all fit).
 pub fn valid_k8s_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 fn parse_v4(cidr: &str) -> Result<Option<Ipv4Addr>, String> {
@@ -262,14 +286,23 @@ impl<D: Dataplane> Daemon<D> {
         if t.len() >= TRACE_EVENTS {
             t.pop_front();
         }
-        t.push_back(TraceEvent { unix_ms: now_ms(), kind: kind.into(), message });
+        t.push_back(TraceEvent {
+            unix_ms: now_ms(),
+            kind: kind.into(),
+            message,
+        });
     }
 
     /// The newest events (filtered by a substring), oldest first.
     pub fn trace(&self, filter: &str, limit: usize) -> Vec<TraceEvent> {
         let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<TraceEvent> =
-            t.iter().rev().filter(|e| filter.is_empty() || e.message.contains(filter)).take(limit).cloned().collect();
+        let mut out: Vec<TraceEvent> = t
+            .iter()
+            .rev()
+            .filter(|e| filter.is_empty() || e.message.contains(filter))
+            .take(limit)
+            .cloned()
+            .collect();
         out.reverse();
         out
     }
@@ -282,7 +315,8 @@ impl<D: Dataplane> Daemon<D> {
     fn persist(&self, inner: &mut Inner, entry: Entry) -> Result<(), RequestError> {
         let Inner { store, reg, .. } = inner;
         if let Some(s) = store.as_mut() {
-            s.append(&entry, reg).map_err(|e| RequestError::State(e.to_string()))?;
+            s.append(&entry, reg)
+                .map_err(|e| RequestError::State(e.to_string()))?;
         }
         Ok(())
     }
@@ -320,15 +354,23 @@ impl<D: Dataplane> Daemon<D> {
 
     /// A pod's sandbox is up: record it and, if enrolled, redirect it.
     pub async fn add(&self, mut ev: PodEvent) -> Result<AddOutcome, RequestError> {
-        if let (Some(host_proc), Some(rest)) = (&self.cfg.host_proc, ev.netns.strip_prefix("/proc/")) {
+        if let (Some(host_proc), Some(rest)) =
+            (&self.cfg.host_proc, ev.netns.strip_prefix("/proc/"))
+        {
             // In a container, the runtime's `/proc/<pid>/ns/net` is the host's /proc.
             ev.netns = host_proc.join(rest).to_string_lossy().into_owned();
         }
         if !valid_container_id(&ev.container_id) {
-            return Err(RequestError::Invalid(format!("invalid container ID {:?}", ev.container_id)));
+            return Err(RequestError::Invalid(format!(
+                "invalid container ID {:?}",
+                ev.container_id
+            )));
         }
         if !valid_ifname(&ev.ifname) {
-            return Err(RequestError::Invalid(format!("invalid interface name {:?}", ev.ifname)));
+            return Err(RequestError::Invalid(format!(
+                "invalid interface name {:?}",
+                ev.ifname
+            )));
         }
         for (what, v) in [("pod namespace", &ev.namespace), ("pod name", &ev.name)] {
             if !valid_k8s_token(v) {
@@ -336,10 +378,16 @@ impl<D: Dataplane> Daemon<D> {
             }
         }
         if !ev.uid.is_empty() && !valid_k8s_token(&ev.uid) {
-            return Err(RequestError::Invalid(format!("invalid pod UID {:?}", ev.uid)));
+            return Err(RequestError::Invalid(format!(
+                "invalid pod UID {:?}",
+                ev.uid
+            )));
         }
         if !ev.host_if.is_empty() && !valid_ifname(&ev.host_if) {
-            return Err(RequestError::Invalid(format!("invalid host interface name {:?}", ev.host_if)));
+            return Err(RequestError::Invalid(format!(
+                "invalid host interface name {:?}",
+                ev.host_if
+            )));
         }
         if ev.netns.is_empty() || !self.dp.netns_alive(Path::new(&ev.netns)) {
             return Err(RequestError::Precondition(format!(
@@ -359,12 +407,22 @@ impl<D: Dataplane> Daemon<D> {
         }
         let (enrolled, ztunnel, reason) = {
             let inner = self.inner.lock().await;
-            decide(&self.cfg, &inner.policy, &ev.namespace, &ev.name, !ips.is_empty())
+            decide(
+                &self.cfg,
+                &inner.policy,
+                &ev.namespace,
+                &ev.name,
+                !ips.is_empty(),
+            )
         };
         let mut host_if = (!ev.host_if.is_empty()).then(|| ev.host_if.clone());
         if host_if.is_none() && (enrolled || ztunnel) {
             if let Some(ip) = ips.first() {
-                host_if = self.dp.route_dev_lookup(*ip).await.map_err(|e| RequestError::Kernel(e.to_string()))?;
+                host_if = self
+                    .dp
+                    .route_dev_lookup(*ip)
+                    .await
+                    .map_err(|e| RequestError::Kernel(e.to_string()))?;
             }
         }
         if ztunnel && host_if.is_none() {
@@ -388,7 +446,13 @@ impl<D: Dataplane> Daemon<D> {
             ztunnel,
             seq: 0,
         };
-        let label = format!("{} {} ({}) {:?}", rec.display_name(), rec.owner(), ev.container_id, ips);
+        let label = format!(
+            "{} {} ({}) {:?}",
+            rec.display_name(),
+            rec.owner(),
+            ev.container_id,
+            ips
+        );
         let mut inner = self.inner.lock().await;
         let up = inner.reg.upsert(rec);
         let mut touched: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
@@ -415,18 +479,33 @@ impl<D: Dataplane> Daemon<D> {
         if !report.ok() {
             return Err(RequestError::Kernel(report.errors.join("; ")));
         }
-        Ok(AddOutcome { enrolled, ztunnel, reason })
+        Ok(AddOutcome {
+            enrolled,
+            ztunnel,
+            reason,
+        })
     }
 
     /// A pod attachment is going away: remove exactly what it owned. Unknown attachments succeed.
     pub async fn del(&self, container_id: &str, ifname: &str) -> Result<bool, RequestError> {
         let mut inner = self.inner.lock().await;
         let Some(rec) = inner.reg.remove(container_id, ifname) else {
-            self.event("del", format!("{container_id}/{ifname}: not known (nothing to do)"));
+            self.event(
+                "del",
+                format!("{container_id}/{ifname}: not known (nothing to do)"),
+            );
             return Ok(false);
         };
         self.persist(&mut inner, Entry::Del { key: rec.key() })?;
-        self.event("del", format!("{} {} ({container_id}) {:?}", rec.display_name(), rec.owner(), rec.ips));
+        self.event(
+            "del",
+            format!(
+                "{} {} ({container_id}) {:?}",
+                rec.display_name(),
+                rec.owner(),
+                rec.ips
+            ),
+        );
         info!(pod = %rec.display_name(), container_id, "pod deleted");
         let report = self.forget(&mut inner, &rec).await;
         if !report.ok() {
@@ -460,10 +539,27 @@ impl<D: Dataplane> Daemon<D> {
             .reg
             .records()
             .filter_map(|r| {
-                let (enrolled, _, reason) = decide(&self.cfg, &inner.policy, &r.namespace, &r.name, !r.ips.is_empty());
+                let (enrolled, _, reason) = decide(
+                    &self.cfg,
+                    &inner.policy,
+                    &r.namespace,
+                    &r.name,
+                    !r.ips.is_empty(),
+                );
                 (enrolled != r.enrolled && !r.ztunnel).then(|| {
-                    self.event("policy", format!("{} {}: {}", r.display_name(), if enrolled { "joins" } else { "leaves" }, reason));
-                    PodRecord { enrolled, ..r.clone() }
+                    self.event(
+                        "policy",
+                        format!(
+                            "{} {}: {}",
+                            r.display_name(),
+                            if enrolled { "joins" } else { "leaves" },
+                            reason
+                        ),
+                    );
+                    PodRecord {
+                        enrolled,
+                        ..r.clone()
+                    }
                 })
             })
             .collect();
@@ -488,17 +584,36 @@ impl<D: Dataplane> Daemon<D> {
     }
 
     /// Is the attachment in the state ADD left it in?
-    pub async fn check(&self, container_id: &str, ifname: &str) -> Result<(bool, String), RequestError> {
+    pub async fn check(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<(bool, String), RequestError> {
         let inner = self.inner.lock().await;
         let Some(rec) = inner.reg.find(container_id, ifname).cloned() else {
-            return Err(RequestError::Precondition(format!("no record of container {container_id} interface {ifname}")));
+            return Err(RequestError::Precondition(format!(
+                "no record of container {container_id} interface {ifname}"
+            )));
         };
         drop(inner);
         if !rec.enrolled {
-            return Ok((false, format!("{} is known and not enrolled", rec.display_name())));
+            return Ok((
+                false,
+                format!("{} is known and not enrolled", rec.display_name()),
+            ));
         }
-        let set = self.dp.ipset_list().await.map_err(|e| RequestError::Kernel(e.to_string()))?.unwrap_or_default();
-        let missing: Vec<String> = rec.ips.iter().filter(|ip| !set.contains_key(ip)).map(|ip| ip.to_string()).collect();
+        let set = self
+            .dp
+            .ipset_list()
+            .await
+            .map_err(|e| RequestError::Kernel(e.to_string()))?
+            .unwrap_or_default();
+        let missing: Vec<String> = rec
+            .ips
+            .iter()
+            .filter(|ip| !set.contains_key(ip))
+            .map(|ip| ip.to_string())
+            .collect();
         if !missing.is_empty() {
             return Err(RequestError::Precondition(format!(
                 "{}: IPs {} are not in the ipset (a resync will repair it)",
@@ -506,21 +621,41 @@ impl<D: Dataplane> Daemon<D> {
                 missing.join(",")
             )));
         }
-        Ok((true, format!("{} enrolled, {} IPs in the ipset", rec.display_name(), rec.ips.len())))
+        Ok((
+            true,
+            format!(
+                "{} enrolled, {} IPs in the ipset",
+                rec.display_name(),
+                rec.ips.len()
+            ),
+        ))
     }
 
     /// CNI GC: remove the records of `network` whose attachment is not listed.
-    pub async fn gc(&self, network: &str, valid: Option<&[(String, String)]>) -> (u32, Vec<String>) {
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: Option<&[(String, String)]>,
+    ) -> (u32, Vec<String>) {
         let Some(valid) = valid else {
-            self.event("gc", format!("network {network}: no attachment list sent, nothing removed"));
+            self.event(
+                "gc",
+                format!("network {network}: no attachment list sent, nothing removed"),
+            );
             return (0, vec![]);
         };
-        let keep: BTreeSet<(&str, &str)> = valid.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
+        let keep: BTreeSet<(&str, &str)> = valid
+            .iter()
+            .map(|(c, i)| (c.as_str(), i.as_str()))
+            .collect();
         let mut inner = self.inner.lock().await;
         let stale: Vec<PodRecord> = inner
             .reg
             .records()
-            .filter(|r| r.network == network && !keep.contains(&(r.container_id.as_str(), r.ifname.as_str())))
+            .filter(|r| {
+                r.network == network
+                    && !keep.contains(&(r.container_id.as_str(), r.ifname.as_str()))
+            })
             .cloned()
             .collect();
         let mut errors = Vec::new();
@@ -529,7 +664,16 @@ impl<D: Dataplane> Daemon<D> {
             if let Err(e) = self.persist(&mut inner, Entry::Del { key: rec.key() }) {
                 errors.push(e.to_string());
             }
-            self.event("gc", format!("{} {} ({}) {:?}", rec.display_name(), rec.owner(), rec.container_id, rec.ips));
+            self.event(
+                "gc",
+                format!(
+                    "{} {} ({}) {:?}",
+                    rec.display_name(),
+                    rec.owner(),
+                    rec.container_id,
+                    rec.ips
+                ),
+            );
             errors.extend(self.forget(&mut inner, rec).await.errors);
         }
         (stale.len() as u32, errors)
@@ -548,14 +692,29 @@ impl<D: Dataplane> Daemon<D> {
 
     /// Records whose netns is gone are stale (their pod was deleted while we were not told).
     fn sweep(&self, inner: &mut Inner) -> Vec<PodRecord> {
-        let gone: Vec<PodRecord> = inner.reg.records().filter(|r| self.netns_gone(&r.netns)).cloned().collect();
+        let gone: Vec<PodRecord> = inner
+            .reg
+            .records()
+            .filter(|r| self.netns_gone(&r.netns))
+            .cloned()
+            .collect();
         for rec in &gone {
             inner.reg.remove_key(&rec.key());
             if let Err(e) = self.persist(inner, Entry::Del { key: rec.key() }) {
                 warn!(error = %e, "persisting a sweep");
             }
             info!(pod = %rec.display_name(), netns = %rec.netns, "swept: its netns is gone");
-            self.event("sweep", format!("{} {} ({}) {:?}: netns {} is gone", rec.display_name(), rec.owner(), rec.container_id, rec.ips, rec.netns));
+            self.event(
+                "sweep",
+                format!(
+                    "{} {} ({}) {:?}: netns {} is gone",
+                    rec.display_name(),
+                    rec.owner(),
+                    rec.container_id,
+                    rec.ips,
+                    rec.netns
+                ),
+            );
         }
         gone
     }
@@ -565,10 +724,17 @@ impl<D: Dataplane> Daemon<D> {
         let zt = self.live_ztunnel(&inner.reg);
         if zt != inner.zt_applied {
             match &zt {
-                Some(z) => self.event("ztunnel", format!("active ztunnel: {} ip {} veth {}", z.ns, z.ip, z.host_if)),
+                Some(z) => self.event(
+                    "ztunnel",
+                    format!("active ztunnel: {} ip {} veth {}", z.ns, z.ip, z.host_if),
+                ),
                 None => self.event(
                     "ztunnel",
-                    if self.cfg.fail_open { "no ztunnel: enrolled pods flow uncaptured (--fail-open)".into() } else { "no ztunnel: enrolled pods' TCP is held closed until one arrives".into() },
+                    if self.cfg.fail_open {
+                        "no ztunnel: enrolled pods flow uncaptured (--fail-open)".into()
+                    } else {
+                        "no ztunnel: enrolled pods' TCP is held closed until one arrives".into()
+                    },
                 ),
             }
         }
@@ -586,7 +752,10 @@ impl<D: Dataplane> Daemon<D> {
                 let msg = format!("reading kernel state: {e}");
                 warn!("{msg}");
                 self.event("error", msg.clone());
-                ApplyReport { applied: vec![], errors: vec![msg] }
+                ApplyReport {
+                    applied: vec![],
+                    errors: vec![msg],
+                }
             }
         };
         if report.ok() {
@@ -608,7 +777,9 @@ impl<D: Dataplane> Daemon<D> {
         let mut inner = self.inner.lock().await;
         self.sweep(&mut inner);
         let first = !self.is_ready();
-        let report = self.full_reconcile(&mut inner, if first { "start" } else { "repair" }).await;
+        let report = self
+            .full_reconcile(&mut inner, if first { "start" } else { "repair" })
+            .await;
         if report.ok() {
             self.ready.store(true, Ordering::SeqCst);
         }
@@ -635,12 +806,17 @@ impl<D: Dataplane> Daemon<D> {
         let inner = self.inner.lock().await;
         let zt = self.live_ztunnel(&inner.reg);
         let want = desired(&self.cfg, &inner.reg, zt.as_ref());
-        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await.map(|mut h| {
-            keep_foreign_rules(&want, &mut h);
-            h
-        });
+        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names())
+            .await
+            .map(|mut h| {
+                keep_foreign_rules(&want, &mut h);
+                h
+            });
         let pending: Vec<String> = match &have {
-            Ok(h) => reconcile::plan(&want, h).iter().map(|o| o.to_string()).collect(),
+            Ok(h) => reconcile::plan(&want, h)
+                .iter()
+                .map(|o| o.to_string())
+                .collect(),
             Err(_) => vec![],
         };
         #[derive(Serialize)]
@@ -664,7 +840,9 @@ impl<D: Dataplane> Daemon<D> {
             pending,
             last_resync: inner.last_resync.clone(),
         };
-        serde_json::to_value(&dump).unwrap_or_else(|e| serde_json::Value::String(format!("cannot serialize the dump: {e}")))
+        serde_json::to_value(&dump).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("cannot serialize the dump: {e}"))
+        })
     }
 }
 
@@ -702,10 +880,24 @@ mod foreign_rule_tests {
     #[tokio::test]
     async fn a_foreign_rule_at_our_priority_survives_resyncs() {
         let dp = Arc::new(FakeDataplane::new());
-        let d = Daemon::new(Arc::new(Config::default()), dp.clone(), None, Registry::default());
+        let d = Daemon::new(
+            Arc::new(Config::default()),
+            dp.clone(),
+            None,
+            Registry::default(),
+        );
         assert!(d.resync().await.ok());
-        let foreign = Rule { priority: 101, fwmark: Some((0x800, 0x800)), action: RuleAction::Lookup(200) };
-        dp.kernel().ns.get_mut(&Ns::Node).expect("node ns").rules.insert(foreign);
+        let foreign = Rule {
+            priority: 101,
+            fwmark: Some((0x800, 0x800)),
+            action: RuleAction::Lookup(200),
+        };
+        dp.kernel()
+            .ns
+            .get_mut(&Ns::Node)
+            .expect("node ns")
+            .rules
+            .insert(foreign);
         let r = d.resync().await;
         assert!(r.ok() && r.applied.is_empty(), "{:?}", r.applied);
         assert!(dp.kernel().ns[&Ns::Node].rules.contains(&foreign));

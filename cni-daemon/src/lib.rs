@@ -9,10 +9,10 @@ pub mod admin;
 pub mod cleanup;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;
-pub mod dataplane;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

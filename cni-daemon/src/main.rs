@@ -18,7 +18,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "ambient-cnid", version, about = "Node daemon of ambient-cni: redirects enrolled pods' TCP through ztunnel")]
+#[command(
+    name = "ambient-cnid",
+    version,
+    about = "Node daemon of ambient-cni: redirects enrolled pods' TCP through ztunnel"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -59,7 +63,12 @@ enum Mode {
 #[derive(Args)]
 struct KernelArgs {
     /// iptables backend: auto detects it the way kube-proxy does (KUBE-IPTABLES-HINT).
-    #[arg(long, value_enum, default_value = "auto", env = "AMBIENT_CNI_IPTABLES_BACKEND")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "AMBIENT_CNI_IPTABLES_BACKEND"
+    )]
     iptables_backend: Backend,
     /// Protocol number our routes carry (only routes with it are ever touched).
     #[arg(long, default_value_t = DEFAULT_ROUTE_PROTOCOL)]
@@ -75,16 +84,28 @@ struct RunArgs {
     #[arg(long, default_value = "/run/ambient-cni/state")]
     state_dir: PathBuf,
     /// Enroll pods of this namespace (repeatable, or comma-separated in the env variable).
-    #[arg(long = "ambient-namespace", env = "AMBIENT_CNI_AMBIENT_NAMESPACES", value_delimiter = ',')]
+    #[arg(
+        long = "ambient-namespace",
+        env = "AMBIENT_CNI_AMBIENT_NAMESPACES",
+        value_delimiter = ','
+    )]
     ambient_namespaces: Vec<String>,
     /// A JSON file with more settings: {"ambientNamespaces": [...]}.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Namespace of the ztunnel pods.
-    #[arg(long, default_value = "istio-system", env = "AMBIENT_CNI_ZTUNNEL_NAMESPACE")]
+    #[arg(
+        long,
+        default_value = "istio-system",
+        env = "AMBIENT_CNI_ZTUNNEL_NAMESPACE"
+    )]
     ztunnel_namespace: String,
     /// A pod there whose name starts with this is the node's ztunnel.
-    #[arg(long, default_value = "ztunnel", env = "AMBIENT_CNI_ZTUNNEL_NAME_PREFIX")]
+    #[arg(
+        long,
+        default_value = "ztunnel",
+        env = "AMBIENT_CNI_ZTUNNEL_NAME_PREFIX"
+    )]
     ztunnel_name_prefix: String,
     /// Where the host's /proc is mounted when the daemon runs in a container: pod netns paths
     /// `/proc/<pid>/ns/net` from the runtime are read under it.
@@ -164,9 +185,14 @@ struct FileConfig {
 }
 
 fn init_logs(filter: &str) -> anyhow::Result<()> {
-    let f = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log-level {filter:?}"))?;
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("bad --log-level {filter:?}"))?;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt().with_env_filter(f).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     Ok(())
 }
 
@@ -187,11 +213,16 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
 }
 
 fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
-    let mut namespaces: BTreeSet<String> =
-        a.ambient_namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    let mut namespaces: BTreeSet<String> = a
+        .ambient_namespaces
+        .iter()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
     if let Some(p) = &a.config {
         let body = std::fs::read(p).with_context(|| format!("reading --config {}", p.display()))?;
-        let fc: FileConfig = serde_json::from_slice(&body).with_context(|| format!("parsing --config {}", p.display()))?;
+        let fc: FileConfig = serde_json::from_slice(&body)
+            .with_context(|| format!("parsing --config {}", p.display()))?;
         namespaces.extend(fc.ambient_namespaces);
     }
     if a.resync_interval_ms < 100 {
@@ -222,7 +253,10 @@ fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -236,7 +270,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(config_from(&a)?);
     let kube = prepare_kube(&a).await?;
     let dp = Arc::new(open_dataplane(&a.kernel)?);
-    let (store, reg, discarded) = Store::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
+    let (store, reg, discarded) = Store::open(&cfg.state_dir)
+        .with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
     if discarded {
         warn!(dir = %cfg.state_dir.display(), "state from a previous boot discarded");
     }
@@ -248,7 +283,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
     }
     start_kube_watcher(kube, &daemon);
-    let listener = server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
+    let listener =
+        server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "serving");
     let resync = {
         let d = daemon.clone();
@@ -315,9 +351,13 @@ fn start_kube_watcher(watch: KubeWatch, daemon: &Arc<Daemon<RealDataplane>>) {
 fn start_kube_watcher(_watch: KubeWatch, _daemon: &Arc<Daemon<RealDataplane>>) {}
 
 async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
-    let cfg = Config { route_protocol: a.kernel.route_protocol, ..Config::default() };
+    let cfg = Config {
+        route_protocol: a.kernel.route_protocol,
+        ..Config::default()
+    };
     let dp = open_dataplane(&a.kernel)?;
-    let (_store, reg, _) = Store::open(&a.state_dir).with_context(|| format!("opening state dir {}", a.state_dir.display()))?;
+    let (_store, reg, _) = Store::open(&a.state_dir)
+        .with_context(|| format!("opening state dir {}", a.state_dir.display()))?;
     let report = cleanup::cleanup(&dp, &cfg, &reg).await;
     for line in &report.applied {
         println!("{line}");
@@ -365,9 +405,20 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
                 run_cleanup(a).await
             }
             Cmd::Status(c) => admin::status(&c.socket, c.json).await,
-            Cmd::Trace(t) => admin::trace(&t.client.socket, &t.filter, t.limit, t.follow, t.client.json).await,
+            Cmd::Trace(t) => {
+                admin::trace(
+                    &t.client.socket,
+                    &t.filter,
+                    t.limit,
+                    t.follow,
+                    t.client.json,
+                )
+                .await
+            }
             Cmd::Dump(c) => admin::dump(&c.socket).await,
-            Cmd::Install(_) | Cmd::Uninstall(_) => anyhow::bail!("internal: the installer runs without a runtime"),
+            Cmd::Install(_) | Cmd::Uninstall(_) => {
+                anyhow::bail!("internal: the installer runs without a runtime")
+            }
         }
     })
 }

@@ -62,7 +62,11 @@ impl PodRecord {
     /// The key of this record.
     pub fn key(&self) -> PodKey {
         PodKey {
-            id: if self.uid.is_empty() { self.container_id.clone() } else { self.uid.clone() },
+            id: if self.uid.is_empty() {
+                self.container_id.clone()
+            } else {
+                self.uid.clone()
+            },
             ifname: self.ifname.clone(),
         }
     }
@@ -135,7 +139,8 @@ impl Registry {
     }
 
     fn index(&mut self, key: &PodKey, rec: &PodRecord) {
-        self.by_cid.insert((rec.container_id.clone(), rec.ifname.clone()), key.clone());
+        self.by_cid
+            .insert((rec.container_id.clone(), rec.ifname.clone()), key.clone());
         for ip in &rec.ips {
             let keys = self.by_ip.entry(*ip).or_default();
             if !keys.contains(key) {
@@ -173,7 +178,11 @@ impl Registry {
     pub fn reindex(&mut self) {
         self.by_cid.clear();
         self.by_ip.clear();
-        let recs: Vec<(PodKey, PodRecord)> = self.records.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
+        let recs: Vec<(PodKey, PodRecord)> = self
+            .records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
         for (k, r) in recs {
             self.index(&k, &r);
         }
@@ -181,7 +190,10 @@ impl Registry {
 
     /// Remove the record of this attachment if (and only if) it belongs to `container_id`.
     pub fn remove(&mut self, container_id: &str, ifname: &str) -> Option<PodRecord> {
-        let key = self.by_cid.get(&(container_id.to_string(), ifname.to_string()))?.clone();
+        let key = self
+            .by_cid
+            .get(&(container_id.to_string(), ifname.to_string()))?
+            .clone();
         self.remove_key(&key)
     }
 
@@ -194,7 +206,9 @@ impl Registry {
 
     /// The record of this attachment, by container ID.
     pub fn find(&self, container_id: &str, ifname: &str) -> Option<&PodRecord> {
-        let key = self.by_cid.get(&(container_id.to_string(), ifname.to_string()))?;
+        let key = self
+            .by_cid
+            .get(&(container_id.to_string(), ifname.to_string()))?;
         self.records.get(key)
     }
 
@@ -215,7 +229,10 @@ impl Registry {
 
     /// The node's active ztunnel: the newest ztunnel record.
     pub fn ztunnel(&self) -> Option<&PodRecord> {
-        self.records.values().filter(|r| r.ztunnel).max_by_key(|r| r.seq)
+        self.records
+            .values()
+            .filter(|r| r.ztunnel)
+            .max_by_key(|r| r.seq)
     }
 
     /// Owner of each enrolled IP: the newest enrolled record claiming it.
@@ -291,9 +308,15 @@ mod tests {
     fn del_of_old_sandbox_keeps_new_sandbox_of_same_pod() {
         let mut r = Registry::default();
         r.upsert(rec("s1", "u1", [10, 244, 1, 7]));
-        assert!(matches!(r.upsert(rec("s2", "u1", [10, 244, 1, 8])), Upsert::Replaced(_)));
+        assert!(matches!(
+            r.upsert(rec("s2", "u1", [10, 244, 1, 8])),
+            Upsert::Replaced(_)
+        ));
         assert!(r.remove("s1", "eth0").is_none());
-        assert_eq!(r.find("s2", "eth0").map(|p| p.ips.clone()), Some(vec![Ipv4Addr::new(10, 244, 1, 8)]));
+        assert_eq!(
+            r.find("s2", "eth0").map(|p| p.ips.clone()),
+            Some(vec![Ipv4Addr::new(10, 244, 1, 8)])
+        );
     }
 
     #[test]
@@ -305,10 +328,12 @@ mod tests {
         let mut back: Registry = serde_json::from_str(&json).expect("parses");
         back.reindex();
         let ip = Ipv4Addr::new(10, 244, 1, 7);
-        assert_eq!(back.owner_of(ip).map(|p| p.container_id.as_str()), Some("s2"));
+        assert_eq!(
+            back.owner_of(ip).map(|p| p.container_id.as_str()),
+            Some("s2")
+        );
         assert!(back.find("s1", "eth0").is_none());
         assert!(back.remove("s2", "eth0").is_some());
         assert!(back.owner_of(ip).is_none());
     }
-
 }

@@ -28,12 +28,18 @@ impl<D> Service<D> {
 
 /// Refuse every peer that is not root: the socket is a privilege boundary.
 fn check_peer<T>(req: &Request<T>) -> Result<(), Status> {
-    let uid = req.extensions().get::<UdsConnectInfo>().and_then(|i| i.peer_cred).map(|c| c.uid());
+    let uid = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid());
     match uid {
         Some(0) => Ok(()),
         Some(u) => {
             warn!(uid = u, "refused a peer that is not root");
-            Err(Status::permission_denied(format!("peer uid {u} is not root")))
+            Err(Status::permission_denied(format!(
+                "peer uid {u} is not root"
+            )))
         }
         None => Err(Status::permission_denied("peer credentials unavailable")),
     }
@@ -43,7 +49,9 @@ fn check_version(v: u32) -> Result<(), Status> {
     if v == CONTRACT_VERSION {
         Ok(())
     } else {
-        Err(Status::failed_precondition(format!("contract version {v} not supported (daemon speaks {CONTRACT_VERSION})")))
+        Err(Status::failed_precondition(format!(
+            "contract version {v} not supported (daemon speaks {CONTRACT_VERSION})"
+        )))
     }
 }
 
@@ -77,14 +85,22 @@ impl<D: Dataplane> CniNode for Service<D> {
         let r = req.into_inner();
         check_version(r.contract_version)?;
         let out = self.daemon.add(event(r)).await.map_err(to_status)?;
-        Ok(Response::new(PodAddReply { enrolled: out.enrolled, reason: out.reason, ztunnel: out.ztunnel }))
+        Ok(Response::new(PodAddReply {
+            enrolled: out.enrolled,
+            reason: out.reason,
+            ztunnel: out.ztunnel,
+        }))
     }
 
     async fn pod_del(&self, req: Request<PodRequest>) -> Result<Response<PodDelReply>, Status> {
         check_peer(&req)?;
         let r = req.into_inner();
         check_version(r.contract_version)?;
-        let removed = self.daemon.del(&r.container_id, &r.ifname).await.map_err(to_status)?;
+        let removed = self
+            .daemon
+            .del(&r.container_id, &r.ifname)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(PodDelReply { removed }))
     }
 
@@ -92,7 +108,11 @@ impl<D: Dataplane> CniNode for Service<D> {
         check_peer(&req)?;
         let r = req.into_inner();
         check_version(r.contract_version)?;
-        let (enrolled, detail) = self.daemon.check(&r.container_id, &r.ifname).await.map_err(to_status)?;
+        let (enrolled, detail) = self
+            .daemon
+            .check(&r.container_id, &r.ifname)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(PodCheckReply { enrolled, detail }))
     }
 
@@ -100,8 +120,18 @@ impl<D: Dataplane> CniNode for Service<D> {
         check_peer(&req)?;
         let r = req.into_inner();
         check_version(r.contract_version)?;
-        let valid: Vec<(String, String)> = r.valid.into_iter().map(|a| (a.container_id, a.ifname)).collect();
-        let (removed, errors) = self.daemon.gc(&r.network_name, r.has_valid_list.then_some(valid.as_slice())).await;
+        let valid: Vec<(String, String)> = r
+            .valid
+            .into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect();
+        let (removed, errors) = self
+            .daemon
+            .gc(
+                &r.network_name,
+                r.has_valid_list.then_some(valid.as_slice()),
+            )
+            .await;
         Ok(Response::new(GcReply { removed, errors }))
     }
 
@@ -112,7 +142,9 @@ impl<D: Dataplane> CniNode for Service<D> {
             String::new()
         } else {
             match &s.last_resync {
-                Some(r) if !r.errors.is_empty() => format!("last reconcile failed: {}", r.errors.join("; ")),
+                Some(r) if !r.errors.is_empty() => {
+                    format!("last reconcile failed: {}", r.errors.join("; "))
+                }
                 _ => "initial reconcile has not completed".into(),
             }
         };
@@ -129,7 +161,9 @@ impl<D: Dataplane> CniNode for Service<D> {
     async fn dump(&self, req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {
         check_peer(&req)?;
         let v = self.daemon.dump().await;
-        Ok(Response::new(DumpReply { json: serde_json::to_string_pretty(&v).unwrap_or_default() }))
+        Ok(Response::new(DumpReply {
+            json: serde_json::to_string_pretty(&v).unwrap_or_default(),
+        }))
     }
 
     async fn trace(&self, req: Request<TraceRequest>) -> Result<Response<TraceReply>, Status> {
@@ -140,7 +174,11 @@ impl<D: Dataplane> CniNode for Service<D> {
             .daemon
             .trace(&r.filter, limit)
             .into_iter()
-            .map(|e| TraceEvent { unix_ms: e.unix_ms, kind: e.kind, message: e.message })
+            .map(|e| TraceEvent {
+                unix_ms: e.unix_ms,
+                kind: e.kind,
+                message: e.message,
+            })
             .collect();
         Ok(Response::new(TraceReply { events }))
     }
@@ -170,6 +208,9 @@ pub async fn serve<D: Dataplane>(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(CniNodeServer::new(Service::new(daemon)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }

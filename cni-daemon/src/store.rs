@@ -43,7 +43,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -79,7 +82,9 @@ pub struct Store {
 
 /// The current boot ID (empty if the kernel does not tell).
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 impl Store {
@@ -93,8 +98,11 @@ impl Store {
         let mut discarded = false;
         let mut reg = match fs::read(&snap_path) {
             Ok(bytes) => {
-                let snap: Snapshot = serde_json::from_slice(&bytes)
-                    .map_err(|e| StoreError::Corrupt { path: snap_path.clone(), msg: e.to_string() })?;
+                let snap: Snapshot =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                        path: snap_path.clone(),
+                        msg: e.to_string(),
+                    })?;
                 if snap.boot_id == boot {
                     snap.registry
                 } else {
@@ -103,7 +111,12 @@ impl Store {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => return Err(StoreError::Io { path: snap_path, source: e }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: snap_path,
+                    source: e,
+                })
+            }
         };
         // The journal's first line is its boot ID.
         if let Ok(f) = File::open(&journal_path) {
@@ -126,7 +139,12 @@ impl Store {
             }
         }
         reg.reindex();
-        let mut store = Store { dir: dir.to_path_buf(), journal: None, lines: 0, boot_id: boot };
+        let mut store = Store {
+            dir: dir.to_path_buf(),
+            journal: None,
+            lines: 0,
+            boot_id: boot,
+        };
         store.compact(&reg)?;
         Ok((store, reg, discarded))
     }
@@ -141,7 +159,12 @@ impl Store {
         let path = self.dir.join(JOURNAL);
         let journal = match self.journal.as_mut() {
             Some(j) => j,
-            None => return Err(StoreError::Io { path, source: io::Error::other("journal not open") }),
+            None => {
+                return Err(StoreError::Io {
+                    path,
+                    source: io::Error::other("journal not open"),
+                })
+            }
         };
         journal.write_all(&line).map_err(io_err(&path))?;
         journal.sync_data().map_err(io_err(&path))?;
@@ -156,8 +179,14 @@ impl Store {
     pub fn compact(&mut self, reg: &Registry) -> Result<(), StoreError> {
         let snap_path = self.dir.join(SNAPSHOT);
         let tmp = self.dir.join(format!(".{SNAPSHOT}.tmp"));
-        let body = serde_json::to_vec(&Snapshot { boot_id: self.boot_id.clone(), registry: reg.clone() })
-            .map_err(|e| StoreError::Corrupt { path: snap_path.clone(), msg: e.to_string() })?;
+        let body = serde_json::to_vec(&Snapshot {
+            boot_id: self.boot_id.clone(),
+            registry: reg.clone(),
+        })
+        .map_err(|e| StoreError::Corrupt {
+            path: snap_path.clone(),
+            msg: e.to_string(),
+        })?;
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&body).map_err(io_err(&tmp))?;
@@ -176,7 +205,12 @@ impl Store {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        self.journal = Some(OpenOptions::new().append(true).open(&jpath).map_err(io_err(&jpath))?);
+        self.journal = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(&jpath)
+                .map_err(io_err(&jpath))?,
+        );
         self.lines = 0;
         Ok(())
     }
@@ -222,7 +256,11 @@ mod tests {
         }
         let (_st, reg, _) = Store::open(dir.path()).expect("reopen");
         assert_eq!(reg.len(), 2);
-        assert_eq!(reg.owner_of(Ipv4Addr::new(10, 244, 1, 7)).map(|r| r.container_id.as_str()), Some("b"));
+        assert_eq!(
+            reg.owner_of(Ipv4Addr::new(10, 244, 1, 7))
+                .map(|r| r.container_id.as_str()),
+            Some("b")
+        );
     }
 
     #[test]
@@ -234,8 +272,12 @@ mod tests {
             let r = reg.find("a", "eth0").cloned().expect("a");
             st.append(&Entry::Put { rec: r }, &reg).expect("append");
         }
-        let mut f = OpenOptions::new().append(true).open(dir.path().join(JOURNAL)).expect("journal");
-        f.write_all(b"{\"op\":\"put\",\"rec\":{\"contai").expect("write");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL))
+            .expect("journal");
+        f.write_all(b"{\"op\":\"put\",\"rec\":{\"contai")
+            .expect("write");
         let (_st, reg, _) = Store::open(dir.path()).expect("reopen");
         assert_eq!(reg.len(), 1);
     }
@@ -245,8 +287,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut reg = Registry::default();
         reg.upsert(rec("a", 7));
-        let snap = Snapshot { boot_id: "another-boot".into(), registry: reg };
-        fs::write(dir.path().join(SNAPSHOT), serde_json::to_vec(&snap).expect("json")).expect("write");
+        let snap = Snapshot {
+            boot_id: "another-boot".into(),
+            registry: reg,
+        };
+        fs::write(
+            dir.path().join(SNAPSHOT),
+            serde_json::to_vec(&snap).expect("json"),
+        )
+        .expect("write");
         let (_st, reg, discarded) = Store::open(dir.path()).expect("open");
         assert!(discarded);
         assert!(reg.is_empty());

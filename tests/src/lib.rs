@@ -1065,5 +1065,5 @@ mod tests {
         }
     }
 }
-pub mod world;
 pub mod fault;
+pub mod world;

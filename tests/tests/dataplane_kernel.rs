@@ -485,9 +485,7 @@ async fn routes_replace_list_delete_only_ours() {
         .into_iter()
         .collect();
     assert_eq!(listed, BTreeSet::from([fallback.clone()]));
-    dp.route_del(&ns, &fallback)
-        .await
-        .expect("del fallback");
+    dp.route_del(&ns, &fallback).await.expect("del fallback");
     assert!(dp.routes_list(&ns, &[101]).await.expect("list").is_empty());
     dp.route_del(&ns, &route(4242, "0.0.0.0/0", 0, RouteKind::Unicast))
         .await
@@ -1204,22 +1202,39 @@ async fn batches_match_one_by_one() {
 
     // 1,000 entries: several sends of the pipelined path; one existing entry changes owner.
     dp.ipset_create().await.expect("create");
-    dp.ipset_add(ip4("10.50.0.1"), "old-owner").await.expect("add");
+    dp.ipset_add(ip4("10.50.0.1"), "old-owner")
+        .await
+        .expect("add");
     let entries: Vec<(Ipv4Addr, String)> = (0..1000u32)
         .map(|i| (Ipv4Addr::from(0x0a32_0001 + i), format!("uid-{i}")))
         .collect();
     let res = dp.ipset_add_many(&entries).await;
     assert_eq!(res.len(), entries.len());
-    assert!(res.iter().all(Result::is_ok), "{:?}", res.iter().find(|r| r.is_err()));
+    assert!(
+        res.iter().all(Result::is_ok),
+        "{:?}",
+        res.iter().find(|r| r.is_err())
+    );
     let set = dp.ipset_list().await.expect("list").expect("exists");
     assert_eq!(set.len(), 1000);
-    assert_eq!(set.get(&ip4("10.50.0.1")).map(String::as_str), Some("uid-0"));
-    assert_eq!(set.get(&ip4("10.50.3.232")).map(String::as_str), Some("uid-999"));
+    assert_eq!(
+        set.get(&ip4("10.50.0.1")).map(String::as_str),
+        Some("uid-0")
+    );
+    assert_eq!(
+        set.get(&ip4("10.50.3.232")).map(String::as_str),
+        Some("uid-999")
+    );
 
     // Routes: new ones, one of ours that exists with other attributes, a foreign one holding a
     // key, and one over a link that does not exist.
     let pod = |i: u32| {
-        let mut r = route(100, &format!("{}/32", Ipv4Addr::from(0x0a33_0001 + i)), 0, RouteKind::Unicast);
+        let mut r = route(
+            100,
+            &format!("{}/32", Ipv4Addr::from(0x0a33_0001 + i)),
+            0,
+            RouteKind::Unicast,
+        );
         r.dev = Some("bv0".into());
         r.via = Some(ip4("10.9.0.2"));
         r.src = Some(ip4("10.9.0.1"));
@@ -1228,7 +1243,9 @@ async fn batches_match_one_by_one() {
     let mut routes: Vec<Route> = (0..300).map(pod).collect();
     let mut ours_before = pod(0);
     ours_before.via = Some(ip4("10.9.0.3"));
-    dp.route_replace(&ns, &ours_before).await.expect("pre-existing route of ours");
+    dp.route_replace(&ns, &ours_before)
+        .await
+        .expect("pre-existing route of ours");
     sh(&node, "ip route add 10.51.0.2/32 dev bv0 table 100");
     let mut nodev = pod(1000);
     nodev.dev = Some("nosuchdev0".into());
@@ -1238,14 +1255,23 @@ async fn batches_match_one_by_one() {
     for (r, got) in routes.iter().zip(&res) {
         let dst = r.key.dst.addr;
         if dst == ip4("10.51.0.2") {
-            assert!(got.as_ref().is_err_and(|e| e.to_string().contains("not ours")), "{got:?}");
+            assert!(
+                got.as_ref()
+                    .is_err_and(|e| e.to_string().contains("not ours")),
+                "{got:?}"
+            );
         } else if r.dev.as_deref() == Some("nosuchdev0") {
             assert!(matches!(got, Err(DpError::NoSuchLink(_))), "{got:?}");
         } else {
             assert!(got.is_ok(), "{r}: {got:?}");
         }
     }
-    let listed: BTreeSet<Route> = dp.routes_list(&ns, &[100]).await.expect("list").into_iter().collect();
+    let listed: BTreeSet<Route> = dp
+        .routes_list(&ns, &[100])
+        .await
+        .expect("list")
+        .into_iter()
+        .collect();
     let want: BTreeSet<Route> = routes
         .iter()
         .filter(|r| r.key.dst.addr != ip4("10.51.0.2") && r.dev.as_deref() == Some("bv0"))
@@ -1290,7 +1316,10 @@ async fn batches_match_one_by_one() {
     let check = |label: &'static str| {
         let (dp, keys) = (&dp, &keys);
         async move {
-            let many = dp.sysctl_read_many(&Ns::Node, keys).await.expect("read many");
+            let many = dp
+                .sysctl_read_many(&Ns::Node, keys)
+                .await
+                .expect("read many");
             let mut one = Vec::new();
             for k in keys {
                 one.push(dp.sysctl_read(&Ns::Node, k).await.expect("read"));

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{Dataplane, DpError, DpResult};
-use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels};
+use crate::model::{
+    Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels,
+};
 
 /// One namespace's objects.
 #[derive(Clone, Debug, Default)]
@@ -58,7 +60,12 @@ impl FakeKernel {
         let ns = Ns::Pod(path.to_path_buf());
         self.dead.insert(path.to_path_buf());
         self.ns.remove(&ns);
-        let gone: Vec<String> = self.tunnels.iter().filter(|(_, (p, _))| *p == ns).map(|(n, _)| n.clone()).collect();
+        let gone: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, (p, _))| *p == ns)
+            .map(|(n, _)| n.clone())
+            .collect();
         for n in gone {
             self.drop_node_link(&n);
         }
@@ -68,14 +75,16 @@ impl FakeKernel {
         if let Some((peer_ns, peer)) = self.tunnels.remove(name) {
             if let Some(p) = self.ns.get_mut(&peer_ns) {
                 p.links.remove(&peer);
-                p.routes.retain(|_, r| r.dev.as_deref() != Some(peer.as_str()));
+                p.routes
+                    .retain(|_, r| r.dev.as_deref() != Some(peer.as_str()));
                 p.sysctls.retain(|k, _| !k.contains(&format!("/{peer}/")));
             }
         }
         let node = self.ns_mut(&Ns::Node);
         node.links.remove(name);
         node.routes.retain(|_, r| r.dev.as_deref() != Some(name));
-        node.sysctls.retain(|k, _| !k.contains(&format!("/{name}/")));
+        node.sysctls
+            .retain(|k, _| !k.contains(&format!("/{name}/")));
     }
 
     /// Create a host interface in the node netns (a pod's veth).
@@ -88,7 +97,8 @@ impl FakeKernel {
         let node = self.ns_mut(&Ns::Node);
         node.links.remove(name);
         node.routes.retain(|_, r| r.dev.as_deref() != Some(name));
-        node.sysctls.retain(|k, _| !k.contains(&format!("/{name}/")));
+        node.sysctls
+            .retain(|k, _| !k.contains(&format!("/{name}/")));
     }
 
     fn link_exists(&self, ns: &Ns, dev: &str) -> bool {
@@ -110,7 +120,10 @@ pub struct FakeDataplane {
 }
 
 fn err(what: impl Into<String>, msg: &str) -> DpError {
-    DpError::Netlink { what: what.into(), msg: msg.into() }
+    DpError::Netlink {
+        what: what.into(),
+        msg: msg.into(),
+    }
 }
 
 impl FakeDataplane {
@@ -149,9 +162,17 @@ impl Dataplane for FakeDataplane {
     }
     async fn ipset_destroy(&self) -> DpResult<()> {
         self.write(|k| {
-            let referenced = k.ns.get(&Ns::Node).is_some_and(|n| n.chains.values().flatten().any(|r| r.contains("--match-set")));
+            let referenced = k.ns.get(&Ns::Node).is_some_and(|n| {
+                n.chains
+                    .values()
+                    .flatten()
+                    .any(|r| r.contains("--match-set"))
+            });
             if referenced {
-                return Err(err("destroy ipset", "Set cannot be destroyed: it is in use by a kernel component"));
+                return Err(err(
+                    "destroy ipset",
+                    "Set cannot be destroyed: it is in use by a kernel component",
+                ));
             }
             k.ipset = None;
             Ok(())
@@ -163,7 +184,10 @@ impl Dataplane for FakeDataplane {
                 s.insert(ip, owner.to_string());
                 Ok(())
             }
-            None => Err(err(format!("ipset add {ip}"), "The set with the given name does not exist")),
+            None => Err(err(
+                format!("ipset add {ip}"),
+                "The set with the given name does not exist",
+            )),
         })
     }
     async fn ipset_del(&self, ip: Ipv4Addr) -> DpResult<()> {
@@ -176,12 +200,24 @@ impl Dataplane for FakeDataplane {
     }
     async fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> DpResult<Vec<Rule>> {
         let k = self.kernel();
-        Ok(k.ns.get(ns).map(|n| n.rules.iter().filter(|r| priorities.contains(&r.priority)).copied().collect()).unwrap_or_default())
+        Ok(k.ns
+            .get(ns)
+            .map(|n| {
+                n.rules
+                    .iter()
+                    .filter(|r| priorities.contains(&r.priority))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default())
     }
     async fn rule_add(&self, ns: &Ns, rule: &Rule) -> DpResult<()> {
         self.write(|k| {
             if !k.alive(ns) {
-                return Err(DpError::Netns { path: ns.to_string(), msg: "No such file or directory".into() });
+                return Err(DpError::Netns {
+                    path: ns.to_string(),
+                    msg: "No such file or directory".into(),
+                });
             }
             k.ns_mut(ns).rules.insert(*rule);
             Ok(())
@@ -197,7 +233,13 @@ impl Dataplane for FakeDataplane {
         let k = self.kernel();
         Ok(k.ns
             .get(ns)
-            .map(|n| n.routes.values().filter(|r| tables.contains(&r.key.table)).cloned().collect())
+            .map(|n| {
+                n.routes
+                    .values()
+                    .filter(|r| tables.contains(&r.key.table))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default())
     }
     async fn route_replace(&self, ns: &Ns, route: &Route) -> DpResult<()> {
@@ -214,7 +256,10 @@ impl Dataplane for FakeDataplane {
     async fn route_del(&self, ns: &Ns, route: &Route) -> DpResult<()> {
         self.write(|k| {
             let n = k.ns_mut(ns);
-            if n.routes.get(&route.key).is_some_and(|r| r.kind == route.kind) {
+            if n.routes
+                .get(&route.key)
+                .is_some_and(|r| r.kind == route.kind)
+            {
                 n.routes.remove(&route.key);
             }
             Ok(())
@@ -224,7 +269,8 @@ impl Dataplane for FakeDataplane {
         let k = self.kernel();
         let mut s = TunnelState::default();
         for l in &want.links {
-            let ok = k.tunnels.get(&l.node_name) == Some(&(want.ztunnel_ns.clone(), l.peer_name.clone()))
+            let ok = k.tunnels.get(&l.node_name)
+                == Some(&(want.ztunnel_ns.clone(), l.peer_name.clone()))
                 && k.alive(&want.ztunnel_ns);
             if k.tunnels.contains_key(&l.node_name) || ok {
                 s.links.insert(l.node_name.clone(), ok);
@@ -235,13 +281,19 @@ impl Dataplane for FakeDataplane {
     async fn tunnel_create(&self, want: &Tunnels, node_name: &str) -> DpResult<()> {
         self.write(|k| {
             if !k.alive(&want.ztunnel_ns) {
-                return Err(DpError::Netns { path: want.ztunnel_ns.to_string(), msg: "No such file or directory".into() });
+                return Err(DpError::Netns {
+                    path: want.ztunnel_ns.to_string(),
+                    msg: "No such file or directory".into(),
+                });
             }
             let Some(l) = want.links.iter().find(|l| l.node_name == node_name) else {
                 return Err(DpError::NoSuchLink(node_name.to_string()));
             };
             k.drop_node_link(node_name);
-            k.tunnels.insert(node_name.to_string(), (want.ztunnel_ns.clone(), l.peer_name.clone()));
+            k.tunnels.insert(
+                node_name.to_string(),
+                (want.ztunnel_ns.clone(), l.peer_name.clone()),
+            );
             k.ns_mut(&Ns::Node).links.insert(node_name.to_string());
             k.ns_mut(&want.ztunnel_ns).links.insert(l.peer_name.clone());
             Ok(())
@@ -255,7 +307,11 @@ impl Dataplane for FakeDataplane {
     }
     async fn tunnel_links_present(&self, names: &[String]) -> DpResult<Vec<String>> {
         let k = self.kernel();
-        Ok(names.iter().filter(|n| k.tunnels.contains_key(*n)).cloned().collect())
+        Ok(names
+            .iter()
+            .filter(|n| k.tunnels.contains_key(*n))
+            .cloned()
+            .collect())
     }
     async fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> DpResult<IptablesState> {
         let k = self.kernel();
@@ -277,12 +333,17 @@ impl Dataplane for FakeDataplane {
     async fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
         self.write(|k| {
             if !k.alive(ns) {
-                return Err(DpError::Netns { path: ns.to_string(), msg: "No such file or directory".into() });
+                return Err(DpError::Netns {
+                    path: ns.to_string(),
+                    msg: "No such file or directory".into(),
+                });
             }
             let n = k.ns_mut(ns);
             for c in chains {
-                n.chains.insert((c.table.clone(), c.name.clone()), c.rules.clone());
-                n.jumps.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+                n.chains
+                    .insert((c.table.clone(), c.name.clone()), c.rules.clone());
+                n.jumps
+                    .insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
             }
             Ok(())
         })
@@ -292,26 +353,38 @@ impl Dataplane for FakeDataplane {
             let n = k.ns_mut(ns);
             for c in chains {
                 n.chains.remove(&(c.table.clone(), c.name.clone()));
-                n.jumps.remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
+                n.jumps
+                    .remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
             }
             Ok(())
         })
     }
     async fn sysctl_read(&self, ns: &Ns, key: &str) -> DpResult<Option<String>> {
         let k = self.kernel();
-        let Some(iface) = sysctl_iface(key) else { return Ok(None) };
+        let Some(iface) = sysctl_iface(key) else {
+            return Ok(None);
+        };
         if !k.link_exists(ns, iface) {
             return Ok(None);
         }
-        Ok(Some(k.ns.get(ns).and_then(|n| n.sysctls.get(key).cloned()).unwrap_or_else(|| "1".into())))
+        Ok(Some(
+            k.ns.get(ns)
+                .and_then(|n| n.sysctls.get(key).cloned())
+                .unwrap_or_else(|| "1".into()),
+        ))
     }
     async fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> DpResult<()> {
         self.write(|k| {
             let exists = sysctl_iface(key).is_some_and(|i| k.link_exists(ns, i));
             if !exists {
-                return Err(DpError::Sysctl { key: key.into(), msg: "No such file or directory".into() });
+                return Err(DpError::Sysctl {
+                    key: key.into(),
+                    msg: "No such file or directory".into(),
+                });
             }
-            k.ns_mut(ns).sysctls.insert(key.to_string(), value.to_string());
+            k.ns_mut(ns)
+                .sysctls
+                .insert(key.to_string(), value.to_string());
             Ok(())
         })
     }

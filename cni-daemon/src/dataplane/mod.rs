@@ -71,7 +71,10 @@ pub trait Dataplane: Send + Sync + 'static {
     /// [`Dataplane::ipset_add`] for many entries, one result each in order. A bulk repair (10,000
     /// entries after a flush) is what this is for: the kernel-backed version pipelines the
     /// requests; this default adds them one by one.
-    fn ipset_add_many(&self, entries: &[(Ipv4Addr, String)]) -> impl Future<Output = Vec<DpResult<()>>> + Send {
+    fn ipset_add_many(
+        &self,
+        entries: &[(Ipv4Addr, String)],
+    ) -> impl Future<Output = Vec<DpResult<()>>> + Send {
         async move {
             let mut out = Vec::with_capacity(entries.len());
             for (ip, owner) in entries {
@@ -85,7 +88,11 @@ pub trait Dataplane: Send + Sync + 'static {
 
     // --- ip rules ---
     /// Rules at the given priorities (ours), in `ns`.
-    fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> impl Future<Output = DpResult<Vec<Rule>>> + Send;
+    fn rules_list(
+        &self,
+        ns: &Ns,
+        priorities: &[u32],
+    ) -> impl Future<Output = DpResult<Vec<Rule>>> + Send;
     /// Add a rule (EEXIST is fine).
     fn rule_add(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
     /// Delete a rule by its full selector.
@@ -93,12 +100,20 @@ pub trait Dataplane: Send + Sync + 'static {
 
     // --- routes (only those with our protocol number are listed or deleted) ---
     /// Our routes in the given tables.
-    fn routes_list(&self, ns: &Ns, tables: &[u32]) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
+    fn routes_list(
+        &self,
+        ns: &Ns,
+        tables: &[u32],
+    ) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
     /// Create or replace a route (by its key).
     fn route_replace(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
     /// [`Dataplane::route_replace`] for many routes of one namespace, one result each in order
     /// (pipelined by the kernel-backed version, one by one here).
-    fn route_replace_many(&self, ns: &Ns, routes: &[Route]) -> impl Future<Output = Vec<DpResult<()>>> + Send {
+    fn route_replace_many(
+        &self,
+        ns: &Ns,
+        routes: &[Route],
+    ) -> impl Future<Output = Vec<DpResult<()>>> + Send {
         async move {
             let mut out = Vec::with_capacity(routes.len());
             for r in routes {
@@ -116,27 +131,54 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Which of the tunnel links exist and whether each is wired as `want` says.
     fn tunnels_read(&self, want: &Tunnels) -> impl Future<Output = DpResult<TunnelState>> + Send;
     /// (Re)create the named link pair of `want` (deleting a stale one first), address it, bring it up.
-    fn tunnel_create(&self, want: &Tunnels, node_name: &str) -> impl Future<Output = DpResult<()>> + Send;
+    fn tunnel_create(
+        &self,
+        want: &Tunnels,
+        node_name: &str,
+    ) -> impl Future<Output = DpResult<()>> + Send;
     /// Delete a node-side tunnel link (its peer goes with it).
     fn link_del(&self, name: &str) -> impl Future<Output = DpResult<()>> + Send;
     /// Node-side tunnel links of ours that exist (by name), whatever their wiring.
-    fn tunnel_links_present(&self, names: &[String]) -> impl Future<Output = DpResult<Vec<String>>> + Send;
+    fn tunnel_links_present(
+        &self,
+        names: &[String],
+    ) -> impl Future<Output = DpResult<Vec<String>>> + Send;
 
     // --- iptables ---
     /// Our chains (by name) and the jumps to them, in `ns`.
-    fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<IptablesState>> + Send;
+    fn iptables_read(
+        &self,
+        ns: &Ns,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<IptablesState>> + Send;
     /// Make `chains` hold exactly these rules and make each jump stand once, first in its hook.
     /// One `iptables-restore --noflush` per table.
-    fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<()>> + Send;
+    fn iptables_apply(
+        &self,
+        ns: &Ns,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<()>> + Send;
     /// Remove the jumps to, and then the chains themselves.
-    fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> impl Future<Output = DpResult<()>> + Send;
+    fn iptables_remove(
+        &self,
+        ns: &Ns,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- sysctls (per namespace) ---
     /// Read one key; `None` when it does not exist (e.g. the interface is gone).
-    fn sysctl_read(&self, ns: &Ns, key: &str) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    fn sysctl_read(
+        &self,
+        ns: &Ns,
+        key: &str,
+    ) -> impl Future<Output = DpResult<Option<String>>> + Send;
     /// [`Dataplane::sysctl_read`] for many keys of one namespace, in order: a resync reads one
     /// rp_filter per enrolled pod. The kernel-backed version reads them all in one go.
-    fn sysctl_read_many(&self, ns: &Ns, keys: &[String]) -> impl Future<Output = DpResult<Vec<Option<String>>>> + Send {
+    fn sysctl_read_many(
+        &self,
+        ns: &Ns,
+        keys: &[String],
+    ) -> impl Future<Output = DpResult<Vec<Option<String>>>> + Send {
         async move {
             let mut out = Vec::with_capacity(keys.len());
             for k in keys {
@@ -146,11 +188,19 @@ pub trait Dataplane: Send + Sync + 'static {
         }
     }
     /// Write one key.
-    fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> impl Future<Output = DpResult<()>> + Send;
+    fn sysctl_write(
+        &self,
+        ns: &Ns,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- lookups ---
     /// The node interface that the main table routes `ip` out of (the pod's host veth).
-    fn route_dev_lookup(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    fn route_dev_lookup(
+        &self,
+        ip: Ipv4Addr,
+    ) -> impl Future<Output = DpResult<Option<String>>> + Send;
     /// Does this netns path exist and is it a network namespace?
     fn netns_alive(&self, path: &std::path::Path) -> bool;
 }

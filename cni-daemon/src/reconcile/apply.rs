@@ -32,7 +32,12 @@ async fn observe_ns<D: Dataplane>(
 ) -> Result<NsState, DpError> {
     let mut s = NsState {
         rules: dp.rules_list(ns, prios).await?.into_iter().collect(),
-        routes: dp.routes_list(ns, tables).await?.into_iter().map(|r| (r.key, r)).collect(),
+        routes: dp
+            .routes_list(ns, tables)
+            .await?
+            .into_iter()
+            .map(|r| (r.key, r))
+            .collect(),
         iptables: dp.iptables_read(ns, &want.chains).await?,
         ..Default::default()
     };
@@ -47,10 +52,21 @@ async fn observe_ns<D: Dataplane>(
 }
 
 /// Read back every object of ours that `want` concerns (and the ones of ours it does not want).
-pub async fn observe<D: Dataplane>(dp: &D, want: &Desired, tunnel_names: &[String]) -> Result<Observed, DpError> {
+pub async fn observe<D: Dataplane>(
+    dp: &D,
+    want: &Desired,
+    tunnel_names: &[String],
+) -> Result<Observed, DpError> {
     let mut o = Observed {
         ipset: dp.ipset_list().await?,
-        node: observe_ns(dp, &Ns::Node, &want.node, &NODE_RULE_PRIORITIES, &NODE_TABLES).await?,
+        node: observe_ns(
+            dp,
+            &Ns::Node,
+            &want.node,
+            &NODE_RULE_PRIORITIES,
+            &NODE_TABLES,
+        )
+        .await?,
         links_present: dp.tunnel_links_present(tunnel_names).await?,
         ..Default::default()
     };
@@ -84,7 +100,10 @@ async fn apply_one<D: Dataplane>(dp: &D, op: &Op) -> Result<(), DpError> {
 fn batch_len(ops: &[Op], at: usize) -> usize {
     let rest = ops.get(at..).unwrap_or(&[]);
     match rest.first() {
-        Some(Op::IpsetAdd { .. }) => rest.iter().take_while(|o| matches!(o, Op::IpsetAdd { .. })).count(),
+        Some(Op::IpsetAdd { .. }) => rest
+            .iter()
+            .take_while(|o| matches!(o, Op::IpsetAdd { .. }))
+            .count(),
         Some(Op::RouteReplace { ns, .. }) => rest
             .iter()
             .take_while(|o| matches!(o, Op::RouteReplace { ns: n, .. } if n == ns))
@@ -137,7 +156,10 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
         let mut results = results.into_iter();
         for op in batch {
             let r = results.next().unwrap_or_else(|| {
-                Err(DpError::Netlink { what: op.to_string(), msg: "no result from the batch".into() })
+                Err(DpError::Netlink {
+                    what: op.to_string(),
+                    msg: "no result from the batch".into(),
+                })
             });
             record(op, r);
         }

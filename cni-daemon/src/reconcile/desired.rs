@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::config::{marks, ports, tables, Config, IPSET_NAME};
 use crate::model::{
-    rp_filter_key, Chain, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope, TunnelLink, TunnelMode,
-    Tunnels,
+    rp_filter_key, Chain, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope,
+    TunnelLink, TunnelMode, Tunnels,
 };
 use crate::registry::{PodRecord, Registry};
 
@@ -85,12 +85,19 @@ fn route(table: u32, dst: Prefix, metric: u32) -> Route {
 }
 
 fn unreachable(table: u32, dst: Prefix) -> Route {
-    Route { kind: RouteKind::Unreachable, ..route(table, dst, tables::FALLBACK_METRIC) }
+    Route {
+        kind: RouteKind::Unreachable,
+        ..route(table, dst, tables::FALLBACK_METRIC)
+    }
 }
 
 /// A route to ztunnel's pod IP over its veth, `scope link` (tables 100, 101, 102).
 fn zt_link_route(table: u32, zt: &Ztunnel) -> Route {
-    Route { dev: Some(zt.host_if.clone()), scope: Scope::Link, ..route(table, Prefix::host(zt.ip), 0) }
+    Route {
+        dev: Some(zt.host_if.clone()),
+        scope: Scope::Link,
+        ..route(table, Prefix::host(zt.ip), 0)
+    }
 }
 
 /// Table-100 routes of one enrolled pod IP.
@@ -121,8 +128,13 @@ fn mark(v: u32) -> String {
 
 /// The node's iptables chains (kernel-state.md §1.2, with the departures the README lists).
 pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) -> Vec<Chain> {
-    let (skip, conn_skip, proxy, ret, out) =
-        (mark(marks::SKIP), mark(marks::CONN_SKIP), mark(marks::PROXY), mark(marks::PROXY_RET), mark(marks::OUTBOUND));
+    let (skip, conn_skip, proxy, ret, out) = (
+        mark(marks::SKIP),
+        mark(marks::CONN_SKIP),
+        mark(marks::PROXY),
+        mark(marks::PROXY_RET),
+        mark(marks::OUTBOUND),
+    );
     let mut pre = Vec::new();
     for tun in [&cfg.inbound.0, &cfg.outbound.0] {
         pre.push(format!("-i {tun} -j MARK --set-xmark {skip}"));
@@ -131,23 +143,35 @@ pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) ->
     if cfg.tunnel_mode == TunnelMode::Geneve {
         pre.push("-p udp -m udp --dport 6081 -j RETURN".to_string());
     }
-    pre.push(format!("-m connmark --mark {conn_skip} -j MARK --set-xmark {skip}"));
+    pre.push(format!(
+        "-m connmark --mark {conn_skip} -j MARK --set-xmark {skip}"
+    ));
     pre.push(format!("-m mark --mark {skip} -j RETURN"));
     if let Some(z) = zt {
-        pre.push(format!("! -i {} -m connmark --mark {proxy} -j MARK --set-xmark {ret}", z.host_if));
+        pre.push(format!(
+            "! -i {} -m connmark --mark {proxy} -j MARK --set-xmark {ret}",
+            z.host_if
+        ));
     }
     pre.push(format!("-m mark --mark {ret} -j RETURN"));
     if let Some(z) = zt {
-        pre.push(format!("! -s {}/32 -i {} -j MARK --set-xmark {proxy}", z.ip, z.host_if));
+        pre.push(format!(
+            "! -s {}/32 -i {} -j MARK --set-xmark {proxy}",
+            z.ip, z.host_if
+        ));
         pre.push(format!("-m mark --mark {skip} -j RETURN"));
         pre.push(format!("-i {} -j MARK --set-xmark {conn_skip}", z.host_if));
     }
     pre.push(format!("-p udp -j MARK --set-xmark {conn_skip}"));
     // Not in the original: ztunnel only takes TCP, so other protocols to an enrolled pod (ICMP,
     // anything but UDP) must not be routed into the inbound tunnel (prototype-findings B7).
-    pre.push(format!("! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"));
+    pre.push(format!(
+        "! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"
+    ));
     pre.push(format!("-m mark --mark {skip} -j RETURN"));
-    pre.push(format!("-p tcp -m set --match-set {IPSET_NAME} src -j MARK --set-xmark {out}"));
+    pre.push(format!(
+        "-p tcp -m set --match-set {IPSET_NAME} src -j MARK --set-xmark {out}"
+    ));
 
     let save = vec![
         format!(
@@ -172,7 +196,9 @@ pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) ->
     // Not in the original: what the node itself sends to an enrolled pod that is not TCP (a ping
     // from the node, say) goes straight to the pod instead of into ztunnel, which only takes TCP;
     // B7 does the same for forwarded packets.
-    output.push(format!("! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"));
+    output.push(format!(
+        "! -p tcp -m set --match-set {IPSET_NAME} dst -j MARK --set-xmark {skip}"
+    ));
     let accept = vec![format!("-m mark --mark {out} -j ACCEPT")];
     // Fail closed: TCP to an enrolled pod that leaves by any way but the inbound tunnel, carrying
     // none of the marks of captured (0x100), skipped (0x200) or ztunnel-return (0x040) traffic,
@@ -212,14 +238,24 @@ pub fn node_chains(cfg: &Config, zt: Option<&Ztunnel>, hip: Option<Ipv4Addr>) ->
 /// The chain inside the ztunnel netns (§2): TPROXY into ztunnel's ports, and the mark that hands
 /// replies to its original-source sockets to local delivery.
 pub fn zt_chains(cfg: &Config, zt: &Ztunnel) -> Vec<Chain> {
-    let tp = |port: u16| format!("-j TPROXY --on-port {port} --on-ip 127.0.0.1 --tproxy-mark {:#x}/{:#x}", marks::TPROXY, marks::ZT_MASK);
+    let tp = |port: u16| {
+        format!(
+            "-j TPROXY --on-port {port} --on-ip 127.0.0.1 --tproxy-mark {:#x}/{:#x}",
+            marks::TPROXY,
+            marks::ZT_MASK
+        )
+    };
     let (pin, pout) = (&cfg.inbound.2, &cfg.outbound.2);
     vec![Chain {
         table: "mangle".into(),
         name: "ztunnel-PREROUTING".into(),
         hook: "PREROUTING".into(),
         rules: vec![
-            format!("-i {pin} -p tcp -m tcp --dport {} {}", ports::HBONE, tp(ports::HBONE)),
+            format!(
+                "-i {pin} -p tcp -m tcp --dport {} {}",
+                ports::HBONE,
+                tp(ports::HBONE)
+            ),
             format!("-i {pout} -p tcp {}", tp(ports::OUTBOUND)),
             format!("-i {pin} -p tcp {}", tp(ports::INBOUND)),
             format!(
@@ -236,17 +272,38 @@ pub fn zt_chains(cfg: &Config, zt: &Ztunnel) -> Vec<Chain> {
 /// Node rules 100–103.
 pub fn node_rules() -> BTreeSet<Rule> {
     [
-        Rule { priority: tables::RULE_SKIP, fwmark: Some((marks::SKIP, marks::SKIP)), action: RuleAction::Goto(tables::MAIN_PRIORITY) },
-        Rule { priority: tables::RULE_OUTBOUND, fwmark: Some((marks::OUTBOUND, marks::OUTBOUND)), action: RuleAction::Lookup(tables::OUTBOUND) },
-        Rule { priority: tables::RULE_PROXY_RET, fwmark: Some((marks::PROXY_RET, marks::PROXY_RET)), action: RuleAction::Lookup(tables::PROXY_RET) },
-        Rule { priority: tables::RULE_INBOUND, fwmark: None, action: RuleAction::Lookup(tables::INBOUND) },
+        Rule {
+            priority: tables::RULE_SKIP,
+            fwmark: Some((marks::SKIP, marks::SKIP)),
+            action: RuleAction::Goto(tables::MAIN_PRIORITY),
+        },
+        Rule {
+            priority: tables::RULE_OUTBOUND,
+            fwmark: Some((marks::OUTBOUND, marks::OUTBOUND)),
+            action: RuleAction::Lookup(tables::OUTBOUND),
+        },
+        Rule {
+            priority: tables::RULE_PROXY_RET,
+            fwmark: Some((marks::PROXY_RET, marks::PROXY_RET)),
+            action: RuleAction::Lookup(tables::PROXY_RET),
+        },
+        Rule {
+            priority: tables::RULE_INBOUND,
+            fwmark: None,
+            action: RuleAction::Lookup(tables::INBOUND),
+        },
     ]
     .into_iter()
     .collect()
 }
 
 /// Node rule priorities we own.
-pub const NODE_RULE_PRIORITIES: [u32; 4] = [tables::RULE_SKIP, tables::RULE_OUTBOUND, tables::RULE_PROXY_RET, tables::RULE_INBOUND];
+pub const NODE_RULE_PRIORITIES: [u32; 4] = [
+    tables::RULE_SKIP,
+    tables::RULE_OUTBOUND,
+    tables::RULE_PROXY_RET,
+    tables::RULE_INBOUND,
+];
 /// Node tables we own routes in.
 pub const NODE_TABLES: [u32; 3] = [tables::INBOUND, tables::OUTBOUND, tables::PROXY_RET];
 /// ztunnel-netns rule priorities we own.

@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use super::desired::{pod_route_del, pod_routes, Desired, NsDesired, Ztunnel};
 use crate::config::Config;
-use crate::model::{rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels};
+use crate::model::{
+    rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels,
+};
 use crate::registry::Registry;
 
 /// What was read back from the kernel.
@@ -107,11 +109,20 @@ impl fmt::Display for Op {
             Op::IpsetCreate => write!(f, "create ipset"),
             Op::IpsetAdd { ip, owner } => write!(f, "ipset add {ip} (owner {owner})"),
             Op::IpsetDel { ip } => write!(f, "ipset del {ip}"),
-            Op::TunnelCreate { tunnels, link } => write!(f, "create tunnel {link} into {}", tunnels.ztunnel_ns),
+            Op::TunnelCreate { tunnels, link } => {
+                write!(f, "create tunnel {link} into {}", tunnels.ztunnel_ns)
+            }
             Op::LinkDel { name } => write!(f, "delete link {name}"),
             Op::IptablesApply { ns, chains } => {
-                let names: BTreeSet<String> = chains.iter().map(|c| format!("{}/{}", c.table, c.name)).collect();
-                write!(f, "iptables-restore in {ns}: {}", names.into_iter().collect::<Vec<_>>().join(" "))
+                let names: BTreeSet<String> = chains
+                    .iter()
+                    .map(|c| format!("{}/{}", c.table, c.name))
+                    .collect();
+                write!(
+                    f,
+                    "iptables-restore in {ns}: {}",
+                    names.into_iter().collect::<Vec<_>>().join(" ")
+                )
             }
             Op::SysctlWrite { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
             Op::RouteReplace { ns, route } => write!(f, "route replace {route} in {ns}"),
@@ -126,8 +137,10 @@ impl fmt::Display for Op {
 pub fn iptables_of(chains: &[Chain]) -> IptablesState {
     let mut s = IptablesState::default();
     for c in chains {
-        s.chains.insert((c.table.clone(), c.name.clone()), c.rules.clone());
-        s.jumps.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+        s.chains
+            .insert((c.table.clone(), c.name.clone()), c.rules.clone());
+        s.jumps
+            .insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
     }
     s
 }
@@ -137,9 +150,19 @@ fn sysctl_iface(key: &str) -> Option<&str> {
     key.strip_prefix("net/ipv4/conf/")?.split('/').next()
 }
 
-fn plan_ns(ns: &Ns, want: &NsDesired, have: &NsState, recreated: &BTreeSet<String>, ops: &mut Vec<Op>, dels: &mut Vec<Op>) {
+fn plan_ns(
+    ns: &Ns,
+    want: &NsDesired,
+    have: &NsState,
+    recreated: &BTreeSet<String>,
+    ops: &mut Vec<Op>,
+    dels: &mut Vec<Op>,
+) {
     if iptables_of(&want.chains) != have.iptables {
-        ops.push(Op::IptablesApply { ns: ns.clone(), chains: want.chains.clone() });
+        ops.push(Op::IptablesApply {
+            ns: ns.clone(),
+            chains: want.chains.clone(),
+        });
     }
     for (key, value) in &want.sysctls {
         let fresh = sysctl_iface(key).is_some_and(|i| recreated.contains(i));
@@ -149,26 +172,42 @@ fn plan_ns(ns: &Ns, want: &NsDesired, have: &NsState, recreated: &BTreeSet<Strin
             None => fresh,
         };
         if write {
-            ops.push(Op::SysctlWrite { ns: ns.clone(), key: key.clone(), value: value.clone() });
+            ops.push(Op::SysctlWrite {
+                ns: ns.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            });
         }
     }
     for (key, route) in &want.routes {
         // Recreating a link makes the kernel drop every route through it: replay those.
         let through_new = route.dev.as_ref().is_some_and(|d| recreated.contains(d));
         if have.routes.get(key) != Some(route) || through_new {
-            ops.push(Op::RouteReplace { ns: ns.clone(), route: route.clone() });
+            ops.push(Op::RouteReplace {
+                ns: ns.clone(),
+                route: route.clone(),
+            });
         }
     }
     for rule in want.rules.difference(&have.rules) {
-        ops.push(Op::RuleAdd { ns: ns.clone(), rule: *rule });
+        ops.push(Op::RuleAdd {
+            ns: ns.clone(),
+            rule: *rule,
+        });
     }
     for (key, route) in &have.routes {
         if !want.routes.contains_key(key) {
-            dels.push(Op::RouteDel { ns: ns.clone(), route: route.clone() });
+            dels.push(Op::RouteDel {
+                ns: ns.clone(),
+                route: route.clone(),
+            });
         }
     }
     for rule in have.rules.difference(&want.rules) {
-        dels.push(Op::RuleDel { ns: ns.clone(), rule: *rule });
+        dels.push(Op::RuleDel {
+            ns: ns.clone(),
+            rule: *rule,
+        });
     }
 }
 
@@ -191,7 +230,10 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
         Some(t) => {
             for l in &t.links {
                 if have.tunnels.links.get(&l.node_name) != Some(&true) {
-                    ops.push(Op::TunnelCreate { tunnels: t.clone(), link: l.node_name.clone() });
+                    ops.push(Op::TunnelCreate {
+                        tunnels: t.clone(),
+                        link: l.node_name.clone(),
+                    });
                     recreated.insert(l.node_name.clone());
                     recreated.insert(l.peer_name.clone());
                 }
@@ -203,14 +245,24 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
             }
         }
     }
-    plan_ns(&Ns::Node, &want.node, &have.node, &recreated, &mut ops, &mut dels);
+    plan_ns(
+        &Ns::Node,
+        &want.node,
+        &have.node,
+        &recreated,
+        &mut ops,
+        &mut dels,
+    );
     if let Some((ns, zwant)) = &want.zt {
         let zhave = have.zt.clone().unwrap_or_default();
         plan_ns(ns, zwant, &zhave, &recreated, &mut ops, &mut dels);
     }
     for (ip, owner) in &want.ipset {
         if have_set.get(ip) != Some(owner) {
-            ops.push(Op::IpsetAdd { ip: *ip, owner: owner.clone() });
+            ops.push(Op::IpsetAdd {
+                ip: *ip,
+                owner: owner.clone(),
+            });
         }
     }
     for ip in have_set.keys().filter(|ip| !want.ipset.contains_key(ip)) {
@@ -236,16 +288,29 @@ pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[Ipv4Ad
         match reg.owner_of(*ip) {
             Some(rec) => {
                 if let Some(h) = &rec.host_if {
-                    ops.push(Op::SysctlWrite { ns: Ns::Node, key: rp_filter_key(h), value: "2".into() });
+                    ops.push(Op::SysctlWrite {
+                        ns: Ns::Node,
+                        key: rp_filter_key(h),
+                        value: "2".into(),
+                    });
                 }
                 for route in pod_routes(cfg, rec, *ip, zt) {
-                    ops.push(Op::RouteReplace { ns: Ns::Node, route });
+                    ops.push(Op::RouteReplace {
+                        ns: Ns::Node,
+                        route,
+                    });
                 }
-                ops.push(Op::IpsetAdd { ip: *ip, owner: rec.owner().to_string() });
+                ops.push(Op::IpsetAdd {
+                    ip: *ip,
+                    owner: rec.owner().to_string(),
+                });
             }
             None => {
                 ops.push(Op::IpsetDel { ip: *ip });
-                ops.push(Op::RouteDel { ns: Ns::Node, route: pod_route_del(*ip) });
+                ops.push(Op::RouteDel {
+                    ns: Ns::Node,
+                    route: pod_route_del(*ip),
+                });
             }
         }
     }

@@ -16,7 +16,12 @@ use std::time::Duration;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 
 fn transparent_socket() -> nix::Result<OwnedFd> {
-    let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     socket::setsockopt(&fd, sockopt::IpTransparent, &true)?;
     Ok(fd)
@@ -24,7 +29,10 @@ fn transparent_socket() -> nix::Result<OwnedFd> {
 
 fn listen_transparent(port: u16) -> nix::Result<TcpListener> {
     let fd = transparent_socket()?;
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)))?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+    )?;
     socket::listen(&fd, socket::Backlog::new(128)?)?;
     // SAFETY: `fd` is a valid, owned, listening TCP socket; ownership moves into the listener.
     Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
@@ -40,15 +48,23 @@ fn serve(l: TcpListener, answer: impl Fn(&TcpStream) -> String + Send + 'static)
 }
 
 fn addr_str(a: std::io::Result<SocketAddr>) -> String {
-    a.map(|a| a.to_string()).unwrap_or_else(|e| format!("?({e})"))
+    a.map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("?({e})"))
 }
 
 fn tproxy(ports: &[u16]) -> Result<(), String> {
     let mut threads = Vec::new();
     for &port in ports {
-        let l = listen_transparent(port).map_err(|e| format!("listen 127.0.0.1:{port} (transparent): {e}"))?;
+        let l = listen_transparent(port)
+            .map_err(|e| format!("listen 127.0.0.1:{port} (transparent): {e}"))?;
         threads.push(std::thread::spawn(move || {
-            serve(l, move |c| format!("ztunnel port={port} orig_dst={} peer={}\n", addr_str(c.local_addr()), addr_str(c.peer_addr())))
+            serve(l, move |c| {
+                format!(
+                    "ztunnel port={port} orig_dst={} peer={}\n",
+                    addr_str(c.local_addr()),
+                    addr_str(c.peer_addr())
+                )
+            })
         }));
     }
     println!("tproxy listening on {ports:?}");
@@ -61,30 +77,47 @@ fn tproxy(ports: &[u16]) -> Result<(), String> {
 fn echo(port: u16, name: String) -> Result<(), String> {
     let l = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("listen :{port}: {e}"))?;
     println!("echo {name} listening on {port}");
-    serve(l, move |c| format!("{name} peer={}\n", addr_str(c.peer_addr())));
+    serve(l, move |c| {
+        format!("{name} peer={}\n", addr_str(c.peer_addr()))
+    });
     Ok(())
 }
 
 fn connect(dst: SocketAddr, src: Option<Ipv4Addr>, timeout: Duration) -> Result<String, String> {
     let mut stream = match src {
-        None => TcpStream::connect_timeout(&dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?,
+        None => {
+            TcpStream::connect_timeout(&dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?
+        }
         Some(src) => {
             let fd = transparent_socket().map_err(|e| format!("transparent socket: {e}"))?;
-            socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(SocketAddrV4::new(src, 0)))
-                .map_err(|e| format!("bind {src} (transparent): {e}"))?;
-            let SocketAddr::V4(d) = dst else { return Err("IPv4 only".into()) };
+            socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::from(SocketAddrV4::new(src, 0)),
+            )
+            .map_err(|e| format!("bind {src} (transparent): {e}"))?;
+            let SocketAddr::V4(d) = dst else {
+                return Err("IPv4 only".into());
+            };
             // A blocking connect bounded by SO_SNDTIMEO.
-            socket::setsockopt(&fd, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(timeout.as_secs() as i64, 0))
-                .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+            socket::setsockopt(
+                &fd,
+                sockopt::SendTimeout,
+                &nix::sys::time::TimeVal::new(timeout.as_secs() as i64, 0),
+            )
+            .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
             socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(d))
                 .map_err(|e| format!("connect {dst} from {src}: {e}"))?;
             // SAFETY: `fd` is a valid, owned, connected TCP socket; ownership moves into the stream.
             unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
         }
     };
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
-    stream.read_to_string(&mut out).map_err(|e| format!("read from {dst}: {e}"))?;
+    stream
+        .read_to_string(&mut out)
+        .map_err(|e| format!("read from {dst}: {e}"))?;
     Ok(out)
 }
 

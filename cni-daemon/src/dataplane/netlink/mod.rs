@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::dataplane::{Dataplane, DpError, DpResult};
-use crate::model::{
-    Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels,
-};
+use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
 
 pub use iptables::IptablesBackend;
 use netns::NsWorker;
@@ -351,7 +349,8 @@ impl RealDataplane {
                 return Ok(None);
             }
         };
-        let mut cache = std::mem::take(&mut *self.rp_ifindex.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut cache =
+            std::mem::take(&mut *self.rp_ifindex.lock().unwrap_or_else(|p| p.into_inner()));
         let unknown: Vec<&str> = names
             .iter()
             .copied()
@@ -375,7 +374,12 @@ impl RealDataplane {
         }
         let out = names
             .iter()
-            .map(|n| cache.get(*n).and_then(|i| values.get(i)).map(|v| v.to_string()))
+            .map(|n| {
+                cache
+                    .get(*n)
+                    .and_then(|i| values.get(i))
+                    .map(|v| v.to_string())
+            })
             .collect();
         let asked: std::collections::HashSet<&str> = names.iter().copied().collect();
         cache.retain(|n, _| asked.contains(n.as_str()));
@@ -385,11 +389,21 @@ impl RealDataplane {
 
     /// Route adds of `routes` as one raw batch on the node's netconf socket, then the careful path
     /// for those the kernel refused. None when that socket is not available.
-    async fn route_add_raw(&self, ns: &Ns, w: &NsWorker, routes: &[Route]) -> Option<Vec<DpResult<()>>> {
-        use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+    async fn route_add_raw(
+        &self,
+        ns: &Ns,
+        w: &NsWorker,
+        routes: &[Route],
+    ) -> Option<Vec<DpResult<()>>> {
+        use netlink_packet_core::{
+            NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+        };
         use netlink_packet_route::RouteNetlinkMessage;
         // Index in `routes` of each message sent; routes whose link is unknown are not sent.
-        let (mut msgs, mut sent) = (Vec::with_capacity(routes.len()), Vec::with_capacity(routes.len()));
+        let (mut msgs, mut sent) = (
+            Vec::with_capacity(routes.len()),
+            Vec::with_capacity(routes.len()),
+        );
         for (i, r) in routes.iter().enumerate() {
             let oif = match &r.dev {
                 Some(dev) => match self.ifindex(ns, w, dev).await {
@@ -398,7 +412,11 @@ impl RealDataplane {
                 },
                 None => None,
             };
-            let mut nl = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(route::build(r, oif, self.cfg.route_protocol)));
+            let mut nl = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(route::build(
+                r,
+                oif,
+                self.cfg.route_protocol,
+            )));
             nl.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
             nl.finalize();
             let mut buf = vec![0u8; nl.buffer_len()];
@@ -425,7 +443,11 @@ impl RealDataplane {
         }
         let mut out = Vec::with_capacity(routes.len());
         for (r, ok) in routes.iter().zip(done) {
-            out.push(if ok { Ok(()) } else { self.route_replace(ns, r).await });
+            out.push(if ok {
+                Ok(())
+            } else {
+                self.route_replace(ns, r).await
+            });
         }
         Some(out)
     }
@@ -438,7 +460,12 @@ impl RealDataplane {
     }
 
     /// The index of link `dev` in `ns` (cached for the node netns).
-    async fn ifindex(&self, ns: &Ns, w: &NsWorker, dev: &str) -> Result<Option<u32>, rtnetlink::Error> {
+    async fn ifindex(
+        &self,
+        ns: &Ns,
+        w: &NsWorker,
+        dev: &str,
+    ) -> Result<Option<u32>, rtnetlink::Error> {
         let cache = matches!(ns, Ns::Node);
         if cache {
             let c = self.node_ifindex.lock().unwrap_or_else(|p| p.into_inner());
@@ -677,7 +704,10 @@ impl Dataplane for RealDataplane {
             }
         }
         let Some(msg) = msg else {
-            return Err(DpError::Netlink { what: what(), msg: "link vanished twice".into() });
+            return Err(DpError::Netlink {
+                what: what(),
+                msg: "link vanished twice".into(),
+            });
         };
         let same_key = route::dump(h, Some(r.key.table), None)
             .await
@@ -733,7 +763,10 @@ impl Dataplane for RealDataplane {
                     },
                     None => None,
                 };
-                sent.push(Some(route::add_excl(w.handle(), route::build(r, oif, self.cfg.route_protocol))));
+                sent.push(Some(route::add_excl(
+                    w.handle(),
+                    route::build(r, oif, self.cfg.route_protocol),
+                )));
             }
             // One answer per route, aligned with `chunk` (None: its link was not found).
             let adds = futures::future::join_all(sent.into_iter().map(|f| async move {
@@ -763,7 +796,11 @@ impl Dataplane for RealDataplane {
         // not 0 (the kernel reads 0 as "any metric"). Our metric-0 routes are unicast or local,
         // their fallbacks unreachable with a non-zero metric, so the type tells them apart and no
         // dump is needed: the cost is one request, whatever the size of the table.
-        let res = route::del(w.handle(), route::del_request(key, r.kind, self.cfg.route_protocol)).await;
+        let res = route::del(
+            w.handle(),
+            route::del_request(key, r.kind, self.cfg.route_protocol),
+        )
+        .await;
         nl_check(Intent::Remove, what, res)
     }
 
