@@ -209,8 +209,11 @@ pub fn valid_ifname(s: &str) -> bool {
         && s.len() <= 15
         && s != "."
         && s != ".."
+        // Narrower than the kernel's rule (anything but `/`, `:` and whitespace): these names end
+        // up in iptables-restore input and /proc/sys paths, and every CNI's names fit
+        // (`eth0`, `net1`, `veth…`, `cali…`, `lxc…`).
         && s.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
 /// A valid container ID as libcni checks it: `[A-Za-z0-9][A-Za-z0-9_.-]*`.

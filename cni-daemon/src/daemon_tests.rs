@@ -433,6 +433,11 @@ async fn invalid_names_are_rejected_before_use() {
     let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
     e.uid = "x".repeat(300);
     assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))));
+    for bad_if in ["veth\"x", "veth#1", "a b", "vethé"] {
+        let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
+        e.host_if = bad_if.into();
+        assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))), "{bad_if:?}");
+    }
     let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
     e.host_if = "veth/../../x".into();
     assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))));
