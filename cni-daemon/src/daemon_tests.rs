@@ -436,7 +436,10 @@ async fn invalid_names_are_rejected_before_use() {
     for bad_if in ["veth\"x", "veth#1", "a b", "vethé"] {
         let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
         e.host_if = bad_if.into();
-        assert!(matches!(w.d.add(e).await, Err(RequestError::Invalid(_))), "{bad_if:?}");
+        assert!(
+            matches!(w.d.add(e).await, Err(RequestError::Invalid(_))),
+            "{bad_if:?}"
+        );
     }
     let mut e = ev("a", "default", "a", "10.244.1.5", "vetha");
     e.host_if = "veth/../../x".into();
