@@ -558,6 +558,34 @@ impl Bench {
         Ok(r.took)
     }
 
+    /// The plugin without a daemon call (CNI VERSION): its start-up alone.
+    fn version_once(&self) -> Result<Duration> {
+        let env = [
+            ("CNI_COMMAND", "VERSION".to_string()),
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+        ];
+        let r = exec(&self.plugin, &env, b"{\"cniVersion\":\"1.0.0\"}\n");
+        if !r.ok {
+            bail!("plugin VERSION: {}", r.describe());
+        }
+        Ok(r.took)
+    }
+
+    /// The plugin with one gRPC round trip that does no kernel work (CNI STATUS).
+    fn status_once(&self) -> Result<Duration> {
+        let conf = json!({"cniVersion": "1.1.0", "name": "acni-bench", "type": "ambient-cni",
+            "socket": self.daemon.socket(), "timeoutMs": 5000});
+        let env = [
+            ("CNI_COMMAND", "STATUS".to_string()),
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+        ];
+        let r = exec(&self.plugin, &env, format!("{conf}\n").as_bytes());
+        if !r.ok {
+            bail!("plugin STATUS: {}", r.describe());
+        }
+        Ok(r.took)
+    }
+
     fn floor_once(&self) -> Result<Duration> {
         let r = exec(
             &self.floor,
@@ -714,11 +742,15 @@ struct Level {
     pods: usize,
     add: Pct,
     del: Pct,
+    /// The floor in this level's rounds: how noisy the machine was meanwhile.
+    floor: Pct,
 }
 
 #[derive(Default)]
 struct Results {
     floor: Pct,
+    version: Pct,
+    status: Pct,
     shell_add: Pct,
     shell_del: Pct,
     levels: Vec<Level>,
@@ -733,27 +765,36 @@ struct Results {
 
 /// Interleaved rounds at the current population: floor, baseline ADD, plugin ADD, plugin DEL,
 /// baseline DEL. The sample pod is new each round and gone at the end of it.
-fn rounds(
-    b: &mut Bench,
-    n: usize,
-    floor: &mut Vec<Duration>,
-    sadd: &mut Vec<Duration>,
-    sdel: &mut Vec<Duration>,
-) -> Result<Level> {
+/// Samples pooled over all levels.
+#[derive(Default)]
+struct Pool {
+    floor: Vec<Duration>,
+    version: Vec<Duration>,
+    status: Vec<Duration>,
+    sadd: Vec<Duration>,
+    sdel: Vec<Duration>,
+}
+
+fn rounds(b: &mut Bench, n: usize, pool: &mut Pool) -> Result<Level> {
     let mut add = Vec::with_capacity(n);
     let mut del = Vec::with_capacity(n);
+    let first = pool.floor.len();
     for r in 0..WARMUP + n {
         let p = PodSpec::sample(b.samples);
         b.samples += 1;
         let f = b.floor_once()?;
+        let v = b.version_once()?;
+        let st = b.status_once()?;
         let sa = b.call(&b.shell, "ADD", &p, &b.pod_netns)?;
         let a = b.call(&b.plugin, "ADD", &p, &b.pod_netns)?;
         let d = b.call(&b.plugin, "DEL", &p, &b.pod_netns)?;
         let sd = b.call(&b.shell, "DEL", &p, &b.pod_netns)?;
         if r >= WARMUP {
-            floor.push(f);
-            sadd.push(sa);
-            sdel.push(sd);
+            pool.floor.push(f);
+            pool.version.push(v);
+            pool.status.push(st);
+            pool.sadd.push(sa);
+            pool.sdel.push(sd);
             add.push(a);
             del.push(d);
         }
@@ -762,6 +803,7 @@ fn rounds(
         pods: b.pods,
         add: pct(&add),
         del: pct(&del),
+        floor: pct(pool.floor.get(first..).unwrap_or(&[])),
     })
 }
 
@@ -834,7 +876,7 @@ fn run(opts: &Opts) -> Result<Results> {
     let t = b.call(&b.plugin, "ADD", &zt, &b.zt_netns.clone())?;
     log(format!("ztunnel enrolled in {t:?}"));
 
-    let (mut floor, mut sadd, mut sdel) = (vec![], vec![], vec![]);
+    let mut pool = Pool::default();
     for level in opts.levels() {
         // Fill the node up to `level`. Between 1,000 and 10,000 pods this is the throughput test.
         let missing = level - b.pods;
@@ -856,7 +898,7 @@ fn run(opts: &Opts) -> Result<Results> {
             let took = b.add_pods(missing, 4)?;
             log(format!("filled to {} pods in {took:?}", b.pods));
         }
-        let lv = rounds(&mut b, opts.samples, &mut floor, &mut sadd, &mut sdel)?;
+        let lv = rounds(&mut b, opts.samples, &mut pool)?;
         log(format!(
             "{} pods: ADD p50 {} ms p99 {} ms, DEL p50 {} ms p99 {} ms",
             lv.pods,
@@ -870,9 +912,11 @@ fn run(opts: &Opts) -> Result<Results> {
     if let Some(h) = opts.hold {
         b.hold(h)?;
     }
-    r.floor = pct(&floor);
-    r.shell_add = pct(&sadd);
-    r.shell_del = pct(&sdel);
+    r.floor = pct(&pool.floor);
+    r.version = pct(&pool.version);
+    r.status = pct(&pool.status);
+    r.shell_add = pct(&pool.sadd);
+    r.shell_del = pct(&pool.sdel);
     // The highest of samples over two resync intervals: a resync allocates, then gives back.
     let until = Instant::now() + Duration::from_millis(2 * opts.resync_ms);
     let mut samples = Vec::new();
@@ -905,7 +949,16 @@ fn run(opts: &Opts) -> Result<Results> {
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn machine() -> String {
+fn loadavg() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `nproc`, CPU model, kernel, and the load average at the start and the end of the run.
+fn machine(load_at_start: &str) -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -919,12 +972,10 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     format!(
-        "{cpus} CPUs ({model}), Linux {}, load average {} at the end",
+        "nproc {cpus}, {model}, Linux {}; load average {load_at_start} at the start, {} at the end",
         kernel.trim(),
-        load.join(" ")
+        loadavg()
     )
 }
 
@@ -953,6 +1004,20 @@ fn table(r: &Results, opts: &Opts) -> String {
     );
     row(
         &mut t,
+        "ambient-cni start-up alone (CNI VERSION, no daemon call), p50 / p99",
+        p(r.version),
+        "",
+        "",
+    );
+    row(
+        &mut t,
+        "ambient-cni + one gRPC round trip, no kernel work (CNI STATUS), p50 / p99",
+        p(r.status),
+        "",
+        "",
+    );
+    row(
+        &mut t,
         "baseline: sh plugin with `ipset` + `ip route`, ADD p50 / p99",
         p(r.shell_add),
         "",
@@ -965,10 +1030,23 @@ fn table(r: &Results, opts: &Opts) -> String {
         "",
         "",
     );
+    let quietest = r
+        .levels
+        .iter()
+        .map(|l| l.floor.p50)
+        .min()
+        .unwrap_or_default();
     for l in &r.levels {
+        // The floor of a level well above the quietest level's: other load ran meanwhile.
+        let noisy = l.floor.p50.as_secs_f64() > 1.25 * quietest.as_secs_f64();
         row(
             &mut t,
-            &format!("ambient-cni ADD at {} pods, p50 / p99", l.pods),
+            &format!(
+                "ambient-cni ADD at {} pods, p50 / p99 (floor p50 in the same rounds: {} ms{})",
+                l.pods,
+                ms(l.floor.p50),
+                if noisy { ", noisy" } else { "" }
+            ),
             p(l.add),
             "",
             "",
@@ -1102,6 +1180,7 @@ fn main() -> ExitCode {
             std::env::set_var("AMBIENT_CNI_BIN_DIR", dir);
         }
     }
+    let load_at_start = loadavg();
     log(format!(
         "acni-bench: up to {} pods, {} samples per level, resync every {} ms",
         opts.max_pods, opts.samples, opts.resync_ms
@@ -1113,7 +1192,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let machine = machine();
+    let machine = machine(&load_at_start);
     let head = format!(
         "ambient-cni bench: {machine}; daemon state dir on tmpfs (/dev/shm); {} timed rounds per level",
         opts.samples
