@@ -106,7 +106,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::daemon::{Daemon, PodEvent};
+    use crate::daemon::Daemon;
     use crate::dataplane::fake::FakeDataplane;
 
     #[tokio::test]
@@ -118,17 +118,7 @@ mod tests {
         dp.kernel().add_host_link("vetha");
         let d = Daemon::new(Arc::new(cfg.clone()), dp.clone(), None, Registry::default());
         d.resync().await;
-        let ev = |cid: &str, ns: &str, name: &str, ip: &str, hif: &str| PodEvent {
-            container_id: cid.into(),
-            ifname: "eth0".into(),
-            netns: format!("/tmp/acni-fake-netns-{cid}"),
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{cid}"),
-            network: "k8s".into(),
-            ips: vec![(format!("{ip}/24"), "10.244.1.1".into())],
-            host_if: hif.into(),
-        };
+        let ev = crate::daemon::test_event;
         d.add(ev(
             "z",
             "istio-system",

@@ -866,6 +866,23 @@ pub struct StatusView {
     pub resyncs: u64,
 }
 
+/// A CNI ADD as the plugin sends it after ptp, for the crate's tests: `ifname` eth0, a netns path
+/// under /tmp (the fake dataplane decides whether it is alive), UID `uid-<cid>`, gateway 10.244.1.1.
+#[cfg(test)]
+pub(crate) fn test_event(cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> PodEvent {
+    PodEvent {
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+        netns: format!("/tmp/acni-fake-netns-{cid}"),
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("uid-{cid}"),
+        network: "k8s".into(),
+        ips: vec![(format!("{addr}/24"), "10.244.1.1".into())],
+        host_if: hif.into(),
+    }
+}
+
 #[cfg(test)]
 #[path = "daemon_tests.rs"]
 mod tests;

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::config::{tables, Config};
-use crate::daemon::{Daemon, PodEvent, RequestError};
+use crate::daemon::{Daemon, RequestError};
 use crate::dataplane::fake::FakeDataplane;
 use crate::model::{Ns, Prefix, RouteKey, RouteKind};
 use crate::reconcile::{self, desired, Ztunnel};
@@ -20,19 +20,7 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test IP")
 }
 
-fn ev(cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> PodEvent {
-    PodEvent {
-        container_id: cid.into(),
-        ifname: "eth0".into(),
-        netns: format!("/tmp/acni-fake-netns-{cid}"),
-        namespace: ns.into(),
-        name: name.into(),
-        uid: format!("uid-{cid}"),
-        network: "k8s".into(),
-        ips: vec![(format!("{addr}/24"), "10.244.1.1".into())],
-        host_if: hif.into(),
-    }
-}
+use crate::daemon::test_event as ev;
 
 struct World {
     dp: Arc<FakeDataplane>,

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::*;
 use crate::config::Config;
-use crate::daemon::{Daemon, PodEvent, Policy};
+use crate::daemon::{Daemon, Policy};
 use crate::dataplane::fake::FakeDataplane;
 use crate::reconcile::ApplyReport;
 use crate::registry::Registry;
@@ -729,17 +729,7 @@ impl Node {
 
     /// The CNI ADD of a pod.
     async fn add(&self, cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> bool {
-        let ev = PodEvent {
-            container_id: cid.into(),
-            ifname: "eth0".into(),
-            netns: format!("/tmp/acni-fake-netns-{cid}"),
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{cid}"),
-            network: "k8s".into(),
-            ips: vec![(format!("{addr}/24"), "10.244.1.1".into())],
-            host_if: hif.into(),
-        };
+        let ev = crate::daemon::test_event(cid, ns, name, addr, hif);
         self.daemon.add(ev).await.expect("CNI ADD").enrolled
     }
 
