@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::dataplane::{Dataplane, DpError, DpResult};
 use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
+use netlink_packet_route::RouteNetlinkMessage;
 
 pub use iptables::IptablesBackend;
 use netns::NsWorker;
@@ -162,6 +163,22 @@ pub struct RealDataplane {
     /// Indexes of the interfaces whose rp_filter the resync reads, by name. An entry is used
     /// while the dump still lists its index; otherwise the name is looked up again.
     rp_ifindex: Mutex<HashMap<String, u32>>,
+}
+
+/// A complete request for the raw node socket: an exclusive add (as `ip route add`) or a delete,
+/// asking for an ACK; the sequence number is set when it is sent.
+fn raw_request(m: RouteNetlinkMessage) -> Vec<u8> {
+    use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+    let flags = match &m {
+        RouteNetlinkMessage::NewRoute(_) => NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE,
+        _ => NLM_F_REQUEST | NLM_F_ACK,
+    };
+    let mut nl = NetlinkMessage::from(m);
+    nl.header.flags = flags;
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
 }
 
 /// From how many rp_filter keys on a resync one netconf dump (cost: all interfaces) beats
@@ -387,6 +404,42 @@ impl RealDataplane {
         Ok(Some(out))
     }
 
+    /// One route add (NewRoute, exclusive) or delete (DelRoute): the kernel's answer, 0 or a
+    /// positive errno. In the node netns on the raw socket, synchronously: a pod ADD or DEL then
+    /// costs no trip through the rtnetlink connection task and the wake-ups between threads it
+    /// takes. Elsewhere, or if that socket fails, through rtnetlink.
+    async fn route_request(
+        &self,
+        ns: &Ns,
+        h: &rtnetlink::Handle,
+        m: RouteNetlinkMessage,
+    ) -> Result<i32, rtnetlink::Error> {
+        if matches!(ns, Ns::Node) {
+            let mut buf = [raw_request(m.clone())];
+            let answer = {
+                let mut g = self.netconf.lock().unwrap_or_else(|p| p.into_inner());
+                g.as_mut().map(|s| s.acked_batch(&mut buf))
+            };
+            if let Some(Ok(codes)) = answer {
+                if let Some(c) = codes.first() {
+                    return Ok(*c);
+                }
+            }
+        }
+        let res = match m {
+            RouteNetlinkMessage::NewRoute(m) => route::add_excl(h, m).await,
+            RouteNetlinkMessage::DelRoute(m) => route::del(h, m).await,
+            _ => Ok(()),
+        };
+        match res {
+            Ok(()) => Ok(0),
+            Err(e) => match errno_of(&e) {
+                Some(c) => Ok(c),
+                None => Err(e),
+            },
+        }
+    }
+
     /// Route adds of `routes` as one raw batch on the node's netconf socket, then the careful path
     /// for those the kernel refused. None when that socket is not available.
     async fn route_add_raw(
@@ -395,10 +448,6 @@ impl RealDataplane {
         w: &NsWorker,
         routes: &[Route],
     ) -> Option<Vec<DpResult<()>>> {
-        use netlink_packet_core::{
-            NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
-        };
-        use netlink_packet_route::RouteNetlinkMessage;
         // Index in `routes` of each message sent; routes whose link is unknown are not sent.
         let (mut msgs, mut sent) = (
             Vec::with_capacity(routes.len()),
@@ -412,16 +461,11 @@ impl RealDataplane {
                 },
                 None => None,
             };
-            let mut nl = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(route::build(
+            msgs.push(raw_request(RouteNetlinkMessage::NewRoute(route::build(
                 r,
                 oif,
                 self.cfg.route_protocol,
-            )));
-            nl.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
-            nl.finalize();
-            let mut buf = vec![0u8; nl.buffer_len()];
-            nl.serialize(&mut buf);
-            msgs.push(buf);
+            ))));
             sent.push(i);
         }
         let codes = {
@@ -691,16 +735,23 @@ impl Dataplane for RealDataplane {
             let m = route::build(r, oif, self.cfg.route_protocol);
             // Plain add first: it cannot disturb anything. Only when a route with this key exists
             // do we look at it, and replace it only if it is ours.
-            match route::add_excl(h, m.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if errno_of(&e) == Some(libc::EEXIST) => {
+            let code = self
+                .route_request(ns, h, RouteNetlinkMessage::NewRoute(m.clone()))
+                .await
+                .map_err(|e| nl_error(what(), &e))?;
+            match code {
+                0 => return Ok(()),
+                libc::EEXIST => {
                     msg = Some(m);
                     break;
                 }
-                Err(e) if errno_of(&e) == Some(libc::ENODEV) && attempt == 0 && r.dev.is_some() => {
-                    self.forget_ifindexes();
+                libc::ENODEV if attempt == 0 && r.dev.is_some() => self.forget_ifindexes(),
+                code => {
+                    return Err(DpError::Netlink {
+                        what: what(),
+                        msg: ipset::describe_code(code),
+                    })
                 }
-                Err(e) => return Err(nl_error(what(), &e)),
             }
         }
         let Some(msg) = msg else {
@@ -796,12 +847,19 @@ impl Dataplane for RealDataplane {
         // not 0 (the kernel reads 0 as "any metric"). Our metric-0 routes are unicast or local,
         // their fallbacks unreachable with a non-zero metric, so the type tells them apart and no
         // dump is needed: the cost is one request, whatever the size of the table.
-        let res = route::del(
-            w.handle(),
-            route::del_request(key, r.kind, self.cfg.route_protocol),
-        )
-        .await;
-        nl_check(Intent::Remove, what, res)
+        let req = route::del_request(key, r.kind, self.cfg.route_protocol);
+        let code = self
+            .route_request(ns, w.handle(), RouteNetlinkMessage::DelRoute(req))
+            .await
+            .map_err(|e| nl_error(what(), &e))?;
+        if code == 0 || already_done(Intent::Remove, code) {
+            Ok(())
+        } else {
+            Err(DpError::Netlink {
+                what: what(),
+                msg: ipset::describe_code(code),
+            })
+        }
     }
 
     async fn tunnels_read(&self, want: &Tunnels) -> DpResult<TunnelState> {
