@@ -342,14 +342,7 @@ impl DirectPlugin {
             Some(b) => b.clone(),
             None => match workspace_bin("ambient-cni") {
                 Ok(b) => b,
-                Err(e) => {
-                    return Output {
-                        status: None,
-                        stdout: String::new(),
-                        stderr: format!("{e:#}"),
-                        elapsed: Duration::ZERO,
-                    }
-                }
+                Err(e) => return Output::not_run(&e),
             },
         };
         let stdin = stdin.to_string();

@@ -175,6 +175,16 @@ pub struct Output {
 }
 
 impl Output {
+    /// The output of a command that could not even be started (its binary failed to build).
+    pub fn not_run(e: &anyhow::Error) -> Output {
+        Output {
+            status: None,
+            stdout: String::new(),
+            stderr: format!("{e:#}"),
+            elapsed: Duration::ZERO,
+        }
+    }
+
     /// Exit status 0.
     pub fn success(&self) -> bool {
         self.status == Some(0)
@@ -882,14 +892,7 @@ impl CniEnv {
     pub fn cnitool(&self, cmd: &str, network: &str, netns: &Path, env: &[(&str, &str)]) -> Output {
         let tool = match cnitool() {
             Ok(t) => t,
-            Err(e) => {
-                return Output {
-                    status: None,
-                    stdout: String::new(),
-                    stderr: format!("{e:#}"),
-                    elapsed: Duration::ZERO,
-                }
-            }
+            Err(e) => return Output::not_run(&e),
         };
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns_full])
@@ -949,14 +952,7 @@ pub fn ptp_conflist(
 pub fn run_plugin(env: &[(&str, &str)], stdin: &[u8]) -> Output {
     let bin = match workspace_bin("ambient-cni") {
         Ok(b) => b,
-        Err(e) => {
-            return Output {
-                status: None,
-                stdout: String::new(),
-                stderr: format!("{e:#}"),
-                elapsed: Duration::ZERO,
-            }
-        }
+        Err(e) => return Output::not_run(&e),
     };
     let mut c = Command::new(bin);
     c.env_clear().envs(env.iter().copied());

@@ -317,23 +317,6 @@ fn libcni_chain_1_0_0() {
     libcni_chain("1.0.0");
 }
 
-/// The base env of a direct plugin run.
-fn plugin_env<'a>(
-    cmd: &'a str,
-    cid: &'a str,
-    netns: &'a str,
-    args: &'a str,
-) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("CNI_COMMAND", cmd),
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", netns),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_ARGS", args),
-        ("CNI_PATH", "/nonexistent"),
-    ]
-}
-
 /// A prevResult as a 1.1.0 runtime would hand it, with 1.1.0-only fields that must survive.
 fn prev_result_110(host_veth: &str, netns: &Path, ip: &str) -> Value {
     json!({
@@ -401,11 +384,17 @@ fn spec_1_1_0_direct() {
         let ns = ns.to_string_lossy();
         let args = k8s_args(cid, cid);
         let stdin = conf(json!({"prevResult": prev})).to_string();
-        let out = run_plugin(&plugin_env("ADD", cid, &ns, &args), stdin.as_bytes());
+        let out = run_plugin(
+            &ambient_cni_tests::fault::env("ADD", cid, &ns, &args),
+            stdin.as_bytes(),
+        );
         assert!(out.success(), "ADD 1.1.0: {out}\n{}", logs());
         // Byte for byte: same keys, same order, same numbers, one document and a newline.
         assert_eq!(out.stdout, format!("{prev}\n"));
-        let check = run_plugin(&plugin_env("CHECK", cid, &ns, &args), stdin.as_bytes());
+        let check = run_plugin(
+            &ambient_cni_tests::fault::env("CHECK", cid, &ns, &args),
+            stdin.as_bytes(),
+        );
         assert!(check.success(), "CHECK 1.1.0: {check}\n{}", logs());
         assert_eq!(check.stdout, "");
     }
@@ -453,7 +442,7 @@ fn spec_1_1_0_direct() {
         let ns = ns.to_string_lossy();
         let args = k8s_args(cid, cid);
         let out = run_plugin(
-            &plugin_env("DEL", cid, &ns, &args),
+            &ambient_cni_tests::fault::env("DEL", cid, &ns, &args),
             conf(json!({"prevResult": prev})).to_string().as_bytes(),
         );
         assert!(out.success() && out.stdout.is_empty(), "{out}");
@@ -503,7 +492,7 @@ fn spec_1_1_0_direct() {
     let ns = ns.to_string_lossy();
     let args = k8s_args(cid, cid);
     let out = run_plugin(
-        &plugin_env("DEL", cid, &ns, &args),
+        &ambient_cni_tests::fault::env("DEL", cid, &ns, &args),
         conf(json!({})).to_string().as_bytes(),
     );
     assert!(out.success() && out.stdout.is_empty(), "{out}");
@@ -673,7 +662,10 @@ fn daemon_down_or_hung() {
     .to_string();
     let ns = pod.to_string_lossy();
     let args = k8s_args("pod1", "cid-down");
-    let out = run_plugin(&plugin_env("ADD", "cid-down", &ns, &args), stdin.as_bytes());
+    let out = run_plugin(
+        &ambient_cni_tests::fault::env("ADD", "cid-down", &ns, &args),
+        stdin.as_bytes(),
+    );
     assert_eq!(out.status, Some(1));
     let j = out.json().expect("json");
     assert_eq!(j["cniVersion"], "1.0.0");
@@ -693,7 +685,10 @@ fn daemon_down_or_hung() {
 
     // Hung daemon: code 11 after the 1 s deadline, not later.
     let _hung = HungDaemon::start(&sock);
-    let out = run_plugin(&plugin_env("ADD", "cid-down", &ns, &args), stdin.as_bytes());
+    let out = run_plugin(
+        &ambient_cni_tests::fault::env("ADD", "cid-down", &ns, &args),
+        stdin.as_bytes(),
+    );
     let j = out.json().expect("json");
     assert_eq!(j["code"], 11, "{out}");
     assert_eq!(
@@ -781,7 +776,7 @@ fn bad_inputs_get_exact_codes() {
         c.to_string()
     };
     let args = k8s_args("p", "c1");
-    let base = plugin_env("ADD", "c1", "/var/run/netns/x", &args);
+    let base = ambient_cni_tests::fault::env("ADD", "c1", "/var/run/netns/x", &args);
     let env_with = |k: &'static str, v: Option<&'static str>| {
         let mut e: Vec<(&str, &str)> = base.iter().copied().filter(|(key, _)| *key != k).collect();
         if let Some(v) = v {
