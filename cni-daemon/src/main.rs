@@ -389,8 +389,7 @@ fn main() -> ExitCode {
 }
 
 fn run_async(cmd: Cmd) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
