@@ -333,16 +333,25 @@ impl<D: Dataplane> Daemon<D> {
 
     async fn apply_logged(&self, ops: &[Op], kind: &str) -> ApplyReport {
         let report = reconcile::apply(&*self.dp, ops).await;
-        // Each operation is logged and traced, up to a point: a restore of 10,000 pods is 20,000
-        // operations, and a line and an event each would flood the log and push everything else
-        // out of the trace ring. Beyond LOG_EACH, one line says how many more, of which kinds.
+        // Each operation is traced and logged, up to a point: a restore of 10,000 pods is 20,000
+        // operations, and an event each would push everything else out of the trace ring.
+        // Beyond LOG_EACH, one event says how many more, of which kinds. The log gets one line
+        // per apply (a pod ADD is one line, not one per kernel object: each line is a write).
+        let mut line = String::new();
         for a in report.applied.iter().take(LOG_EACH) {
-            info!(op = %a, "{kind}");
+            if !line.is_empty() {
+                line.push_str("; ");
+            }
+            line.push_str(a);
             self.event(kind, a.clone());
         }
         if let Some(more) = summary(report.applied.iter().skip(LOG_EACH)) {
-            info!(more = %more, "{kind}");
+            line.push_str("; ");
+            line.push_str(&more);
             self.event(kind, more);
+        }
+        if !line.is_empty() {
+            info!(ops = %line, "{kind}");
         }
         for e in report.errors.iter().take(LOG_EACH) {
             warn!(error = %e, "{kind} failed");

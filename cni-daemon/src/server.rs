@@ -1,47 +1,62 @@
-//! The gRPC service on the unix socket: decodes requests, checks the peer, calls [`Daemon`].
+//! The calls of the gRPC service on the unix socket: decodes each request, checks the peer, calls
+//! [`Daemon`], encodes the reply. The HTTP/2 side is [`crate::grpc`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 
-use ambient_cni_proto::v1::cni_node_server::{CniNode, CniNodeServer};
 use ambient_cni_proto::v1::*;
 use ambient_cni_proto::CONTRACT_VERSION;
-use tonic::transport::server::UdsConnectInfo;
-use tonic::{Request, Response, Status};
+use prost::Message;
 use tracing::warn;
 
 use crate::daemon::{Daemon, PodEvent, RequestError};
 use crate::dataplane::Dataplane;
 
-/// The service.
-pub struct Service<D> {
-    daemon: Arc<Daemon<D>>,
+/// The `:path` prefix of our service's methods.
+pub const SERVICE_PATH: &str = "/ambientcni.v1.CniNode/";
+
+/// The gRPC status codes we answer with (their numbers are the wire values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    InvalidArgument = 3,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Unimplemented = 12,
+    Internal = 13,
 }
 
-impl<D> Service<D> {
-    /// Serve this daemon.
-    pub fn new(daemon: Arc<Daemon<D>>) -> Self {
-        Service { daemon }
+/// A refused call: the code and the message sent as `grpc-message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Status {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 /// Refuse every peer that is not root: the socket is a privilege boundary.
-fn check_peer<T>(req: &Request<T>) -> Result<(), Status> {
-    let uid = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .map(|c| c.uid());
+fn check_peer(uid: Option<u32>) -> Result<(), Status> {
     match uid {
         Some(0) => Ok(()),
         Some(u) => {
             warn!(uid = u, "refused a peer that is not root");
-            Err(Status::permission_denied(format!(
-                "peer uid {u} is not root"
-            )))
+            Err(Status::new(
+                Code::PermissionDenied,
+                format!("peer uid {u} is not root"),
+            ))
         }
-        None => Err(Status::permission_denied("peer credentials unavailable")),
+        None => Err(Status::new(
+            Code::PermissionDenied,
+            "peer credentials unavailable",
+        )),
     }
 }
 
@@ -49,19 +64,24 @@ fn check_version(v: u32) -> Result<(), Status> {
     if v == CONTRACT_VERSION {
         Ok(())
     } else {
-        Err(Status::failed_precondition(format!(
-            "contract version {v} not supported (daemon speaks {CONTRACT_VERSION})"
-        )))
+        Err(Status::new(
+            Code::FailedPrecondition,
+            format!("contract version {v} not supported (daemon speaks {CONTRACT_VERSION})"),
+        ))
     }
 }
 
 fn to_status(e: RequestError) -> Status {
     match e {
-        RequestError::Invalid(m) => Status::invalid_argument(m),
-        RequestError::Precondition(m) => Status::failed_precondition(m),
-        e @ RequestError::Kernel(_) => Status::internal(e.to_string()),
-        e @ RequestError::State(_) => Status::internal(e.to_string()),
+        RequestError::Invalid(m) => Status::new(Code::InvalidArgument, m),
+        RequestError::Precondition(m) => Status::new(Code::FailedPrecondition, m),
+        e @ RequestError::Kernel(_) => Status::new(Code::Internal, e.to_string()),
+        e @ RequestError::State(_) => Status::new(Code::Internal, e.to_string()),
     }
+}
+
+fn decode<M: Message + Default>(msg: &[u8]) -> Result<M, Status> {
+    M::decode(msg).map_err(|e| Status::new(Code::InvalidArgument, format!("bad request: {e}")))
 }
 
 fn event(r: PodRequest) -> PodEvent {
@@ -78,110 +98,120 @@ fn event(r: PodRequest) -> PodEvent {
     }
 }
 
-#[tonic::async_trait]
-impl<D: Dataplane> CniNode for Service<D> {
-    async fn pod_add(&self, req: Request<PodRequest>) -> Result<Response<PodAddReply>, Status> {
-        check_peer(&req)?;
-        let r = req.into_inner();
-        check_version(r.contract_version)?;
-        let out = self.daemon.add(event(r)).await.map_err(to_status)?;
-        Ok(Response::new(PodAddReply {
-            enrolled: out.enrolled,
-            reason: out.reason,
-            ztunnel: out.ztunnel,
-        }))
-    }
+/// A pod request, once its peer and contract version are checked.
+fn pod_request(msg: &[u8]) -> Result<PodRequest, Status> {
+    let r: PodRequest = decode(msg)?;
+    check_version(r.contract_version)?;
+    Ok(r)
+}
 
-    async fn pod_del(&self, req: Request<PodRequest>) -> Result<Response<PodDelReply>, Status> {
-        check_peer(&req)?;
-        let r = req.into_inner();
-        check_version(r.contract_version)?;
-        let removed = self
-            .daemon
-            .del(&r.container_id, &r.ifname)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(PodDelReply { removed }))
-    }
-
-    async fn pod_check(&self, req: Request<PodRequest>) -> Result<Response<PodCheckReply>, Status> {
-        check_peer(&req)?;
-        let r = req.into_inner();
-        check_version(r.contract_version)?;
-        let (enrolled, detail) = self
-            .daemon
-            .check(&r.container_id, &r.ifname)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(PodCheckReply { enrolled, detail }))
-    }
-
-    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
-        check_peer(&req)?;
-        let r = req.into_inner();
-        check_version(r.contract_version)?;
-        let valid: Vec<(String, String)> = r
-            .valid
-            .into_iter()
-            .map(|a| (a.container_id, a.ifname))
-            .collect();
-        let (removed, errors) = self
-            .daemon
-            .gc(
-                &r.network_name,
-                r.has_valid_list.then_some(valid.as_slice()),
-            )
-            .await;
-        Ok(Response::new(GcReply { removed, errors }))
-    }
-
-    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        check_peer(&req)?;
-        let s = self.daemon.status().await;
-        let reason = if s.ready {
-            String::new()
-        } else {
-            match &s.last_resync {
-                Some(r) if !r.errors.is_empty() => {
-                    format!("last reconcile failed: {}", r.errors.join("; "))
-                }
-                _ => "initial reconcile has not completed".into(),
+/// One call of method `method` (the last part of its `:path`) from a peer with `uid`, with its
+/// encoded request `msg`: the encoded reply, or the status refusing it.
+pub async fn call<D: Dataplane>(
+    daemon: &Daemon<D>,
+    uid: Option<u32>,
+    method: &str,
+    msg: &[u8],
+) -> Result<Vec<u8>, Status> {
+    check_peer(uid)?;
+    let reply = match method {
+        "PodAdd" => {
+            let out = daemon
+                .add(event(pod_request(msg)?))
+                .await
+                .map_err(to_status)?;
+            PodAddReply {
+                enrolled: out.enrolled,
+                reason: out.reason,
+                ztunnel: out.ztunnel,
             }
-        };
-        Ok(Response::new(StatusReply {
-            ready: s.ready,
-            reason,
-            pods: s.pods as u32,
-            enrolled_pods: s.enrolled as u32,
-            ztunnel_present: s.ztunnel.is_some(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }))
-    }
-
-    async fn dump(&self, req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {
-        check_peer(&req)?;
-        let v = self.daemon.dump().await;
-        Ok(Response::new(DumpReply {
-            json: serde_json::to_string_pretty(&v).unwrap_or_default(),
-        }))
-    }
-
-    async fn trace(&self, req: Request<TraceRequest>) -> Result<Response<TraceReply>, Status> {
-        check_peer(&req)?;
-        let r = req.into_inner();
-        let limit = if r.limit == 0 { 200 } else { r.limit as usize };
-        let events = self
-            .daemon
-            .trace(&r.filter, limit)
-            .into_iter()
-            .map(|e| TraceEvent {
-                unix_ms: e.unix_ms,
-                kind: e.kind,
-                message: e.message,
-            })
-            .collect();
-        Ok(Response::new(TraceReply { events }))
-    }
+            .encode_to_vec()
+        }
+        "PodDel" => {
+            let r = pod_request(msg)?;
+            let removed = daemon
+                .del(&r.container_id, &r.ifname)
+                .await
+                .map_err(to_status)?;
+            PodDelReply { removed }.encode_to_vec()
+        }
+        "PodCheck" => {
+            let r = pod_request(msg)?;
+            let (enrolled, detail) = daemon
+                .check(&r.container_id, &r.ifname)
+                .await
+                .map_err(to_status)?;
+            PodCheckReply { enrolled, detail }.encode_to_vec()
+        }
+        "Gc" => {
+            let r: GcRequest = decode(msg)?;
+            check_version(r.contract_version)?;
+            let valid: Vec<(String, String)> = r
+                .valid
+                .into_iter()
+                .map(|a| (a.container_id, a.ifname))
+                .collect();
+            let (removed, errors) = daemon
+                .gc(
+                    &r.network_name,
+                    r.has_valid_list.then_some(valid.as_slice()),
+                )
+                .await;
+            GcReply { removed, errors }.encode_to_vec()
+        }
+        "Status" => {
+            let _: StatusRequest = decode(msg)?;
+            let s = daemon.status().await;
+            let reason = if s.ready {
+                String::new()
+            } else {
+                match &s.last_resync {
+                    Some(r) if !r.errors.is_empty() => {
+                        format!("last reconcile failed: {}", r.errors.join("; "))
+                    }
+                    _ => "initial reconcile has not completed".into(),
+                }
+            };
+            StatusReply {
+                ready: s.ready,
+                reason,
+                pods: s.pods as u32,
+                enrolled_pods: s.enrolled as u32,
+                ztunnel_present: s.ztunnel.is_some(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            }
+            .encode_to_vec()
+        }
+        "Dump" => {
+            let _: DumpRequest = decode(msg)?;
+            let v = daemon.dump().await;
+            DumpReply {
+                json: serde_json::to_string_pretty(&v).unwrap_or_default(),
+            }
+            .encode_to_vec()
+        }
+        "Trace" => {
+            let r: TraceRequest = decode(msg)?;
+            let limit = if r.limit == 0 { 200 } else { r.limit as usize };
+            let events = daemon
+                .trace(&r.filter, limit)
+                .into_iter()
+                .map(|e| TraceEvent {
+                    unix_ms: e.unix_ms,
+                    kind: e.kind,
+                    message: e.message,
+                })
+                .collect();
+            TraceReply { events }.encode_to_vec()
+        }
+        other => {
+            return Err(Status::new(
+                Code::Unimplemented,
+                format!("unknown method {other:?}"),
+            ))
+        }
+    };
+    Ok(reply)
 }
 
 /// Bind the socket: its directory 0700, the socket 0600, a stale socket file removed first.
@@ -198,19 +228,4 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let l = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
-}
-
-/// Serve until `shutdown` resolves.
-pub async fn serve<D: Dataplane>(
-    daemon: Arc<Daemon<D>>,
-    listener: tokio::net::UnixListener,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(CniNodeServer::new(Service::new(daemon)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await
 }

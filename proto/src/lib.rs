@@ -2,6 +2,8 @@
 //!
 //! The `.proto` is compiled at build time by protox, so no system `protoc` is needed.
 
+pub mod h2wire;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("ambientcni.v1");

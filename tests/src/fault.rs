@@ -247,11 +247,18 @@ pub fn registry(d: &Daemon) -> Result<Vec<Value>> {
     Ok(dump["pods"].as_array().cloned().unwrap_or_default())
 }
 
-/// Lines of the daemon log that report one applied operation of `kind` (`repair`, `start`,
-/// `kernel`, ...): the daemon logs each as `<kind> op=<what>`. The log survives restarts.
+/// Applied operations of `kind` (`repair`, `start`, `kernel`, ...) in the daemon's log: one line
+/// per apply, `<kind> ops=<op>; <op>; ...; <n> more: <counts>`. The log survives restarts.
 pub fn count_logged_ops(log: &str, kind: &str) -> usize {
-    let needle = format!(" {kind} op=");
-    log.lines().filter(|l| l.contains(&needle)).count()
+    let needle = format!(" {kind} ops=");
+    log.lines()
+        .filter_map(|l| l.split_once(&needle).map(|(_, ops)| ops))
+        .flat_map(|ops| ops.split("; "))
+        .map(|op| match op.split_once(" more: ") {
+            Some((n, _)) => n.trim().parse().unwrap_or(1),
+            None => 1,
+        })
+        .sum()
 }
 
 /// `iptables-nft` or `iptables-legacy`: the variant holding our chains in `ns` (asked in this
@@ -627,9 +634,12 @@ mod tests {
 
     #[test]
     fn logged_ops_are_counted() {
-        let log = "2025 INFO ambient_cni_daemon::daemon: repair op=ipset add 10.0.0.1 (owner u)\n\
-                   2025 INFO ambient_cni_daemon::daemon: start op=create ipset\n";
-        assert_eq!(count_logged_ops(log, "repair"), 1);
-        assert_eq!(count_logged_ops(log, "start"), 1);
+        let log = "2025 INFO ambient_cni_daemon::daemon: repair ops=ipset add 10.0.0.1 (owner u)\n\
+                   2025 INFO ambient_cni_daemon::daemon: start ops=create ipset; route add \
+                   10.0.0.1/32 table 100; 40 more: 20 ipset add, 20 route add\n\
+                   2025 INFO ambient_cni_daemon::daemon: repair ops=sysctl x=2\n";
+        assert_eq!(count_logged_ops(log, "repair"), 2);
+        assert_eq!(count_logged_ops(log, "start"), 42);
+        assert_eq!(count_logged_ops(log, "kernel"), 0);
     }
 }

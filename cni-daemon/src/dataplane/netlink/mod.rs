@@ -163,6 +163,10 @@ pub struct RealDataplane {
     /// Indexes of the interfaces whose rp_filter the resync reads, by name. An entry is used
     /// while the dump still lists its index; otherwise the name is looked up again.
     rp_ifindex: Mutex<HashMap<String, u32>>,
+    /// The netns of the thread that made us (the daemon's own: only the workers ever call
+    /// `setns`), read once: work for a worker of this netns runs in place, with no `stat` of
+    /// `/proc/thread-self/ns/net` per call.
+    home: Option<netns::NsId>,
 }
 
 /// A complete request for the raw node socket: an exclusive add (as `ip route add`) or a delete,
@@ -222,6 +226,7 @@ impl RealDataplane {
                 None
             }
         };
+        let home = netns::ns_id_of_path(Path::new("/proc/thread-self/ns/net")).ok();
         let wanted = cfg.iptables_backend;
         let backend = node.run_sync(move || iptables::resolve(wanted))?;
         let _ = node.backend.set(backend);
@@ -235,6 +240,7 @@ impl RealDataplane {
             node_ifindex: Mutex::new(HashMap::new()),
             netconf: Mutex::new(netconf),
             rp_ifindex: Mutex::new(HashMap::new()),
+            home,
         })
     }
 
@@ -322,17 +328,20 @@ impl RealDataplane {
         Ok(f(&mut g))
     }
 
-    /// Runs `f` in place when the calling thread is already in `w`'s namespace (the daemon runs
-    /// in the node netns, and only the workers ever change namespace), else on `w`'s thread. For
-    /// /proc/sys, which resolves to the netns of the thread that opens it: checked per call, one
-    /// `stat` instead of two context switches.
+    /// Is `w` the worker of the netns our own threads are in?
+    fn at_home(&self, w: &NsWorker) -> bool {
+        self.home == Some(w.id())
+    }
+
+    /// Runs `f` in place when `w`'s namespace is the one our threads are in (the daemon runs in
+    /// the node netns, and only the workers ever change namespace), else on `w`'s thread. For
+    /// /proc/sys, which resolves to the netns of the thread that opens it: no context switches.
     async fn in_ns<T, F>(&self, w: &NsWorker, f: F) -> DpResult<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let here = netns::ns_id_of_path(Path::new("/proc/thread-self/ns/net"));
-        if here.is_ok_and(|id| id == w.id()) {
+        if self.at_home(w) {
             return Ok(f());
         }
         w.run(f).await
@@ -517,7 +526,15 @@ impl RealDataplane {
                 return Ok(Some(*i));
             }
         }
-        let idx = link::index_of(w.handle(), dev).await?;
+        // SIOCGIFINDEX on this thread: a pod ADD's new host veth costs one ioctl, not a trip
+        // through the rtnetlink connection task. An absent link is None, as below; any other
+        // failure (no socket to ask with) goes the netlink way.
+        let quick = (cache && self.at_home(w)).then(|| nix::net::if_::if_nametoindex(dev));
+        let idx = match quick {
+            Some(Ok(i)) => Some(i),
+            Some(Err(nix::errno::Errno::ENODEV)) => None,
+            _ => link::index_of(w.handle(), dev).await?,
+        };
         if let (true, Some(i)) = (cache, idx) {
             self.node_ifindex
                 .lock()
