@@ -23,6 +23,8 @@ impl ApplyReport {
     }
 }
 
+/// Our rules, routes and sysctls in `ns` (netlink and /proc/sys; the iptables state is read
+/// apart, see [`observe`]).
 async fn observe_ns<D: Dataplane>(
     dp: &D,
     ns: &Ns,
@@ -38,7 +40,6 @@ async fn observe_ns<D: Dataplane>(
             .into_iter()
             .map(|r| (r.key, r))
             .collect(),
-        iptables: dp.iptables_read(ns, &want.chains).await?,
         ..Default::default()
     };
     let keys: Vec<String> = want.sysctls.keys().cloned().collect();
@@ -52,29 +53,48 @@ async fn observe_ns<D: Dataplane>(
 }
 
 /// Read back every object of ours that `want` concerns (and the ones of ours it does not want).
+///
+/// The iptables reads (an `iptables-save` process per namespace, on that namespace's worker
+/// thread) run while the netlink reads go on, instead of one after the other.
 pub async fn observe<D: Dataplane>(
     dp: &D,
     want: &Desired,
     tunnel_names: &[String],
 ) -> Result<Observed, DpError> {
-    let mut o = Observed {
-        ipset: dp.ipset_list().await?,
-        node: observe_ns(
-            dp,
-            &Ns::Node,
-            &want.node,
-            &NODE_RULE_PRIORITIES,
-            &NODE_TABLES,
-        )
-        .await?,
-        links_present: dp.tunnel_links_present(tunnel_names).await?,
-        ..Default::default()
+    let node_ipt = dp.iptables_read(&Ns::Node, &want.node.chains);
+    let zt_ipt = async {
+        match &want.zt {
+            Some((ns, zwant)) => dp.iptables_read(ns, &zwant.chains).await.map(Some),
+            None => Ok(None),
+        }
     };
-    if let Some(t) = &want.tunnels {
-        o.tunnels = dp.tunnels_read(t).await?;
-    }
-    if let Some((ns, zwant)) = &want.zt {
-        o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES).await?);
+    let rest = async {
+        let mut o = Observed {
+            ipset: dp.ipset_list().await?,
+            node: observe_ns(
+                dp,
+                &Ns::Node,
+                &want.node,
+                &NODE_RULE_PRIORITIES,
+                &NODE_TABLES,
+            )
+            .await?,
+            links_present: dp.tunnel_links_present(tunnel_names).await?,
+            ..Default::default()
+        };
+        if let Some(t) = &want.tunnels {
+            o.tunnels = dp.tunnels_read(t).await?;
+        }
+        if let Some((ns, zwant)) = &want.zt {
+            o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES).await?);
+        }
+        Ok::<_, DpError>(o)
+    };
+    let (node_ipt, zt_ipt, o) = futures::join!(node_ipt, zt_ipt, rest);
+    let mut o = o?;
+    o.node.iptables = node_ipt?;
+    if let (Some(z), Some(ipt)) = (o.zt.as_mut(), zt_ipt?) {
+        z.iptables = ipt;
     }
     Ok(o)
 }
@@ -112,57 +132,291 @@ fn batch_len(ops: &[Op], at: usize) -> usize {
     }
 }
 
-/// Apply operations in order, keeping going past failures and reporting them all. Runs of ipset
-/// adds and of route replaces go to the dataplane as batches, which a restore of thousands of pods
-/// needs (one request at a time costs a round trip each).
-pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
-    let mut report = ApplyReport::default();
-    let mut record = |op: &Op, r: Result<(), DpError>| match r {
-        Ok(()) => report.applied.push(op.to_string()),
-        Err(e) => report.errors.push(format!("{op}: {e}")),
+/// May `op` run while an `iptables-restore` started earlier in this plan is still running? Only
+/// netlink writes that add what the plan wants and that no iptables rule needs to exist first:
+/// sysctls, route replaces, rule adds and ipset adds (the set itself is created before any
+/// restore, by an earlier step). Everything else waits for the restores in flight: another
+/// restore of the same namespace, the set's creation, tunnels, and every deletion ("stop
+/// capturing before removing where captured traffic would go").
+fn overlaps_iptables(op: &Op, inflight_ns: &[&Ns]) -> bool {
+    match op {
+        Op::SysctlWrite { .. } | Op::RouteReplace { .. } | Op::RuleAdd { .. } => true,
+        Op::IpsetAdd { .. } => true,
+        Op::IptablesApply { ns, .. } => !inflight_ns.contains(&ns),
+        Op::IpsetCreate
+        | Op::IpsetDel { .. }
+        | Op::TunnelCreate { .. }
+        | Op::LinkDel { .. }
+        | Op::RouteDel { .. }
+        | Op::RuleDel { .. } => false,
+    }
+}
+
+/// Runs one step (a single operation or a batch) and returns one result per operation.
+async fn apply_step<D: Dataplane>(dp: &D, batch: &[Op]) -> Vec<Result<(), DpError>> {
+    let Some(first) = batch.first() else {
+        return Vec::new();
     };
+    if batch.len() < 2 {
+        return vec![apply_one(dp, first).await];
+    }
+    match first {
+        Op::IpsetAdd { .. } => {
+            let entries: Vec<_> = batch
+                .iter()
+                .filter_map(|o| match o {
+                    Op::IpsetAdd { ip, owner } => Some((*ip, owner.clone())),
+                    _ => None,
+                })
+                .collect();
+            dp.ipset_add_many(&entries).await
+        }
+        Op::RouteReplace { ns, .. } => {
+            let routes: Vec<_> = batch
+                .iter()
+                .filter_map(|o| match o {
+                    Op::RouteReplace { route, .. } => Some(route.clone()),
+                    _ => None,
+                })
+                .collect();
+            dp.route_replace_many(ns, &routes).await
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Apply operations in order, keeping going past failures and reporting them all (in the order of
+/// `ops`, whatever order they finished in).
+///
+/// Runs of ipset adds and of route replaces go to the dataplane as batches, which a restore of
+/// thousands of pods needs (one request at a time costs a round trip each). An `iptables-restore`
+/// (tens of milliseconds of another process, on its namespace's worker thread) runs while the
+/// netlink writes after it go on, as far as [`overlaps_iptables`] allows: a restore after a flush
+/// of 10,000 pods waited ~35–60 ms for it before the first route went in (acni-bench).
+pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
+    use futures::future::{select, Either};
+    use futures::stream::{FuturesUnordered, StreamExt};
+
+    let mut results: Vec<Option<Result<(), DpError>>> = vec![None; ops.len()];
+    // Restores in flight: (index in `ops`, its namespace, the future).
+    let mut inflight = FuturesUnordered::new();
+    let mut inflight_ns: Vec<(usize, &Ns)> = Vec::new();
     let mut at = 0;
     while let Some(first) = ops.get(at) {
-        let n = batch_len(ops, at);
-        let batch = ops.get(at..at + n).unwrap_or(&[]);
-        at += n.max(1);
-        if n < 2 {
-            record(first, apply_one(dp, first).await);
+        let busy: Vec<&Ns> = inflight_ns.iter().map(|(_, ns)| *ns).collect();
+        if !inflight_ns.is_empty() && !overlaps_iptables(first, &busy) {
+            while let Some((i, r)) = inflight.next().await {
+                if let Some(slot) = results.get_mut(i) {
+                    *slot = Some(r);
+                }
+            }
+            inflight_ns.clear();
             continue;
         }
-        let results = match first {
-            Op::IpsetAdd { .. } => {
-                let entries: Vec<_> = batch
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::IpsetAdd { ip, owner } => Some((*ip, owner.clone())),
-                        _ => None,
-                    })
-                    .collect();
-                dp.ipset_add_many(&entries).await
+        if let Op::IptablesApply { ns, .. } = first {
+            let i = at;
+            inflight.push(async move { (i, apply_one(dp, first).await) });
+            inflight_ns.push((i, ns));
+            at += 1;
+            continue;
+        }
+        let n = batch_len(ops, at).max(1);
+        let batch = ops.get(at..at + n).unwrap_or(&[]);
+        // The step, while the restores in flight are driven to completion alongside it.
+        let out = {
+            let mut step = std::pin::pin!(apply_step(dp, batch));
+            loop {
+                match select(step.as_mut(), inflight.next()).await {
+                    Either::Left((out, _)) => break out,
+                    Either::Right((Some((i, r)), _)) => {
+                        if let Some(slot) = results.get_mut(i) {
+                            *slot = Some(r);
+                        }
+                        inflight_ns.retain(|(j, _)| *j != i);
+                    }
+                    Either::Right((None, _)) => break step.await,
+                }
             }
-            Op::RouteReplace { ns, .. } => {
-                let routes: Vec<_> = batch
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::RouteReplace { route, .. } => Some(route.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                dp.route_replace_many(ns, &routes).await
-            }
-            _ => Vec::new(),
         };
-        let mut results = results.into_iter();
-        for op in batch {
-            let r = results.next().unwrap_or_else(|| {
-                Err(DpError::Netlink {
-                    what: op.to_string(),
-                    msg: "no result from the batch".into(),
-                })
-            });
-            record(op, r);
+        let mut out = out.into_iter();
+        for slot in results.iter_mut().skip(at).take(n) {
+            *slot = out.next();
+        }
+        at += n;
+    }
+    while let Some((i, r)) = inflight.next().await {
+        if let Some(slot) = results.get_mut(i) {
+            *slot = Some(r);
+        }
+    }
+    let mut report = ApplyReport::default();
+    for (op, r) in ops.iter().zip(results) {
+        match r.unwrap_or_else(|| {
+            Err(DpError::Netlink {
+                what: op.to_string(),
+                msg: "no result from the batch".into(),
+            })
+        }) {
+            Ok(()) => report.applied.push(op.to_string()),
+            Err(e) => report.errors.push(format!("{op}: {e}")),
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::FakeDataplane;
+    use crate::model::{Chain, Prefix, Route, RouteKey, RouteKind, Scope};
+    use std::net::Ipv4Addr;
+    use std::path::PathBuf;
+
+    fn chain(rule: &str) -> Vec<Chain> {
+        vec![Chain {
+            table: "mangle".into(),
+            name: "ztunnel-PREROUTING".into(),
+            hook: "PREROUTING".into(),
+            rules: vec![rule.into()],
+        }]
+    }
+
+    fn route(last: u8) -> Route {
+        Route {
+            key: RouteKey {
+                table: 100,
+                dst: Prefix::host(Ipv4Addr::new(10, 0, 0, last)),
+                metric: 0,
+            },
+            kind: RouteKind::Unicast,
+            dev: None,
+            via: None,
+            src: None,
+            scope: Scope::Universe,
+            onlink: false,
+        }
+    }
+
+    #[test]
+    fn only_additions_overlap_a_restore() {
+        let node = Ns::Node;
+        let zt = Ns::Pod(PathBuf::from("/run/netns/zt"));
+        let busy = [&node];
+        let ipt = |ns: &Ns| Op::IptablesApply {
+            ns: ns.clone(),
+            chains: vec![],
+        };
+        assert!(overlaps_iptables(
+            &Op::RouteReplace {
+                ns: node.clone(),
+                route: route(1)
+            },
+            &busy
+        ));
+        assert!(overlaps_iptables(
+            &Op::IpsetAdd {
+                ip: Ipv4Addr::LOCALHOST,
+                owner: "u".into()
+            },
+            &busy
+        ));
+        assert!(overlaps_iptables(&ipt(&zt), &busy));
+        assert!(!overlaps_iptables(&ipt(&node), &busy));
+        assert!(!overlaps_iptables(&Op::IpsetCreate, &busy));
+        assert!(!overlaps_iptables(
+            &Op::IpsetDel {
+                ip: Ipv4Addr::LOCALHOST
+            },
+            &busy
+        ));
+        assert!(!overlaps_iptables(
+            &Op::RouteDel {
+                ns: node.clone(),
+                route: route(1)
+            },
+            &busy
+        ));
+        assert!(!overlaps_iptables(
+            &Op::LinkDel {
+                name: "istioin".into()
+            },
+            &busy
+        ));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn results_are_reported_in_plan_order_whatever_finished_first() {
+        let dp = FakeDataplane::new();
+        let mut ops = vec![
+            Op::IpsetCreate,
+            Op::IptablesApply {
+                ns: Ns::Node,
+                chains: chain("-j RETURN"),
+            },
+        ];
+        ops.extend((1..=3).map(|i| Op::RouteReplace {
+            ns: Ns::Node,
+            route: route(i),
+        }));
+        ops.extend((1..=3).map(|i| Op::IpsetAdd {
+            ip: Ipv4Addr::new(10, 0, 0, i),
+            owner: format!("uid-{i}"),
+        }));
+        // A second restore of the same namespace waits for the first; so does a deletion.
+        ops.push(Op::IptablesApply {
+            ns: Ns::Node,
+            chains: chain("-j ACCEPT"),
+        });
+        ops.push(Op::RouteDel {
+            ns: Ns::Node,
+            route: route(3),
+        });
+        ops.push(Op::IpsetDel {
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+        });
+        let r = apply(&dp, &ops).await;
+        assert!(r.ok(), "{:?}", r.errors);
+        let want: Vec<String> = ops.iter().map(Op::to_string).collect();
+        assert_eq!(r.applied, want);
+        let k = dp.kernel();
+        let node = k.ns.get(&Ns::Node).expect("node ns");
+        assert_eq!(
+            node.chains
+                .get(&("mangle".to_string(), "ztunnel-PREROUTING".to_string())),
+            Some(&vec!["-j ACCEPT".to_string()]),
+            "the later restore won"
+        );
+        assert_eq!(node.routes.len(), 2);
+        assert_eq!(k.ipset.as_ref().map(|s| s.len()), Some(3));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_restore_is_reported_and_the_rest_still_applied() {
+        let dp = FakeDataplane::new();
+        let dead = PathBuf::from("/run/netns/gone");
+        dp.kernel().dead.insert(dead.clone());
+        let ops = vec![
+            Op::IpsetCreate,
+            Op::IptablesApply {
+                ns: Ns::Pod(dead),
+                chains: chain("-j RETURN"),
+            },
+            Op::RouteReplace {
+                ns: Ns::Node,
+                route: route(1),
+            },
+            Op::RouteReplace {
+                ns: Ns::Node,
+                route: route(2),
+            },
+        ];
+        let r = apply(&dp, &ops).await;
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(
+            r.errors[0].starts_with("iptables-restore in"),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(r.applied.len(), 3);
+    }
 }

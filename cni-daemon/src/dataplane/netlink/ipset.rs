@@ -623,52 +623,71 @@ impl IpsetSocket {
     }
 
     /// Adds (or updates) many entries, pipelined: up to [`ADD_BATCH`] requests go out in one
-    /// `send`, then their acknowledgements are collected by sequence number. One result per
-    /// entry, in order; a failure of one entry does not stop the others.
+    /// `send`, and only the last of them asks for an acknowledgement. The kernel handles the
+    /// requests of one `send` in order and answers one without NLM_F_ACK only when it fails, so
+    /// once the last answer is in, every failure is known and silence means success (10,000 adds:
+    /// ~80 answers to read instead of 10,000). One result per entry, in order; a failure of one
+    /// entry does not stop the others.
     pub(crate) fn add_many(
         &mut self,
         name: &str,
         entries: &[(Ipv4Addr, String)],
     ) -> Vec<Result<(), IpsetError>> {
         let mut out: Vec<Result<(), IpsetError>> = Vec::with_capacity(entries.len());
+        let mut req = Vec::with_capacity(ADD_BATCH * 96);
         for chunk in entries.chunks(ADD_BATCH) {
-            let base = out.len();
-            // seq → index in `out`; entries that do not encode fail at once.
+            // seq → index in `out` of the requests sent; entries that do not encode fail at once.
             let mut pending = std::collections::HashMap::with_capacity(chunk.len());
-            let mut req = Vec::with_capacity(chunk.len() * 96);
+            req.clear();
+            // (offset in `req`, seq) of the last request.
+            let mut last = None;
             for (ip, comment) in chunk {
                 let seq = self.next_seq();
                 match encode_adt(seq, name, *ip, Some(comment)) {
-                    Ok(m) => {
+                    Ok(mut m) => {
+                        if let Some(flags) = m.get_mut(6..8) {
+                            let f = u16::from_ne_bytes([flags[0], flags[1]]) & !NLM_F_ACK;
+                            flags.copy_from_slice(&f.to_ne_bytes());
+                        }
+                        last = Some((req.len(), seq));
                         req.extend_from_slice(&m);
                         pending.insert(seq, out.len());
-                        out.push(Err(IpsetError::Invalid("no answer from the kernel".into())));
+                        out.push(Ok(()));
                     }
                     Err(e) => out.push(Err(e)),
                 }
             }
-            if req.is_empty() {
+            let Some((last_at, last_seq)) = last else {
                 continue;
+            };
+            if let Some(flags) = req.get_mut(last_at + 6..last_at + 8) {
+                let f = u16::from_ne_bytes([flags[0], flags[1]]) | NLM_F_ACK;
+                flags.copy_from_slice(&f.to_ne_bytes());
             }
-            if let Err(e) = self.sock.send(&req, 0) {
-                for r in out.iter_mut().skip(base) {
-                    if matches!(r, Err(IpsetError::Invalid(m)) if m == "no answer from the kernel")
-                    {
-                        *r = Err(IpsetError::Io(io::Error::new(e.kind(), e.to_string())));
+            let fail_all = |out: &mut Vec<Result<(), IpsetError>>, e: &dyn Fn() -> IpsetError| {
+                for i in pending.values() {
+                    if let Some(r) = out.get_mut(*i) {
+                        *r = Err(e());
                     }
                 }
+            };
+            if let Err(e) = self.sock.send(&req, 0) {
+                fail_all(&mut out, &|| {
+                    IpsetError::Io(io::Error::new(e.kind(), e.to_string()))
+                });
                 continue;
             }
-            while !pending.is_empty() {
+            let mut done = false;
+            while !done {
                 self.buf.clear();
                 let n = match self.sock.recv(&mut self.buf, libc::MSG_TRUNC) {
                     Ok(n) => n,
                     Err(e) => {
-                        for (_, i) in pending.drain() {
-                            if let Some(r) = out.get_mut(i) {
-                                *r = Err(IpsetError::Io(io::Error::new(e.kind(), e.to_string())));
-                            }
-                        }
+                        // Unknown which requests took effect: all of the chunk count as failed
+                        // (the caller retries; adds are idempotent).
+                        fail_all(&mut out, &|| {
+                            IpsetError::Io(io::Error::new(e.kind(), e.to_string()))
+                        });
                         break;
                     }
                 };
@@ -683,11 +702,7 @@ impl IpsetSocket {
                     Ok(m) => m,
                     Err(e) => {
                         let text = e.to_string();
-                        for (_, i) in pending.drain() {
-                            if let Some(r) = out.get_mut(i) {
-                                *r = Err(IpsetError::Invalid(text.clone()));
-                            }
-                        }
+                        fail_all(&mut out, &|| IpsetError::Invalid(text.clone()));
                         break;
                     }
                 };
@@ -697,10 +712,11 @@ impl IpsetSocket {
                         Reply::Error(code) => Err(IpsetError::Kernel(code)),
                         _ => continue,
                     };
-                    if let Some(i) = pending.remove(&m.seq) {
-                        if let Some(r) = out.get_mut(i) {
+                    if let Some(i) = pending.get(&m.seq) {
+                        if let Some(r) = out.get_mut(*i) {
                             *r = res;
                         }
+                        done |= m.seq == last_seq;
                     }
                 }
             }
