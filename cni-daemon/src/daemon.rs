@@ -117,6 +117,54 @@ pub struct TraceEvent {
     pub message: String,
 }
 
+/// A [`TraceEvent`] as the ring keeps it: one exact-size allocation holding `kind` and `message`
+/// (24 bytes in the ring plus the text, instead of 56 plus two strings; the ring is full on any
+/// busy node, 8,192 events).
+#[derive(Debug)]
+struct StoredEvent {
+    unix_ms: u64,
+    /// `kind`, then `message` from byte `kind_len` on.
+    text: Box<str>,
+}
+
+impl StoredEvent {
+    fn new(kind: &str, message: &str) -> Self {
+        let mut text = String::with_capacity(1 + kind.len() + message.len());
+        // Byte 0 is the length of `kind` (an ASCII char: kinds are short literals; a longer one
+        // is cut at a char boundary rather than mixed into the message).
+        let mut k = kind.len().min(0x7f);
+        while !kind.is_char_boundary(k) {
+            k -= 1;
+        }
+        text.push(char::from(k as u8));
+        text.push_str(&kind[..k]);
+        text.push_str(message);
+        StoredEvent {
+            unix_ms: now_ms(),
+            text: text.into_boxed_str(),
+        }
+    }
+
+    fn split(&self) -> (&str, &str) {
+        let k = self.text.as_bytes().first().copied().unwrap_or(0) as usize;
+        let body = self.text.get(1..).unwrap_or("");
+        body.split_at_checked(k).unwrap_or(("", body))
+    }
+
+    fn message(&self) -> &str {
+        self.split().1
+    }
+
+    fn to_event(&self) -> TraceEvent {
+        let (kind, message) = self.split();
+        TraceEvent {
+            unix_ms: self.unix_ms,
+            kind: kind.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
 /// Summary of the last full reconcile.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ResyncSummary {
@@ -192,7 +240,7 @@ pub struct Daemon<D> {
     cfg: Arc<Config>,
     dp: Arc<D>,
     inner: AsyncMutex<Inner>,
-    trace: Mutex<VecDeque<TraceEvent>>,
+    trace: Mutex<VecDeque<StoredEvent>>,
     ready: AtomicBool,
 }
 
@@ -285,15 +333,12 @@ impl<D: Dataplane> Daemon<D> {
     }
 
     fn event(&self, kind: &str, message: String) {
+        let ev = StoredEvent::new(kind, &message);
         let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
         if t.len() >= TRACE_EVENTS {
             t.pop_front();
         }
-        t.push_back(TraceEvent {
-            unix_ms: now_ms(),
-            kind: kind.into(),
-            message,
-        });
+        t.push_back(ev);
     }
 
     /// The newest events (filtered by a substring), oldest first.
@@ -302,9 +347,9 @@ impl<D: Dataplane> Daemon<D> {
         let mut out: Vec<TraceEvent> = t
             .iter()
             .rev()
-            .filter(|e| filter.is_empty() || e.message.contains(filter))
+            .filter(|e| filter.is_empty() || e.message().contains(filter))
             .take(limit)
-            .cloned()
+            .map(StoredEvent::to_event)
             .collect();
         out.reverse();
         out
@@ -931,5 +976,21 @@ mod foreign_rule_tests {
         assert!(r.ok() && r.applied.is_empty(), "{:?}", r.applied);
         assert!(dp.kernel().ns[&Ns::Node].rules.contains(&foreign));
         assert_eq!(d.dump().await["pending"], serde_json::json!([]));
+    }
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::StoredEvent;
+
+    #[test]
+    fn trace_events_keep_kind_and_message() {
+        for (kind, msg) in [("add", "default/p 10.0.0.1"), ("", ""), ("kernel", "é ü")] {
+            let e = StoredEvent::new(kind, msg).to_event();
+            assert_eq!((e.kind.as_str(), e.message.as_str()), (kind, msg));
+        }
+        let long = "k".repeat(300);
+        let e = StoredEvent::new(&long, "m").to_event();
+        assert_eq!((e.kind.len(), e.message.as_str()), (0x7f, "m"));
     }
 }

@@ -138,7 +138,7 @@ struct RunArgs {
     /// A kubeconfig (default: the pod's service account, else KUBECONFIG or ~/.kube/config).
     #[arg(long, env = "AMBIENT_CNI_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// Log filter (tracing EnvFilter syntax), e.g. info or ambient_cni_daemon=debug.
+    /// Log filter: a level and/or `target=level` pairs, e.g. info or info,ambient_cni_daemon=debug.
     #[arg(long, default_value = "info", env = "AMBIENT_CNI_LOG")]
     log_level: String,
 }
@@ -185,13 +185,21 @@ struct FileConfig {
 }
 
 fn init_logs(filter: &str) -> anyhow::Result<()> {
-    let f = tracing_subscriber::EnvFilter::try_new(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `Targets`, not `EnvFilter`: the same `info,crate=debug` syntax without a regex engine (the
+    // daemon's resident memory is mostly its code pages).
+    let f: tracing_subscriber::filter::Targets = filter
+        .parse()
         .with_context(|| format!("bad --log-level {filter:?}"))?;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(f)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .with(f)
         .init();
     Ok(())
 }

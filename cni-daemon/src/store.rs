@@ -49,10 +49,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Snapshot {
     boot_id: String,
     registry: Registry,
+}
+
+/// What [`Snapshot`] reads, written from borrows: a compaction used to clone the whole registry
+/// (~10 MB at 10,000 pods) on the ADD that triggered it.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    boot_id: &'a str,
+    registry: &'a Registry,
 }
 
 /// One journal line.
@@ -179,17 +187,31 @@ impl Store {
     pub fn compact(&mut self, reg: &Registry) -> Result<(), StoreError> {
         let snap_path = self.dir.join(SNAPSHOT);
         let tmp = self.dir.join(format!(".{SNAPSHOT}.tmp"));
-        let body = serde_json::to_vec(&Snapshot {
-            boot_id: self.boot_id.clone(),
-            registry: reg.clone(),
-        })
-        .map_err(|e| StoreError::Corrupt {
-            path: snap_path.clone(),
-            msg: e.to_string(),
-        })?;
         {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&body).map_err(io_err(&tmp))?;
+            // Streamed through a small buffer rather than built in memory (2.5 MB at 10,000 pods).
+            let f = File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut w = io::BufWriter::with_capacity(64 * 1024, f);
+            serde_json::to_writer(
+                &mut w,
+                &SnapshotRef {
+                    boot_id: &self.boot_id,
+                    registry: reg,
+                },
+            )
+            .map_err(|e| match e.io_error_kind() {
+                Some(kind) => StoreError::Io {
+                    path: tmp.clone(),
+                    source: io::Error::new(kind, e),
+                },
+                None => StoreError::Corrupt {
+                    path: snap_path.clone(),
+                    msg: e.to_string(),
+                },
+            })?;
+            let f = w.into_inner().map_err(|e| StoreError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
         fs::rename(&tmp, &snap_path).map_err(io_err(&snap_path))?;
@@ -287,9 +309,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut reg = Registry::default();
         reg.upsert(rec("a", 7));
-        let snap = Snapshot {
-            boot_id: "another-boot".into(),
-            registry: reg,
+        let snap = SnapshotRef {
+            boot_id: "another-boot",
+            registry: &reg,
         };
         fs::write(
             dir.path().join(SNAPSHOT),
