@@ -28,7 +28,7 @@ cnitool: deps
 
 test: deps build cnitool
 	AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release CNITOOL=$(CURDIR)/$(CNITOOL) \
-	  $(CARGO) test --release --locked --workspace
+	  $(CARGO) test --profile ci --locked --workspace
 
 demo: deps build cnitool
 	AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release CNITOOL=$(CURDIR)/$(CNITOOL) tests/demo.sh
@@ -59,7 +59,7 @@ bench: deps build
 CHAOS_OPS ?= 2000
 chaos: deps build cnitool
 	ACNI_CHAOS_OPS=$(CHAOS_OPS) AMBIENT_CNI_BIN_DIR=$(CURDIR)/target/release CNITOOL=$(CURDIR)/$(CNITOOL) \
-	  $(CARGO) test --release --locked -p ambient-cni-tests --test chaos -- --nocapture
+	  $(CARGO) test --profile ci --locked -p ambient-cni-tests --test chaos -- --nocapture
 
 # Hostile input to the plugin, in process: FUZZ_CASES random/mutated env, stdin and CNI_ARGS
 # against absent, hung-up and garbage-answering daemons; prints the count, the time and the
@@ -67,5 +67,5 @@ chaos: deps build cnitool
 FUZZ_CASES ?= 1000000
 .PHONY: fuzz
 fuzz:
-	ACNI_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release --locked -p ambient-cni --test hostile_input -- \
+	ACNI_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --profile ci --locked -p ambient-cni --test hostile_input -- \
 	  --ignored --nocapture hostile_input_million
