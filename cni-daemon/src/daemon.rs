@@ -377,6 +377,16 @@ impl<D: Dataplane> Daemon<D> {
     }
 
     async fn apply_logged(&self, ops: &[Op], kind: &str) -> ApplyReport {
+        let (report, line) = self.apply_traced(ops, kind).await;
+        if !line.is_empty() {
+            info!(ops = %line, "{kind}");
+        }
+        report
+    }
+
+    /// Applies `ops`, traces them and logs their errors; returns the report and the line that
+    /// lists what was applied, for the caller's one log line.
+    async fn apply_traced(&self, ops: &[Op], kind: &str) -> (ApplyReport, String) {
         let report = reconcile::apply(&*self.dp, ops).await;
         // Each operation is traced and logged, up to a point: a restore of 10,000 pods is 20,000
         // operations, and an event each would push everything else out of the trace ring.
@@ -395,9 +405,6 @@ impl<D: Dataplane> Daemon<D> {
             line.push_str(&more);
             self.event(kind, more);
         }
-        if !line.is_empty() {
-            info!(ops = %line, "{kind}");
-        }
         for e in report.errors.iter().take(LOG_EACH) {
             warn!(error = %e, "{kind} failed");
             self.event("error", e.clone());
@@ -406,7 +413,7 @@ impl<D: Dataplane> Daemon<D> {
             warn!(more = %more, "{kind} failed");
             self.event("error", more);
         }
-        report
+        (report, line)
     }
 
     /// A pod's sandbox is up: record it and, if enrolled, redirect it.
@@ -524,14 +531,17 @@ impl<D: Dataplane> Daemon<D> {
             }
         }
         self.event("add", format!("{label}: {reason}"));
-        info!(pod = %label, enrolled, ztunnel, "pod added: {reason}");
         let report = if ztunnel || was_ztunnel {
+            info!(pod = %label, enrolled, ztunnel, "pod added: {reason}");
             self.full_reconcile(&mut inner, "reconcile").await
         } else {
             let zt = self.live_ztunnel(&inner.reg);
             let ips: Vec<Ipv4Addr> = touched.into_iter().collect();
             let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &ips);
-            self.apply_logged(&ops, "kernel").await
+            // One line per pod ADD: who, why, and what changed in the kernel.
+            let (report, changes) = self.apply_traced(&ops, "kernel").await;
+            info!(pod = %label, enrolled, ztunnel, kernel = %changes, "pod added: {reason}");
+            report
         };
         if !report.ok() {
             return Err(RequestError::Kernel(report.errors.join("; ")));
@@ -563,24 +573,25 @@ impl<D: Dataplane> Daemon<D> {
                 rec.ips
             ),
         );
-        info!(pod = %rec.display_name(), container_id, "pod deleted");
-        let report = self.forget(&mut inner, &rec).await;
+        let (report, changes) = self.forget(&mut inner, &rec).await;
+        info!(pod = %rec.display_name(), container_id, kernel = %changes, "pod deleted");
         if !report.ok() {
             return Err(RequestError::Kernel(report.errors.join("; ")));
         }
         Ok(true)
     }
 
-    /// Undo what a removed record had in the kernel.
-    async fn forget(&self, inner: &mut Inner, rec: &PodRecord) -> ApplyReport {
+    /// Undo what a removed record had in the kernel. Also returns the list of kernel changes for
+    /// the caller's log line (empty when a full reconcile ran: that logs its own).
+    async fn forget(&self, inner: &mut Inner, rec: &PodRecord) -> (ApplyReport, String) {
         if rec.ztunnel {
-            self.full_reconcile(inner, "reconcile").await
+            (self.full_reconcile(inner, "reconcile").await, String::new())
         } else if rec.enrolled {
             let zt = self.live_ztunnel(&inner.reg);
             let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &rec.ips);
-            self.apply_logged(&ops, "kernel").await
+            self.apply_traced(&ops, "kernel").await
         } else {
-            ApplyReport::default()
+            (ApplyReport::default(), String::new())
         }
     }
 
@@ -731,7 +742,7 @@ impl<D: Dataplane> Daemon<D> {
                     rec.ips
                 ),
             );
-            errors.extend(self.forget(&mut inner, rec).await.errors);
+            errors.extend(self.forget(&mut inner, rec).await.0.errors);
         }
         (stale.len() as u32, errors)
     }
