@@ -272,19 +272,6 @@ pub fn valid_container_id(s: &str) -> bool {
         && s.len() <= 1024
 }
 
-/// Drops from `have` every rule at our priorities that is not one of ours, so that no plan ever
-/// deletes it. The dataplane lists rules by priority and selector shape only (it does not look at
-/// the protocol number our rules carry), so another agent's `fwmark 0x800/0x800 lookup 200` at
-/// priority 101 read back as "ours, unwanted" and every resync deleted it. The rules we make are
-/// the same for every pod (a pure function of the config), so a rule at our priorities that is
-/// not in `want` was made by someone else and stays.
-fn keep_foreign_rules(want: &reconcile::Desired, have: &mut reconcile::Observed) {
-    have.node.rules.retain(|r| want.node.rules.contains(r));
-    if let (Some((_, zwant)), Some(zhave)) = (&want.zt, have.zt.as_mut()) {
-        zhave.rules.retain(|r| zwant.rules.contains(r));
-    }
-}
-
 /// A pod UID (the ipset comment, ≤ 255 bytes in the kernel) or name/namespace from CNI_ARGS:
 /// 1–253 bytes of `[A-Za-z0-9._-]` (Kubernetes UIDs, names and namespaces all fit).
 pub fn valid_k8s_token(s: &str) -> bool {
@@ -808,8 +795,7 @@ impl<D: Dataplane> Daemon<D> {
         }
         let want = desired(&self.cfg, &inner.reg, zt.as_ref());
         let report = match reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await {
-            Ok(mut have) => {
-                keep_foreign_rules(&want, &mut have);
+            Ok(have) => {
                 let ops = reconcile::plan(&want, &have);
                 if ops.is_empty() {
                     debug!("reconcile: kernel matches");
@@ -874,12 +860,7 @@ impl<D: Dataplane> Daemon<D> {
         let inner = self.inner.lock().await;
         let zt = self.live_ztunnel(&inner.reg);
         let want = desired(&self.cfg, &inner.reg, zt.as_ref());
-        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names())
-            .await
-            .map(|mut h| {
-                keep_foreign_rules(&want, &mut h);
-                h
-            });
+        let have = reconcile::observe(&*self.dp, &want, &self.cfg.tunnel_names()).await;
         let pending: Vec<String> = match &have {
             Ok(h) => reconcile::plan(&want, h)
                 .iter()
@@ -981,11 +962,11 @@ mod foreign_rule_tests {
             .ns
             .get_mut(&Ns::Node)
             .expect("node ns")
-            .rules
+            .foreign_rules
             .insert(foreign);
         let r = d.resync().await;
         assert!(r.ok() && r.applied.is_empty(), "{:?}", r.applied);
-        assert!(dp.kernel().ns[&Ns::Node].rules.contains(&foreign));
+        assert!(dp.kernel().ns[&Ns::Node].foreign_rules.contains(&foreign));
         assert_eq!(d.dump().await["pending"], serde_json::json!([]));
     }
 }

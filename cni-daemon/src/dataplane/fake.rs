@@ -18,8 +18,11 @@ use crate::model::{
 /// One namespace's objects.
 #[derive(Clone, Debug, Default)]
 pub struct FakeNs {
-    /// ip rules.
+    /// ip rules of ours (made with our protocol number).
     pub rules: BTreeSet<Rule>,
+    /// ip rules another agent made (any other protocol): never listed, added or deleted by us,
+    /// but there, as in a real kernel.
+    pub foreign_rules: BTreeSet<Rule>,
     /// Routes of ours.
     pub routes: BTreeMap<RouteKey, Route>,
     /// iptables chains (table, name) → rules.

@@ -87,15 +87,16 @@ pub trait Dataplane: Send + Sync + 'static {
     fn ipset_del(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- ip rules ---
-    /// Rules at the given priorities (ours), in `ns`.
+    /// Our rules (those carrying our protocol number) at the given priorities, in `ns`: a rule
+    /// another agent put at one of our priorities is not listed, so it is never deleted.
     fn rules_list(
         &self,
         ns: &Ns,
         priorities: &[u32],
     ) -> impl Future<Output = DpResult<Vec<Rule>>> + Send;
-    /// Add a rule (EEXIST is fine).
+    /// Add a rule with our protocol number (EEXIST is fine).
     fn rule_add(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
-    /// Delete a rule by its full selector.
+    /// Delete our rule with this full selector (never another agent's).
     fn rule_del(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- routes (only those with our protocol number are listed or deleted) ---

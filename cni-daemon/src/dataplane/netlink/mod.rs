@@ -328,6 +328,11 @@ impl RealDataplane {
         Ok(f(&mut g))
     }
 
+    /// Did we make this rule (it carries our protocol number)?
+    fn is_ours(&self, m: &netlink_packet_route::rule::RuleMessage) -> bool {
+        rule::protocol_of(m) == self.cfg.route_protocol
+    }
+
     /// Is `w` the worker of the netns our own threads are in?
     fn at_home(&self, w: &NsWorker) -> bool {
         self.home == Some(w.id())
@@ -667,7 +672,7 @@ impl Dataplane for RealDataplane {
             .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
         Ok(msgs
             .iter()
-            .filter(|m| priorities.contains(&rule::priority_of(m)))
+            .filter(|m| self.is_ours(m) && priorities.contains(&rule::priority_of(m)))
             .filter_map(rule::decode)
             .collect())
     }
@@ -677,7 +682,8 @@ impl Dataplane for RealDataplane {
         let have = rule::dump(w.handle())
             .await
             .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
-        if have.iter().filter_map(rule::decode).any(|h| h == *r) {
+        let ours = have.iter().filter(|m| self.is_ours(m));
+        if ours.filter_map(rule::decode).any(|h| h == *r) {
             return Ok(());
         }
         let res = rule::add(w.handle(), r, self.cfg.route_protocol).await;
@@ -693,7 +699,7 @@ impl Dataplane for RealDataplane {
         // only match that rule and never a foreign one with extra selectors.
         for m in have
             .into_iter()
-            .filter(|m| rule::decode(m).as_ref() == Some(r))
+            .filter(|m| self.is_ours(m) && rule::decode(m).as_ref() == Some(r))
         {
             let res = rule::del(w.handle(), m).await;
             nl_check(Intent::Remove, || format!("delete rule `{r}` in {ns}"), res)?;

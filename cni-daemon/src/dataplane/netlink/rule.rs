@@ -33,6 +33,17 @@ pub(crate) fn priority_of(m: &RuleMessage) -> u32 {
         .unwrap_or(0)
 }
 
+/// The rule's protocol (who made it: FRA_PROTOCOL, 0 when absent).
+pub(crate) fn protocol_of(m: &RuleMessage) -> u8 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Protocol(p) => Some(u8::from(*p)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 /// Decodes a kernel rule into our model, or `None` when it has a shape we do not model (any
 /// selector besides fwmark, an inverted match, an action other than lookup/goto).
 pub(crate) fn decode(m: &RuleMessage) -> Option<Rule> {
