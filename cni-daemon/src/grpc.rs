@@ -483,10 +483,16 @@ impl Conn {
         if s.complete {
             return Err(proto_err(PROTOCOL_ERROR, "DATA after END_STREAM"));
         }
-        if s.body.len() + data.len() > MAX_REQUEST {
+        // The bound is on all the connection's unanswered bodies together, and a peer that is
+        // not root (refused anyway) gets nothing buffered at all.
+        let buffered: usize = self.streams.values().map(|s| s.body.len()).sum();
+        let Some(s) = self.streams.get_mut(&h.stream) else {
+            return Ok(());
+        };
+        if buffered + data.len() > MAX_REQUEST {
             s.too_large = true;
             s.body = Vec::new();
-        } else if !s.too_large {
+        } else if !s.too_large && self.uid == Some(0) {
             s.body.extend_from_slice(data);
         }
         if h.flags & END_STREAM != 0 {

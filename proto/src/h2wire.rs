@@ -38,6 +38,8 @@ pub const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
 /// The spec's initial flow-control window and frame size.
 pub const DEFAULT_WINDOW: i64 = 65_535;
 pub const DEFAULT_MAX_FRAME: usize = 16_384;
+/// The largest decoded header list accepted (RFC 7541 size: name + value + 32 per field).
+pub const MAX_HEADER_LIST: usize = 256 << 10;
 /// Our (default) HPACK decoder table size: what the peer's encoder may use.
 pub const HPACK_TABLE: usize = 4096;
 
@@ -330,6 +332,8 @@ impl Decoder {
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<(String, String)>, String> {
         let mut c = Cursor { b: block, at: 0 };
         let mut out = Vec::new();
+        // Indexed fields can expand a small block a thousandfold: the decoded size is bounded.
+        let mut total = 0usize;
         while c.at < block.len() {
             let b = block.get(c.at).copied().unwrap_or(0);
             let (name, value) = if b & 0x80 != 0 {
@@ -362,6 +366,10 @@ impl Decoder {
                 };
                 (name, c.string()?)
             };
+            total += name.len() + value.len() + 32;
+            if total > MAX_HEADER_LIST {
+                return Err(format!("hpack: header list over {MAX_HEADER_LIST} bytes"));
+            }
             out.push((
                 String::from_utf8_lossy(&name).into_owned(),
                 String::from_utf8_lossy(&value).into_owned(),
@@ -551,6 +559,17 @@ mod tests {
     fn grpc_message_is_percent_decoded() {
         assert_eq!(percent_decode("ipset%20add%3A 100%"), "ipset add: 100%");
         assert_eq!(percent_decode("%E2%9C%93"), "✓");
+    }
+
+    #[test]
+    fn an_hpack_bomb_is_refused() {
+        // One 4,000-byte entry in the dynamic table, then referenced by index byte after byte.
+        let mut b = vec![0x40];
+        hpack_str(&mut b, b"x-big");
+        hpack_str(&mut b, &[b'a'; 4000]);
+        b.extend(std::iter::repeat_n(0x80 | 62, 1000));
+        let e = Decoder::default().decode(&b).expect_err("bomb");
+        assert!(e.contains("header list"), "{e}");
     }
 
     #[test]
