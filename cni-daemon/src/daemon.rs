@@ -881,7 +881,7 @@ impl<D: Dataplane> Daemon<D> {
             config: &'a Config,
             pods: Vec<&'a PodRecord>,
             ztunnel: Option<Ztunnel>,
-            desired: reconcile::Desired,
+            desired: reconcile::Desired<'a>,
             observed: Option<&'a reconcile::Observed>,
             observe_error: Option<String>,
             pending: Vec<String>,

@@ -187,6 +187,26 @@ pub trait Dataplane: Send + Sync + 'static {
             Ok(out)
         }
     }
+    /// The IPv4 rp_filter of each of these node interfaces, in order (`None`: no such interface).
+    /// A resync reads one per enrolled pod: the kernel-backed version takes them from one netconf
+    /// dump, with no key strings per pod; this default reads the keys under /proc/sys.
+    fn rp_filter_read_many(
+        &self,
+        ifnames: &[&str],
+    ) -> impl Future<Output = DpResult<Vec<Option<i32>>>> + Send {
+        async move {
+            let keys: Vec<String> = ifnames
+                .iter()
+                .map(|n| crate::model::rp_filter_key(n))
+                .collect();
+            let values = self.sysctl_read_many(&Ns::Node, &keys).await?;
+            // A value that is not a number reads as -1: it is not what we want, so it is written.
+            Ok(values
+                .into_iter()
+                .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
+                .collect())
+        }
+    }
     /// Write one key.
     fn sysctl_write(
         &self,

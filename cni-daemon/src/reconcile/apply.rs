@@ -52,13 +52,30 @@ async fn observe_ns<D: Dataplane>(
     Ok(s)
 }
 
+/// The rp_filter of each pod's host interface, aligned with `want.pods`.
+async fn pod_rp_filters<D: Dataplane>(
+    dp: &D,
+    want: &Desired<'_>,
+) -> Result<Vec<Option<i32>>, DpError> {
+    let names: Vec<&str> = want.pods.iter().filter_map(|p| p.host_if()).collect();
+    let mut values = dp.rp_filter_read_many(&names).await?.into_iter();
+    Ok(want
+        .pods
+        .iter()
+        .map(|p| match p.host_if() {
+            Some(_) => values.next().flatten(),
+            None => None,
+        })
+        .collect())
+}
+
 /// Read back every object of ours that `want` concerns (and the ones of ours it does not want).
 ///
 /// The iptables reads (an `iptables-save` process per namespace, on that namespace's worker
 /// thread) run while the netlink reads go on, instead of one after the other.
 pub async fn observe<D: Dataplane>(
     dp: &D,
-    want: &Desired,
+    want: &Desired<'_>,
     tunnel_names: &[String],
 ) -> Result<Observed, DpError> {
     let node_ipt = dp.iptables_read(&Ns::Node, &want.node.chains);
@@ -88,6 +105,7 @@ pub async fn observe<D: Dataplane>(
         if let Some((ns, zwant)) = &want.zt {
             o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES).await?);
         }
+        o.pod_rp_filter = pod_rp_filters(dp, want).await?;
         Ok::<_, DpError>(o)
     };
     let (node_ipt, zt_ipt, o) = futures::join!(node_ipt, zt_ipt, rest);

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::desired::{pod_route_del, pod_routes, Desired, NsDesired, Ztunnel};
 use crate::config::Config;
+use crate::model::RouteKey;
 use crate::model::{
     rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels,
 };
@@ -26,6 +27,10 @@ pub struct Observed {
     pub links_present: Vec<String>,
     /// Our objects in the ztunnel netns (when one is desired and reachable).
     pub zt: Option<NsState>,
+    /// The rp_filter of each desired pod's host interface, aligned with [`Desired::pods`]
+    /// (`None`: no such interface, or the pod has none). Pods beyond its length are taken as
+    /// holding what is wanted.
+    pub pod_rp_filter: Vec<Option<i32>>,
 }
 
 /// One kernel operation.
@@ -155,6 +160,7 @@ fn plan_ns(
     want: &NsDesired,
     have: &NsState,
     recreated: &BTreeSet<String>,
+    wanted: &dyn Fn(&RouteKey) -> bool,
     ops: &mut Vec<Op>,
     dels: &mut Vec<Op>,
 ) {
@@ -196,7 +202,7 @@ fn plan_ns(
         });
     }
     for (key, route) in &have.routes {
-        if !want.routes.contains_key(key) {
+        if !wanted(key) {
             dels.push(Op::RouteDel {
                 ns: ns.clone(),
                 route: route.clone(),
@@ -250,22 +256,69 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
         &want.node,
         &have.node,
         &recreated,
+        &|k| want.wants_node_route(k),
         &mut ops,
         &mut dels,
     );
-    if let Some((ns, zwant)) = &want.zt {
-        let zhave = have.zt.clone().unwrap_or_default();
-        plan_ns(ns, zwant, &zhave, &recreated, &mut ops, &mut dels);
-    }
-    for (ip, owner) in &want.ipset {
-        if have_set.get(ip) != Some(owner) {
-            ops.push(Op::IpsetAdd {
-                ip: *ip,
-                owner: owner.clone(),
+    // The pods' rp_filter (their host interfaces are never ones this plan creates).
+    for (i, p) in want.pods.iter().enumerate() {
+        let (Some(h), Some(Some(v))) = (p.host_if(), have.pod_rp_filter.get(i)) else {
+            continue;
+        };
+        if *v != 2 {
+            ops.push(Op::SysctlWrite {
+                ns: Ns::Node,
+                key: rp_filter_key(h),
+                value: "2".into(),
             });
         }
     }
-    for ip in have_set.keys().filter(|ip| !want.ipset.contains_key(ip)) {
+    if let Some((ns, zwant)) = &want.zt {
+        let zhave = have.zt.clone().unwrap_or_default();
+        plan_ns(
+            ns,
+            zwant,
+            &zhave,
+            &recreated,
+            &|k| zwant.routes.contains_key(k),
+            &mut ops,
+            &mut dels,
+        );
+    }
+    // The pods' table-100 routes, then their ipset entries: next to each other, so that apply
+    // can run the two batches of a bulk repair side by side. A pod in the set whose route is not
+    // there yet is no worse off than one not in the set: rule 103's lookup in table 100 finds
+    // nothing and falls through to main.
+    if let Some(shape) = &want.pod_route {
+        let through_new = recreated.contains(&shape.dev);
+        for p in &want.pods {
+            let key = RouteKey {
+                table: crate::config::tables::INBOUND,
+                dst: crate::model::Prefix::host(p.ip),
+                metric: 0,
+            };
+            let same = have
+                .node
+                .routes
+                .get(&key)
+                .is_some_and(|h| shape.matches(p, h));
+            if !same || through_new {
+                ops.push(Op::RouteReplace {
+                    ns: Ns::Node,
+                    route: shape.route(p),
+                });
+            }
+        }
+    }
+    for p in &want.pods {
+        if have_set.get(&p.ip).map(String::as_str) != Some(p.owner()) {
+            ops.push(Op::IpsetAdd {
+                ip: p.ip,
+                owner: p.owner().to_string(),
+            });
+        }
+    }
+    for ip in have_set.keys().filter(|ip| want.pod(**ip).is_none()) {
         dels.push(Op::IpsetDel { ip: *ip });
     }
     // Stop capturing before removing where captured traffic would go.

@@ -361,6 +361,18 @@ impl RealDataplane {
         let Some(names) = names else {
             return Ok(None);
         };
+        Ok(self
+            .rp_filters_of(&names)
+            .await?
+            .map(|v| v.into_iter().map(|v| v.map(|v| v.to_string())).collect()))
+    }
+
+    /// The rp_filter of the named node interfaces from one netconf dump; `None` when the dump is
+    /// not available.
+    async fn rp_filters_of(&self, names: &[&str]) -> DpResult<Option<Vec<Option<i32>>>> {
+        if names.iter().any(|n| n.is_empty() || n.contains('/')) {
+            return Ok(None);
+        }
         let dumped = {
             let mut g = self.netconf.lock().unwrap_or_else(|p| p.into_inner());
             match g.as_mut() {
@@ -400,12 +412,7 @@ impl RealDataplane {
         }
         let out = names
             .iter()
-            .map(|n| {
-                cache
-                    .get(*n)
-                    .and_then(|i| values.get(i))
-                    .map(|v| v.to_string())
-            })
+            .map(|n| cache.get(*n).and_then(|i| values.get(i)).copied())
             .collect();
         let asked: std::collections::HashSet<&str> = names.iter().copied().collect();
         cache.retain(|n, _| asked.contains(n.as_str()));
@@ -501,6 +508,34 @@ impl RealDataplane {
             } else {
                 self.route_replace(ns, r).await
             });
+        }
+        Some(out)
+    }
+
+    /// Our routes of `tables` in the node netns from raw dumps on the node's netconf socket,
+    /// decoded straight from the datagrams (see [`route::decode_raw`]); `None` when that socket is
+    /// not available or a dump fails (then rtnetlink is used).
+    fn routes_dump_raw(&self, tables: &[u32]) -> Option<Vec<route::RawRoute>> {
+        let proto = self.cfg.route_protocol;
+        let mut g = self.netconf.lock().unwrap_or_else(|p| p.into_inner());
+        let sock = g.as_mut()?;
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for &t in tables {
+            if seen.contains(&t) {
+                continue;
+            }
+            seen.push(t);
+            let mut req = route::raw_dump_request(t, proto);
+            let r = sock.dump(&mut req, |ty, body| {
+                if let Some(r) = route::decode_raw(ty, body, t, proto) {
+                    out.push(r);
+                }
+            });
+            if let Err(e) = r {
+                tracing::warn!(error = %e, table = t, "raw route dump failed; using rtnetlink");
+                return None;
+            }
         }
         Some(out)
     }
@@ -704,6 +739,25 @@ impl Dataplane for RealDataplane {
     async fn routes_list(&self, ns: &Ns, tables: &[u32]) -> DpResult<Vec<Route>> {
         let w = self.worker(ns).await?;
         let h = w.handle();
+        if matches!(ns, Ns::Node) {
+            if let Some(raw) = self.routes_dump_raw(tables) {
+                let mut names = BTreeMap::new();
+                let mut oifs: Vec<u32> = raw.iter().filter_map(|r| r.oif).collect();
+                oifs.sort_unstable();
+                oifs.dedup();
+                for idx in oifs {
+                    if let Some(l) = link::get_by_index(h, idx)
+                        .await
+                        .map_err(|e| nl_error(format!("get link {idx} in {ns}"), &e))?
+                    {
+                        if let Some(n) = link::name_of(&l) {
+                            names.insert(idx, n);
+                        }
+                    }
+                }
+                return Ok(raw.into_iter().map(|r| r.to_route(&names)).collect());
+            }
+        }
         let mut msgs = Vec::new();
         let mut seen = Vec::new();
         for &t in tables {
@@ -952,6 +1006,23 @@ impl Dataplane for RealDataplane {
         let w = self.worker(ns).await?;
         let keys = keys.to_vec();
         self.in_ns(&w, move || sysctl::read_many(&keys)).await?
+    }
+
+    async fn rp_filter_read_many(&self, ifnames: &[&str]) -> DpResult<Vec<Option<i32>>> {
+        if ifnames.len() >= RP_FILTER_DUMP_MIN {
+            if let Some(values) = self.rp_filters_of(ifnames).await? {
+                return Ok(values);
+            }
+        }
+        let keys: Vec<String> = ifnames
+            .iter()
+            .map(|n| crate::model::rp_filter_key(n))
+            .collect();
+        let values = self.sysctl_read_many(&Ns::Node, &keys).await?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
+            .collect())
     }
 
     async fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> DpResult<()> {
