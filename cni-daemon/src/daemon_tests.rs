@@ -549,6 +549,7 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
             sysctls: z.sysctls.clone(),
         }),
         pod_rp_filter: vec![Some(2); a.pods.len()],
+        ..Default::default()
     };
     assert!(reconcile::plan(&a, &have).is_empty());
 }

@@ -415,6 +415,20 @@ impl Desired<'_> {
         self.pods.get(i)
     }
 
+    /// The index in [`Desired::pods`] of the pod whose table-100 route `r` is exactly.
+    pub fn pod_route_index(&self, r: &Route) -> Option<usize> {
+        let shape = self.pod_route.as_ref()?;
+        if r.key.table != tables::INBOUND || r.key.dst.len != 32 || r.key.metric != 0 {
+            return None;
+        }
+        let i = self
+            .pods
+            .binary_search_by_key(&r.key.dst.addr, |p| p.ip)
+            .ok()?;
+        let p = self.pods.get(i)?;
+        shape.matches(p, r).then_some(i)
+    }
+
     /// Is a route with this key wanted in the node netns?
     pub fn wants_node_route(&self, key: &RouteKey) -> bool {
         self.node.routes.contains_key(key)

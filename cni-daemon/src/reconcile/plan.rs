@@ -27,6 +27,13 @@ pub struct Observed {
     pub links_present: Vec<String>,
     /// Our objects in the ztunnel netns (when one is desired and reachable).
     pub zt: Option<NsState>,
+    /// Pods (aligned with [`Desired::pods`]) whose ipset entry was read back exactly as wanted;
+    /// such entries are not in `ipset`, which holds the others (a resync then builds no map of
+    /// 10,000 owner strings). Pods beyond its length are looked up in `ipset`.
+    pub pod_in_set: Vec<bool>,
+    /// Pods (aligned with [`Desired::pods`]) whose table-100 route was read back exactly as
+    /// wanted; such routes are not in `node.routes`. Pods beyond its length are looked up there.
+    pub pod_route_ok: Vec<bool>,
     /// The rp_filter of each desired pod's host interface, aligned with [`Desired::pods`]
     /// (`None`: no such interface, or the pod has none). Pods beyond its length are taken as
     /// holding what is wanted.
@@ -291,7 +298,10 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
     // nothing and falls through to main.
     if let Some(shape) = &want.pod_route {
         let through_new = recreated.contains(&shape.dev);
-        for p in &want.pods {
+        for (i, p) in want.pods.iter().enumerate() {
+            if have.pod_route_ok.get(i) == Some(&true) && !through_new {
+                continue;
+            }
             let key = RouteKey {
                 table: crate::config::tables::INBOUND,
                 dst: crate::model::Prefix::host(p.ip),
@@ -310,7 +320,10 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
             }
         }
     }
-    for p in &want.pods {
+    for (i, p) in want.pods.iter().enumerate() {
+        if have.pod_in_set.get(i) == Some(&true) {
+            continue;
+        }
         if have_set.get(&p.ip).map(String::as_str) != Some(p.owner()) {
             ops.push(Op::IpsetAdd {
                 ip: p.ip,
