@@ -567,9 +567,14 @@ impl RealDataplane {
                     out.push(r);
                 }
             });
-            if let Err(e) = r {
-                tracing::warn!(error = %e, table = t, "raw route dump failed; using rtnetlink");
-                return None;
+            match r {
+                Ok(()) => {}
+                // A table nothing was ever put in does not exist: it holds no routes of ours.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, table = t, "raw route dump failed; using rtnetlink");
+                    return None;
+                }
             }
         }
         Some(out)
