@@ -569,3 +569,48 @@ pub fn desired<'a>(cfg: &Config, reg: &'a Registry, zt: Option<&Ztunnel>) -> Des
     }
     d
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(cid: &str, ips: &[&str], enrolled: bool) -> PodRecord {
+        PodRecord {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{cid}"),
+            namespace: "default".into(),
+            name: cid.into(),
+            uid: format!("uid-{cid}"),
+            network: "n".into(),
+            ips: ips.iter().filter_map(|i| i.parse().ok()).collect(),
+            gateway: None,
+            host_if: Some(format!("veth{cid}")),
+            enrolled,
+            ztunnel: false,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn enrolled_sorted_agrees_with_enrolled_ips() {
+        let mut reg = Registry::default();
+        reg.upsert(rec("a", &["10.0.0.2", "10.0.0.9"], true));
+        reg.upsert(rec("b", &["10.0.0.1"], true));
+        // A later owner of a reused IP wins; an unenrolled record owns nothing.
+        reg.upsert(rec("c", &["10.0.0.2"], true));
+        reg.upsert(rec("d", &["10.0.0.3", "10.0.0.1"], false));
+        let want: Vec<(Ipv4Addr, &str)> = reg
+            .enrolled_ips()
+            .into_iter()
+            .map(|(ip, r)| (ip, r.owner()))
+            .collect();
+        let got: Vec<(Ipv4Addr, &str)> = enrolled_sorted(&reg)
+            .into_iter()
+            .map(|(ip, r)| (ip, r.owner()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(&(Ipv4Addr::new(10, 0, 0, 2), "uid-c")));
+    }
+}

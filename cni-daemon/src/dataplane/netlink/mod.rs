@@ -171,7 +171,7 @@ pub struct RealDataplane {
 
 /// A complete request for the raw node socket: an exclusive add (as `ip route add`) or a delete,
 /// asking for an ACK; the sequence number is set when it is sent.
-fn raw_request(m: RouteNetlinkMessage) -> Vec<u8> {
+pub(crate) fn raw_request(m: RouteNetlinkMessage) -> Vec<u8> {
     use netlink_packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
     let flags = match &m {
         RouteNetlinkMessage::NewRoute(_) => NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE,
@@ -484,11 +484,7 @@ impl RealDataplane {
                 },
                 None => None,
             };
-            msgs.push(raw_request(RouteNetlinkMessage::NewRoute(route::build(
-                r,
-                oif,
-                self.cfg.route_protocol,
-            ))));
+            msgs.push(route::raw_add_request(r, oif, self.cfg.route_protocol));
             sent.push(i);
         }
         let codes = {

@@ -227,6 +227,74 @@ pub(crate) fn raw_dump_request(table: u32, protocol: u8) -> Vec<u8> {
     m
 }
 
+/// The complete exclusive-add request for `route` (output interface resolved to `oif`), as
+/// `raw_request(NewRoute(build(..)))` makes it but written straight into one buffer: a restore
+/// of 10,000 pods encodes 10,000 of them, and the builder's attribute list, message and
+/// serialization cost several allocations each. The sequence number is set when it is sent.
+pub(crate) fn raw_add_request(route: &Route, oif: Option<u32>, protocol: u8) -> Vec<u8> {
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_EXCL: u16 = 0x200;
+    const NLM_F_CREATE: u16 = 0x400;
+    let k = &route.key;
+    let mut m = Vec::with_capacity(16 + RTMSG_LEN + 6 * 8);
+    m.extend_from_slice(&0u32.to_ne_bytes()); // length, below
+    m.extend_from_slice(&RTM_NEWROUTE.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE).to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    let table_byte = u8::try_from(k.table).unwrap_or(0);
+    let scope = match route.scope {
+        Scope::Universe => 0u8,
+        Scope::Link => 253,
+        Scope::Host => 254,
+    };
+    let kind = match route.kind {
+        RouteKind::Unicast => 1u8,
+        RouteKind::Local => 2,
+        RouteKind::Unreachable => 7,
+    };
+    m.extend_from_slice(&[
+        libc::AF_INET as u8,
+        k.dst.len,
+        0,
+        0,
+        table_byte,
+        protocol,
+        scope,
+        kind,
+    ]);
+    let flags = if route.onlink { RTNH_F_ONLINK } else { 0 };
+    m.extend_from_slice(&flags.to_ne_bytes());
+    let mut attr = |ty: u16, v: [u8; 4]| {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&v);
+    };
+    if k.table > 255 {
+        // The header byte says "see the attribute" (0).
+        attr(RTA_TABLE, k.table.to_ne_bytes());
+    }
+    attr(RTA_DST, k.dst.addr.octets());
+    if k.metric != 0 {
+        attr(RTA_PRIORITY, k.metric.to_ne_bytes());
+    }
+    if let Some(i) = oif {
+        attr(RTA_OIF, i.to_ne_bytes());
+    }
+    if let Some(gw) = route.via {
+        attr(RTA_GATEWAY, gw.octets());
+    }
+    if let Some(src) = route.src {
+        attr(RTA_PREFSRC, src.octets());
+    }
+    let len = (m.len() as u32).to_ne_bytes();
+    if let Some(slot) = m.get_mut(..4) {
+        slot.copy_from_slice(&len);
+    }
+    m
+}
+
 fn raw_v4(b: &[u8]) -> Option<Ipv4Addr> {
     let a: [u8; 4] = b.try_into().ok()?;
     Some(Ipv4Addr::from(a))
@@ -510,6 +578,48 @@ mod tests {
         let req = raw_dump_request(100, 212);
         assert_eq!(req.len(), 36);
         assert_eq!(req.get(..4), Some(&36u32.to_ne_bytes()[..]));
+    }
+
+    #[test]
+    fn raw_add_request_says_what_the_builder_says() {
+        let names = BTreeMap::from([(9, "istioin".to_string())]);
+        let mut shapes = vec![
+            route(
+                RouteKind::Unicast,
+                Prefix::host(Ipv4Addr::new(10, 244, 1, 5)),
+                0,
+            ),
+            route(
+                RouteKind::Unicast,
+                Prefix::host(Ipv4Addr::new(10, 244, 1, 6)),
+                7,
+            ),
+            route(RouteKind::Unreachable, Prefix::DEFAULT, 1000),
+            route(RouteKind::Local, Prefix::DEFAULT, 0),
+        ];
+        for r in shapes.iter_mut().skip(2) {
+            r.dev = None;
+            r.via = None;
+            r.src = None;
+            r.onlink = false;
+        }
+        shapes[3].scope = Scope::Host;
+        shapes[3].key.table = 1000;
+        for r in shapes {
+            let oif = r.dev.as_ref().map(|_| 9);
+            let ours = raw_add_request(&r, oif, 212);
+            let theirs = crate::dataplane::netlink::raw_request(
+                netlink_packet_route::RouteNetlinkMessage::NewRoute(build(&r, oif, 212)),
+            );
+            // Same header (length, type, flags) and the same route once decoded.
+            assert_eq!(ours.get(..8), theirs.get(..8), "{r}");
+            let dec = |b: &[u8]| {
+                decode_raw(24, b.get(16..).unwrap_or(&[]), r.key.table, 212)
+                    .map(|x| x.to_route(&names))
+            };
+            assert_eq!(dec(&ours), Some(r.clone()));
+            assert_eq!(dec(&theirs), Some(r.clone()));
+        }
     }
 
     #[test]
