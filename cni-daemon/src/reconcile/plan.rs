@@ -225,8 +225,12 @@ fn plan_ns(
 }
 
 /// Plan a full reconcile. The order makes each step's prerequisites exist: the set before the
-/// rules that match it, links before routes and sysctls on them, routes before the rules that
-/// steer into their tables, and deletions last.
+/// rules that match it, links before routes and sysctls on them, node-wide routes before the
+/// rules that steer into their tables, the pods' table-100 routes and ipset entries after
+/// everything they rely on (side by side), and deletions last.
+///
+/// The per-pod part is a walk over `want.pods` (sorted, a few words each) against what
+/// [`super::observe`] flagged as already right: nothing per pod is allocated unless it differs.
 pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut dels = Vec::new();
