@@ -25,17 +25,31 @@ const LOG_EACH: usize = 32;
 /// "N more: 9990 ipset add, 9990 route replace" for what was not logged one by one (kinds are
 /// the first two words of each line), or None when nothing is left.
 fn summary<'a>(rest: impl Iterator<Item = &'a String>) -> Option<String> {
-    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    // A handful of kinds over up to 20,000 lines (a restore): counted in a short list by the
+    // lines' own text, with no allocation per line.
+    let mut kinds: Vec<(&str, &str, usize)> = Vec::new();
     let mut n = 0;
     for line in rest {
         n += 1;
-        let kind: Vec<&str> = line.split_whitespace().take(2).collect();
-        *kinds.entry(kind.join(" ")).or_default() += 1;
+        let mut words = line.split_whitespace();
+        let (a, b) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        match kinds.iter_mut().find(|(x, y, _)| *x == a && *y == b) {
+            Some(k) => k.2 += 1,
+            None => kinds.push((a, b, 1)),
+        }
     }
     if n == 0 {
         return None;
     }
-    let parts: Vec<String> = kinds.iter().map(|(k, c)| format!("{c} {k}")).collect();
+    kinds.sort_unstable_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+    let parts: Vec<String> = kinds
+        .iter()
+        .map(|(a, b, c)| match (a.is_empty(), b.is_empty()) {
+            (false, false) => format!("{c} {a} {b}"),
+            (false, true) => format!("{c} {a}"),
+            _ => format!("{c} "),
+        })
+        .collect();
     Some(format!("{n} more: {}", parts.join(", ")))
 }
 
@@ -873,7 +887,7 @@ impl<D: Dataplane> Daemon<D> {
             config: &'a Config,
             pods: Vec<&'a PodRecord>,
             ztunnel: Option<Ztunnel>,
-            desired: reconcile::Desired,
+            desired: reconcile::Desired<'a>,
             observed: Option<&'a reconcile::Observed>,
             observe_error: Option<String>,
             pending: Vec<String>,

@@ -527,12 +527,12 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
     let a = desired(&c, &reg, Some(&zt));
     assert_eq!(a, desired(&c, &reg, Some(&zt)));
     let have = reconcile::Observed {
-        ipset: Some(a.ipset.clone()),
+        ipset: Some(a.ipset_map()),
         node: crate::model::NsState {
             rules: a.node.rules.clone(),
-            routes: a.node.routes.clone(),
+            routes: a.node_routes_map(),
             iptables: reconcile::plan::iptables_of(&a.node.chains),
-            sysctls: a.node.sysctls.clone(),
+            sysctls: a.node_sysctls_map(),
         },
         tunnels: crate::model::TunnelState {
             links: [
@@ -548,6 +548,8 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
             iptables: reconcile::plan::iptables_of(&z.chains),
             sysctls: z.sysctls.clone(),
         }),
+        pod_rp_filter: vec![Some(2); a.pods.len()],
+        ..Default::default()
     };
     assert!(reconcile::plan(&a, &have).is_empty());
 }

@@ -62,6 +62,24 @@ pub trait Dataplane: Send + Sync + 'static {
     // --- ipset `ztunnel-pods-ips` (node netns only) ---
     /// All entries with their comments, or `None` when the set does not exist.
     fn ipset_list(&self) -> impl Future<Output = DpResult<IpsetState>> + Send;
+    /// Hands every entry (IP, comment) to `f`; false when the set does not exist. For a resync's
+    /// comparison: the kernel-backed version keeps nothing per entry; this default lists them.
+    fn ipset_visit<F: FnMut(Ipv4Addr, &str) + Send>(
+        &self,
+        mut f: F,
+    ) -> impl Future<Output = DpResult<bool>> + Send {
+        async move {
+            match self.ipset_list().await? {
+                None => Ok(false),
+                Some(m) => {
+                    for (ip, owner) in &m {
+                        f(*ip, owner);
+                    }
+                    Ok(true)
+                }
+            }
+        }
+    }
     /// Create the set (hash:ip, IPv4, with comments) if it does not exist.
     fn ipset_create(&self) -> impl Future<Output = DpResult<()>> + Send;
     /// Destroy the set (only after no iptables rule references it).
@@ -106,6 +124,21 @@ pub trait Dataplane: Send + Sync + 'static {
         ns: &Ns,
         tables: &[u32],
     ) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
+    /// Hands each of our routes in the given tables to `f`. For a resync's comparison: the
+    /// kernel-backed version builds no list of the node's routes; this default lists them.
+    fn routes_visit<F: FnMut(&Route) + Send>(
+        &self,
+        ns: &Ns,
+        tables: &[u32],
+        mut f: F,
+    ) -> impl Future<Output = DpResult<()>> + Send {
+        async move {
+            for r in self.routes_list(ns, tables).await? {
+                f(&r);
+            }
+            Ok(())
+        }
+    }
     /// Create or replace a route (by its key).
     fn route_replace(&self, ns: &Ns, route: &Route) -> impl Future<Output = DpResult<()>> + Send;
     /// [`Dataplane::route_replace`] for many routes of one namespace, one result each in order
@@ -186,6 +219,26 @@ pub trait Dataplane: Send + Sync + 'static {
                 out.push(self.sysctl_read(ns, k).await?);
             }
             Ok(out)
+        }
+    }
+    /// The IPv4 rp_filter of each of these node interfaces, in order (`None`: no such interface).
+    /// A resync reads one per enrolled pod: the kernel-backed version takes them from one netconf
+    /// dump, with no key strings per pod; this default reads the keys under /proc/sys.
+    fn rp_filter_read_many(
+        &self,
+        ifnames: &[&str],
+    ) -> impl Future<Output = DpResult<Vec<Option<i32>>>> + Send {
+        async move {
+            let keys: Vec<String> = ifnames
+                .iter()
+                .map(|n| crate::model::rp_filter_key(n))
+                .collect();
+            let values = self.sysctl_read_many(&Ns::Node, &keys).await?;
+            // A value that is not a number reads as -1: it is not what we want, so it is written.
+            Ok(values
+                .into_iter()
+                .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
+                .collect())
         }
     }
     /// Write one key.

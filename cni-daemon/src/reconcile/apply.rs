@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::desired::{Desired, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES};
 use super::plan::{Observed, Op};
 use crate::dataplane::{Dataplane, DpError};
-use crate::model::{Ns, NsState};
+use crate::model::{IpsetState, Ns, NsState};
 
 /// What an apply did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -24,24 +24,43 @@ impl ApplyReport {
 }
 
 /// Our rules, routes and sysctls in `ns` (netlink and /proc/sys; the iptables state is read
-/// apart, see [`observe`]).
+/// apart, see [`observe`]). With `pods`, a route that is exactly one of those pods' table-100
+/// route is flagged in `pod_route_ok` (aligned with `want.pods`) instead of kept.
 async fn observe_ns<D: Dataplane>(
     dp: &D,
     ns: &Ns,
     want: &super::desired::NsDesired,
     prios: &[u32],
     tables: &[u32],
+    pods: Option<(&Desired<'_>, &mut Vec<bool>)>,
 ) -> Result<NsState, DpError> {
     let mut s = NsState {
         rules: dp.rules_list(ns, prios).await?.into_iter().collect(),
-        routes: dp
-            .routes_list(ns, tables)
-            .await?
-            .into_iter()
-            .map(|r| (r.key, r))
-            .collect(),
         ..Default::default()
     };
+    let routes = &mut s.routes;
+    match pods {
+        Some((d, ok)) => {
+            ok.clear();
+            ok.resize(d.pods.len(), false);
+            dp.routes_visit(ns, tables, |r| {
+                if let Some(i) = d.pod_route_index(r) {
+                    if let Some(slot) = ok.get_mut(i) {
+                        *slot = true;
+                        return;
+                    }
+                }
+                routes.insert(r.key, r.clone());
+            })
+            .await?;
+        }
+        None => {
+            dp.routes_visit(ns, tables, |r| {
+                routes.insert(r.key, r.clone());
+            })
+            .await?
+        }
+    }
     let keys: Vec<String> = want.sysctls.keys().cloned().collect();
     let values = dp.sysctl_read_many(ns, &keys).await?;
     for (key, v) in keys.into_iter().zip(values) {
@@ -52,13 +71,56 @@ async fn observe_ns<D: Dataplane>(
     Ok(s)
 }
 
+/// The ipset: an entry that is exactly a wanted pod's is flagged in `in_set` (aligned with
+/// `want.pods`), the others are kept (`None`: no set).
+async fn observe_ipset<D: Dataplane>(
+    dp: &D,
+    want: &Desired<'_>,
+    in_set: &mut Vec<bool>,
+) -> Result<IpsetState, DpError> {
+    in_set.clear();
+    in_set.resize(want.pods.len(), false);
+    let mut others = std::collections::BTreeMap::new();
+    let exists = dp
+        .ipset_visit(|ip, owner| {
+            if let Ok(i) = want.pods.binary_search_by_key(&ip, |p| p.ip) {
+                if let (Some(p), Some(slot)) = (want.pods.get(i), in_set.get_mut(i)) {
+                    if p.owner() == owner {
+                        *slot = true;
+                        return;
+                    }
+                }
+            }
+            others.insert(ip, owner.to_string());
+        })
+        .await?;
+    Ok(exists.then_some(others))
+}
+
+/// The rp_filter of each pod's host interface, aligned with `want.pods`.
+async fn pod_rp_filters<D: Dataplane>(
+    dp: &D,
+    want: &Desired<'_>,
+) -> Result<Vec<Option<i32>>, DpError> {
+    let names: Vec<&str> = want.pods.iter().filter_map(|p| p.host_if()).collect();
+    let mut values = dp.rp_filter_read_many(&names).await?.into_iter();
+    Ok(want
+        .pods
+        .iter()
+        .map(|p| match p.host_if() {
+            Some(_) => values.next().flatten(),
+            None => None,
+        })
+        .collect())
+}
+
 /// Read back every object of ours that `want` concerns (and the ones of ours it does not want).
 ///
 /// The iptables reads (an `iptables-save` process per namespace, on that namespace's worker
 /// thread) run while the netlink reads go on, instead of one after the other.
 pub async fn observe<D: Dataplane>(
     dp: &D,
-    want: &Desired,
+    want: &Desired<'_>,
     tunnel_names: &[String],
 ) -> Result<Observed, DpError> {
     let node_ipt = dp.iptables_read(&Ns::Node, &want.node.chains);
@@ -69,25 +131,25 @@ pub async fn observe<D: Dataplane>(
         }
     };
     let rest = async {
-        let mut o = Observed {
-            ipset: dp.ipset_list().await?,
-            node: observe_ns(
-                dp,
-                &Ns::Node,
-                &want.node,
-                &NODE_RULE_PRIORITIES,
-                &NODE_TABLES,
-            )
-            .await?,
-            links_present: dp.tunnel_links_present(tunnel_names).await?,
-            ..Default::default()
-        };
+        let mut o = Observed::default();
+        o.ipset = observe_ipset(dp, want, &mut o.pod_in_set).await?;
+        o.node = observe_ns(
+            dp,
+            &Ns::Node,
+            &want.node,
+            &NODE_RULE_PRIORITIES,
+            &NODE_TABLES,
+            Some((want, &mut o.pod_route_ok)),
+        )
+        .await?;
+        o.links_present = dp.tunnel_links_present(tunnel_names).await?;
         if let Some(t) = &want.tunnels {
             o.tunnels = dp.tunnels_read(t).await?;
         }
         if let Some((ns, zwant)) = &want.zt {
-            o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES).await?);
+            o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES, None).await?);
         }
+        o.pod_rp_filter = pod_rp_filters(dp, want).await?;
         Ok::<_, DpError>(o)
     };
     let (node_ipt, zt_ipt, o) = futures::join!(node_ipt, zt_ipt, rest);
@@ -151,6 +213,15 @@ fn overlaps_iptables(op: &Op, inflight_ns: &[&Ns]) -> bool {
         | Op::RuleDel { .. } => false,
     }
 }
+
+/// Room for the text of most operations (`route replace 10.244.39.16/32 via 192.168.126.1 dev
+/// istioin table 100 src 10.244.0.1 in node` is 79 bytes).
+const OP_TEXT_CAPACITY: usize = 96;
+
+/// From how many operations each a batch of route replaces and the batch of ipset adds after it
+/// run side by side (a pod ADD's single route and entry do not: a thread hop costs more than
+/// they do).
+const SIDE_BY_SIDE_MIN: usize = 64;
 
 /// Runs one step (a single operation or a batch) and returns one result per operation.
 async fn apply_step<D: Dataplane>(dp: &D, batch: &[Op]) -> Vec<Result<(), DpError>> {
@@ -222,9 +293,32 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
         }
         let n = batch_len(ops, at).max(1);
         let batch = ops.get(at..at + n).unwrap_or(&[]);
+        // A big batch of route replaces followed by a big batch of ipset adds (a plan puts the
+        // pods' routes and entries next to each other): both at once, the ipset one first so
+        // that it is under way (on a thread of its own, in the kernel-backed dataplane) while the
+        // routes go in. Their order does not matter: a pod in the set without its table-100
+        // route falls through to main, as if it were not in the set.
+        let side_len = match (batch.first(), ops.get(at + n)) {
+            (Some(Op::RouteReplace { .. }), Some(Op::IpsetAdd { .. })) if n >= SIDE_BY_SIDE_MIN => {
+                let m = batch_len(ops, at + n);
+                if m >= SIDE_BY_SIDE_MIN {
+                    m
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        };
+        let side = ops.get(at + n..at + n + side_len).unwrap_or(&[]);
+        let both = async {
+            let (side_out, mut out) = futures::join!(apply_step(dp, side), apply_step(dp, batch));
+            out.extend(side_out);
+            out
+        };
+        let n = n + side_len;
         // The step, while the restores in flight are driven to completion alongside it.
         let out = {
-            let mut step = std::pin::pin!(apply_step(dp, batch));
+            let mut step = std::pin::pin!(both);
             loop {
                 match select(step.as_mut(), inflight.next()).await {
                     Either::Left((out, _)) => break out,
@@ -250,6 +344,14 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
         }
     }
     let mut report = ApplyReport::default();
+    // Each line written into a buffer of its final size at once: `to_string` grows it a few
+    // times per line, and a restore of 10,000 pods reports 20,000 lines.
+    let text = |op: &Op| {
+        use std::fmt::Write;
+        let mut s = String::with_capacity(OP_TEXT_CAPACITY);
+        let _ = write!(s, "{op}");
+        s
+    };
     for (op, r) in ops.iter().zip(results) {
         match r.unwrap_or_else(|| {
             Err(DpError::Netlink {
@@ -257,7 +359,7 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
                 msg: "no result from the batch".into(),
             })
         }) {
-            Ok(()) => report.applied.push(op.to_string()),
+            Ok(()) => report.applied.push(text(op)),
             Err(e) => report.errors.push(format!("{op}: {e}")),
         }
     }

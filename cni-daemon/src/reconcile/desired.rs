@@ -54,12 +54,90 @@ pub struct NsDesired {
     pub sysctls: BTreeMap<String, String>,
 }
 
+/// One enrolled pod IP as a full reconcile wants it: its ipset entry (owner = the record's UID),
+/// its rp_filter (on the record's host interface) and, with a ztunnel, its table-100 route.
+///
+/// Borrowed from the registry, a few words per pod: at 10,000 pods the desired state used to be
+/// maps of formatted strings (a route with its `dev` name, an rp_filter key and value, an owner
+/// copy per pod), ~3.6 MB built and dropped on every resync (acni-bench, massif).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodWant<'a> {
+    /// The pod IP (unique in [`Desired::pods`], which is sorted by it).
+    pub ip: Ipv4Addr,
+    /// `src` of its table-100 route.
+    pub src: Option<Ipv4Addr>,
+    /// The record that owns the IP.
+    pub rec: &'a PodRecord,
+}
+
+impl PodWant<'_> {
+    /// The ipset comment.
+    pub fn owner(&self) -> &str {
+        self.rec.owner()
+    }
+    /// The node-side interface whose rp_filter is held at 2.
+    pub fn host_if(&self) -> Option<&str> {
+        self.rec.host_if.as_deref()
+    }
+}
+
+impl Serialize for PodWant<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("PodWant", 4)?;
+        st.serialize_field("ip", &self.ip)?;
+        st.serialize_field("owner", self.owner())?;
+        st.serialize_field("host_if", &self.host_if())?;
+        st.serialize_field("src", &self.src)?;
+        st.end()
+    }
+}
+
+/// What every pod's table-100 route has in common (`dev` and `via`); only with a ztunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodRouteShape {
+    /// The inbound tunnel.
+    pub dev: String,
+    /// Its gateway.
+    pub via: Ipv4Addr,
+}
+
+impl PodRouteShape {
+    /// The route of `p`.
+    pub fn route(&self, p: &PodWant<'_>) -> Route {
+        Route {
+            dev: Some(self.dev.clone()),
+            via: Some(self.via),
+            src: p.src,
+            ..route(tables::INBOUND, Prefix::host(p.ip), 0)
+        }
+    }
+    /// Is `have` the route of `p`? (No allocation: a resync compares 10,000 of them.)
+    pub fn matches(&self, p: &PodWant<'_>, have: &Route) -> bool {
+        have.key
+            == RouteKey {
+                table: tables::INBOUND,
+                dst: Prefix::host(p.ip),
+                metric: 0,
+            }
+            && have.kind == RouteKind::Unicast
+            && have.dev.as_deref() == Some(self.dev.as_str())
+            && have.via == Some(self.via)
+            && have.src == p.src
+            && have.scope == Scope::Universe
+            && !have.onlink
+    }
+}
+
 /// Everything the daemon wants the kernel to hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Desired {
-    /// Entries of the ipset: IP → owner (pod UID).
-    pub ipset: BTreeMap<Ipv4Addr, String>,
-    /// The node namespace.
+pub struct Desired<'a> {
+    /// Enrolled pod IPs, sorted by IP, one entry each: the ipset entries, their table-100 routes
+    /// and their host interfaces' rp_filter.
+    pub pods: Vec<PodWant<'a>>,
+    /// The shape of the pods' table-100 routes; `None`: no pod routes are wanted (no ztunnel).
+    pub pod_route: Option<PodRouteShape>,
+    /// The node namespace (node-wide objects; the per-pod ones are in `pods`).
     pub node: NsDesired,
     /// The tunnels into the ztunnel pod, when there is one.
     pub tunnels: Option<Tunnels>,
@@ -330,19 +408,107 @@ pub fn tunnels(cfg: &Config, zt: &Ztunnel) -> Tunnels {
     }
 }
 
+impl Desired<'_> {
+    /// Position of `ip` in [`Desired::pods`].
+    pub fn pod(&self, ip: Ipv4Addr) -> Option<&PodWant<'_>> {
+        let i = self.pods.binary_search_by_key(&ip, |p| p.ip).ok()?;
+        self.pods.get(i)
+    }
+
+    /// The index in [`Desired::pods`] of the pod whose table-100 route `r` is exactly.
+    pub fn pod_route_index(&self, r: &Route) -> Option<usize> {
+        let shape = self.pod_route.as_ref()?;
+        if r.key.table != tables::INBOUND || r.key.dst.len != 32 || r.key.metric != 0 {
+            return None;
+        }
+        let i = self
+            .pods
+            .binary_search_by_key(&r.key.dst.addr, |p| p.ip)
+            .ok()?;
+        let p = self.pods.get(i)?;
+        shape.matches(p, r).then_some(i)
+    }
+
+    /// Is a route with this key wanted in the node netns?
+    pub fn wants_node_route(&self, key: &RouteKey) -> bool {
+        self.node.routes.contains_key(key)
+            || (self.pod_route.is_some()
+                && key.table == tables::INBOUND
+                && key.metric == 0
+                && key.dst.len == 32
+                && self.pod(key.dst.addr).is_some())
+    }
+
+    /// The ipset as a map (IP → owner), for tests and dumps.
+    pub fn ipset_map(&self) -> BTreeMap<Ipv4Addr, String> {
+        self.pods
+            .iter()
+            .map(|p| (p.ip, p.owner().to_string()))
+            .collect()
+    }
+
+    /// Every node route, the pods' included, as a map (for tests and dumps).
+    pub fn node_routes_map(&self) -> BTreeMap<RouteKey, Route> {
+        let mut m = self.node.routes.clone();
+        if let Some(shape) = &self.pod_route {
+            for p in &self.pods {
+                let r = shape.route(p);
+                m.insert(r.key, r);
+            }
+        }
+        m
+    }
+
+    /// Every node sysctl, the pods' rp_filter included, as a map (for tests and dumps).
+    pub fn node_sysctls_map(&self) -> BTreeMap<String, String> {
+        let mut m = self.node.sysctls.clone();
+        for h in self.pods.iter().filter_map(|p| p.host_if()) {
+            m.insert(rp_filter_key(h), "2".into());
+        }
+        m
+    }
+}
+
+/// The enrolled IPs of the registry with their owners, sorted by IP: per IP the record with the
+/// highest `seq` (the later one in the registry on a tie), as [`Registry::enrolled_ips`] says,
+/// without building a map.
+pub fn enrolled_sorted(reg: &Registry) -> Vec<(Ipv4Addr, &PodRecord)> {
+    let mut v: Vec<(Ipv4Addr, &PodRecord)> = reg
+        .records()
+        .filter(|r| r.enrolled)
+        .flat_map(|r| r.ips.iter().map(move |ip| (*ip, r)))
+        .collect();
+    // Stable: records with the same IP and seq keep their registry order; the last one wins.
+    v.sort_by_key(|(ip, r)| (*ip, r.seq));
+    let mut out: Vec<(Ipv4Addr, &PodRecord)> = Vec::with_capacity(v.len());
+    for (ip, r) in v {
+        match out.last_mut() {
+            Some(last) if last.0 == ip => last.1 = r,
+            _ => out.push((ip, r)),
+        }
+    }
+    out
+}
+
 /// The whole desired state. `zt` is the active ztunnel whose netns exists, if any.
-pub fn desired(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>) -> Desired {
+pub fn desired<'a>(cfg: &Config, reg: &'a Registry, zt: Option<&Ztunnel>) -> Desired<'a> {
     let hip = host_ip(cfg, zt);
     let mut d = Desired::default();
-    let owners = reg.enrolled_ips();
-    for (ip, rec) in &owners {
-        d.ipset.insert(*ip, rec.owner().to_string());
-        for r in pod_routes(cfg, rec, *ip, zt) {
-            d.node.routes.insert(r.key, r);
-        }
-        if let Some(h) = &rec.host_if {
-            d.node.sysctls.insert(rp_filter_key(h), "2".into());
-        }
+    let zt_src = host_ip(cfg, zt);
+    d.pods = enrolled_sorted(reg)
+        .into_iter()
+        .map(|(ip, rec)| PodWant {
+            ip,
+            // As in `pod_routes`.
+            src: cfg.host_ip.or(rec.gateway).or(zt_src),
+            rec,
+        })
+        .collect();
+    if zt.is_some() {
+        d.pod_route = Some(PodRouteShape {
+            dev: cfg.inbound.0.clone(),
+            via: cfg.inbound_gw(),
+        });
     }
     d.node.rules = node_rules();
     d.node.chains = node_chains(cfg, zt, hip);
@@ -402,4 +568,49 @@ pub fn desired(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>) -> Desired {
         d.zt = Some((z.ns.clone(), zd));
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(cid: &str, ips: &[&str], enrolled: bool) -> PodRecord {
+        PodRecord {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{cid}"),
+            namespace: "default".into(),
+            name: cid.into(),
+            uid: format!("uid-{cid}"),
+            network: "n".into(),
+            ips: ips.iter().filter_map(|i| i.parse().ok()).collect(),
+            gateway: None,
+            host_if: Some(format!("veth{cid}")),
+            enrolled,
+            ztunnel: false,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn enrolled_sorted_agrees_with_enrolled_ips() {
+        let mut reg = Registry::default();
+        reg.upsert(rec("a", &["10.0.0.2", "10.0.0.9"], true));
+        reg.upsert(rec("b", &["10.0.0.1"], true));
+        // A later owner of a reused IP wins; an unenrolled record owns nothing.
+        reg.upsert(rec("c", &["10.0.0.2"], true));
+        reg.upsert(rec("d", &["10.0.0.3", "10.0.0.1"], false));
+        let want: Vec<(Ipv4Addr, &str)> = reg
+            .enrolled_ips()
+            .into_iter()
+            .map(|(ip, r)| (ip, r.owner()))
+            .collect();
+        let got: Vec<(Ipv4Addr, &str)> = enrolled_sorted(&reg)
+            .into_iter()
+            .map(|(ip, r)| (ip, r.owner()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(&(Ipv4Addr::new(10, 0, 0, 2), "uid-c")));
+    }
 }

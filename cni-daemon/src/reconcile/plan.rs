@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::desired::{pod_route_del, pod_routes, Desired, NsDesired, Ztunnel};
 use crate::config::Config;
+use crate::model::RouteKey;
 use crate::model::{
     rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels,
 };
@@ -26,6 +27,17 @@ pub struct Observed {
     pub links_present: Vec<String>,
     /// Our objects in the ztunnel netns (when one is desired and reachable).
     pub zt: Option<NsState>,
+    /// Pods (aligned with [`Desired::pods`]) whose ipset entry was read back exactly as wanted;
+    /// such entries are not in `ipset`, which holds the others (a resync then builds no map of
+    /// 10,000 owner strings). Pods beyond its length are looked up in `ipset`.
+    pub pod_in_set: Vec<bool>,
+    /// Pods (aligned with [`Desired::pods`]) whose table-100 route was read back exactly as
+    /// wanted; such routes are not in `node.routes`. Pods beyond its length are looked up there.
+    pub pod_route_ok: Vec<bool>,
+    /// The rp_filter of each desired pod's host interface, aligned with [`Desired::pods`]
+    /// (`None`: no such interface, or the pod has none). Pods beyond its length are taken as
+    /// holding what is wanted.
+    pub pod_rp_filter: Vec<Option<i32>>,
 }
 
 /// One kernel operation.
@@ -155,6 +167,7 @@ fn plan_ns(
     want: &NsDesired,
     have: &NsState,
     recreated: &BTreeSet<String>,
+    wanted: &dyn Fn(&RouteKey) -> bool,
     ops: &mut Vec<Op>,
     dels: &mut Vec<Op>,
 ) {
@@ -196,7 +209,7 @@ fn plan_ns(
         });
     }
     for (key, route) in &have.routes {
-        if !want.routes.contains_key(key) {
+        if !wanted(key) {
             dels.push(Op::RouteDel {
                 ns: ns.clone(),
                 route: route.clone(),
@@ -212,8 +225,12 @@ fn plan_ns(
 }
 
 /// Plan a full reconcile. The order makes each step's prerequisites exist: the set before the
-/// rules that match it, links before routes and sysctls on them, routes before the rules that
-/// steer into their tables, and deletions last.
+/// rules that match it, links before routes and sysctls on them, node-wide routes before the
+/// rules that steer into their tables, the pods' table-100 routes and ipset entries after
+/// everything they rely on (side by side), and deletions last.
+///
+/// The per-pod part is a walk over `want.pods` (sorted, a few words each) against what
+/// [`super::observe`] flagged as already right: nothing per pod is allocated unless it differs.
 pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut dels = Vec::new();
@@ -250,22 +267,75 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
         &want.node,
         &have.node,
         &recreated,
+        &|k| want.wants_node_route(k),
         &mut ops,
         &mut dels,
     );
-    if let Some((ns, zwant)) = &want.zt {
-        let zhave = have.zt.clone().unwrap_or_default();
-        plan_ns(ns, zwant, &zhave, &recreated, &mut ops, &mut dels);
-    }
-    for (ip, owner) in &want.ipset {
-        if have_set.get(ip) != Some(owner) {
-            ops.push(Op::IpsetAdd {
-                ip: *ip,
-                owner: owner.clone(),
+    // The pods' rp_filter (their host interfaces are never ones this plan creates).
+    for (i, p) in want.pods.iter().enumerate() {
+        let (Some(h), Some(Some(v))) = (p.host_if(), have.pod_rp_filter.get(i)) else {
+            continue;
+        };
+        if *v != 2 {
+            ops.push(Op::SysctlWrite {
+                ns: Ns::Node,
+                key: rp_filter_key(h),
+                value: "2".into(),
             });
         }
     }
-    for ip in have_set.keys().filter(|ip| !want.ipset.contains_key(ip)) {
+    if let Some((ns, zwant)) = &want.zt {
+        let zhave = have.zt.clone().unwrap_or_default();
+        plan_ns(
+            ns,
+            zwant,
+            &zhave,
+            &recreated,
+            &|k| zwant.routes.contains_key(k),
+            &mut ops,
+            &mut dels,
+        );
+    }
+    // The pods' table-100 routes, then their ipset entries: next to each other, so that apply
+    // can run the two batches of a bulk repair side by side. A pod in the set whose route is not
+    // there yet is no worse off than one not in the set: rule 103's lookup in table 100 finds
+    // nothing and falls through to main.
+    if let Some(shape) = &want.pod_route {
+        let through_new = recreated.contains(&shape.dev);
+        for (i, p) in want.pods.iter().enumerate() {
+            if have.pod_route_ok.get(i) == Some(&true) && !through_new {
+                continue;
+            }
+            let key = RouteKey {
+                table: crate::config::tables::INBOUND,
+                dst: crate::model::Prefix::host(p.ip),
+                metric: 0,
+            };
+            let same = have
+                .node
+                .routes
+                .get(&key)
+                .is_some_and(|h| shape.matches(p, h));
+            if !same || through_new {
+                ops.push(Op::RouteReplace {
+                    ns: Ns::Node,
+                    route: shape.route(p),
+                });
+            }
+        }
+    }
+    for (i, p) in want.pods.iter().enumerate() {
+        if have.pod_in_set.get(i) == Some(&true) {
+            continue;
+        }
+        if have_set.get(&p.ip).map(String::as_str) != Some(p.owner()) {
+            ops.push(Op::IpsetAdd {
+                ip: p.ip,
+                owner: p.owner().to_string(),
+            });
+        }
+    }
+    for ip in have_set.keys().filter(|ip| want.pod(**ip).is_none()) {
         dels.push(Op::IpsetDel { ip: *ip });
     }
     // Stop capturing before removing where captured traffic would go.

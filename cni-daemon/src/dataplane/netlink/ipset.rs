@@ -732,6 +732,50 @@ impl IpsetSocket {
     }
 
     /// All IPv4 entries with their comments.
+    /// Hands each entry of set `name` to `f`, one reply datagram at a time: nothing per entry is
+    /// kept (a resync compares 10,000 entries with what it wants; as a map of owner strings, plus
+    /// a copy of every reply message, the list was ~2 MB per resync).
+    pub(crate) fn list_visit(
+        &mut self,
+        name: &str,
+        mut f: impl FnMut(Ipv4Addr, &str),
+    ) -> Result<(), IpsetError> {
+        let seq = self.next_seq();
+        let msg = encode_list(seq, name)?;
+        self.sock.send(&msg, 0).map_err(IpsetError::Io)?;
+        loop {
+            self.buf.clear();
+            let n = self
+                .sock
+                .recv(&mut self.buf, libc::MSG_TRUNC)
+                .map_err(IpsetError::Io)?;
+            if n > self.buf.len() {
+                return Err(IpsetError::Invalid(format!(
+                    "netlink reply of {n} bytes truncated"
+                )));
+            }
+            for m in parse_messages(&self.buf)? {
+                if m.seq != seq {
+                    continue; // a late answer to an earlier (timed out) request
+                }
+                match m.reply {
+                    Reply::Ack | Reply::Other => {}
+                    Reply::Error(code) => return Err(IpsetError::Kernel(code)),
+                    Reply::Done => return Ok(()),
+                    Reply::Data { attrs, .. } => {
+                        let chunk = decode_set_msg(attrs)?;
+                        if chunk.setname.as_deref().is_some_and(|n| n != name) {
+                            continue;
+                        }
+                        for (ip, owner) in &chunk.entries {
+                            f(*ip, owner);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     pub(crate) fn list(&mut self, name: &str) -> Result<BTreeMap<Ipv4Addr, String>, IpsetError> {
         let seq = self.next_seq();
         let msg = encode_list(seq, name)?;

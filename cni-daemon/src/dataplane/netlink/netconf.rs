@@ -141,6 +141,10 @@ impl NetconfSocket {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        // Dumps filtered by the kernel (route dumps by table and protocol in the header), as the
+        // rtnetlink connection is; a kernel without it answers with everything, which the
+        // callers filter again.
+        let _ = sock.set_netlink_get_strict_chk(true);
         let tv = nix::sys::time::TimeVal::new(5, 0);
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(io::Error::from)?;
@@ -223,6 +227,56 @@ impl NetconfSocket {
             }
         }
         Ok(codes)
+    }
+
+    /// Sends the dump request `req` (its sequence number is overwritten) and hands the type and
+    /// body of each message of the answer to `each`, one datagram at a time (in a buffer reused
+    /// from dump to dump: nothing per message is kept).
+    pub(crate) fn dump(
+        &mut self,
+        req: &mut [u8],
+        mut each: impl FnMut(u16, &[u8]),
+    ) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let seq = self.seq;
+        if let Some(slot) = req.get_mut(8..12) {
+            slot.copy_from_slice(&seq.to_ne_bytes());
+        }
+        self.sock.send(req, 0)?;
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, format!("dump: {m}"));
+        loop {
+            self.buf.clear();
+            let n = self.sock.recv(&mut self.buf, libc::MSG_TRUNC)?;
+            if n > self.buf.len() {
+                return Err(bad(format!("reply of {n} bytes truncated")));
+            }
+            let mut b: &[u8] = &self.buf;
+            while !b.is_empty() {
+                let len = u32_at(b, 0).ok_or_else(|| bad("truncated header".into()))? as usize;
+                let ty = u16_at(b, 4).ok_or_else(|| bad("truncated header".into()))?;
+                let mseq = u32_at(b, 8).ok_or_else(|| bad("truncated header".into()))?;
+                if len < NLMSG_HDRLEN || len > b.len() {
+                    return Err(bad("bad message length".into()));
+                }
+                let body = b.get(NLMSG_HDRLEN..len).unwrap_or(&[]);
+                b = b.get(align4(len).min(b.len())..).unwrap_or(&[]);
+                if mseq != seq {
+                    continue;
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = i32_at(body, 0).ok_or_else(|| bad("truncated error".into()))?;
+                        if code != 0 {
+                            return Err(io::Error::from_raw_os_error(
+                                code.checked_neg().unwrap_or(code),
+                            ));
+                        }
+                    }
+                    _ => each(ty, body),
+                }
+            }
+        }
     }
 
     /// rp_filter of every interface, by index.
