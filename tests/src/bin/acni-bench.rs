@@ -769,6 +769,8 @@ struct Results {
     /// (callers, ADDs, wall time, pods before, pods after)
     throughput: Vec<(usize, usize, Duration, usize, usize)>,
     restore: Option<(u64, u64, usize)>,
+    /// How many complete restores the median is of.
+    restores: usize,
     nochange: Option<u64>,
     rss_idle_kib: u64,
     rss_full_kib: u64,
@@ -838,9 +840,11 @@ fn reconcile(b: &Bench, r: &mut Results, resync_ms: u64) -> Result<()> {
     log(format!("no-change resyncs: {nochange:?} µs"));
 
     // Restore after a flush of the ipset, our mangle chain and table 100.
+    // Three complete restores (a flush that straddles a resync is retried); the median counts.
     let ipt = b.iptables_bin()?;
     let want = b.pods;
-    for attempt in 0..3 {
+    let mut done = Vec::new();
+    for attempt in 0..6 {
         let t = Instant::now();
         sh_ok(&["ipset", "flush", "ztunnel-pods-ips"])?;
         sh_ok(&[ipt, "-t", "mangle", "-F", "ztunnel-PREROUTING"])?;
@@ -866,11 +870,16 @@ fn reconcile(b: &Bench, r: &mut Results, resync_ms: u64) -> Result<()> {
         ));
         // Every entry and route (plus the chain): else the flush straddled a resync, retry.
         if repaired as usize >= 2 * want {
-            r.restore = Some((micros, repaired, errors));
-            break;
+            done.push((micros, repaired, errors));
+            if done.len() == 3 {
+                break;
+            }
         }
         std::thread::sleep(interval);
     }
+    done.sort();
+    r.restore = done.get(done.len() / 2).copied();
+    r.restores = done.len();
     Ok(())
 }
 
@@ -1128,7 +1137,7 @@ fn table(r: &Results, opts: &Opts) -> String {
             };
             row(
                 &mut t,
-                &format!("restore of {} pods after a flush of ipset, mangle chain and table 100 ({repaired} ops{note})", r.max_pods),
+                &format!("restore of {} pods after a flush of ipset, mangle chain and table 100, median of {} ({repaired} ops{note})", r.max_pods, r.restores),
                 format!("{ms:.1} ms"),
                 "≤ 100 ms",
                 verdict(ms <= 100.0 && errors == 0),
