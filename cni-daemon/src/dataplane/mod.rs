@@ -228,18 +228,7 @@ pub trait Dataplane: Send + Sync + 'static {
         &self,
         ifnames: &[&str],
     ) -> impl Future<Output = DpResult<Vec<Option<i32>>>> + Send {
-        async move {
-            let keys: Vec<String> = ifnames
-                .iter()
-                .map(|n| crate::model::rp_filter_key(n))
-                .collect();
-            let values = self.sysctl_read_many(&Ns::Node, &keys).await?;
-            // A value that is not a number reads as -1: it is not what we want, so it is written.
-            Ok(values
-                .into_iter()
-                .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
-                .collect())
-        }
+        rp_filter_by_sysctl(self, ifnames)
     }
     /// Write one key.
     fn sysctl_write(
@@ -257,4 +246,22 @@ pub trait Dataplane: Send + Sync + 'static {
     ) -> impl Future<Output = DpResult<Option<String>>> + Send;
     /// Does this netns path exist and is it a network namespace?
     fn netns_alive(&self, path: &std::path::Path) -> bool;
+}
+
+/// The rp_filter of each node interface in `ifnames`, read key by key under /proc/sys (the
+/// default of [`Dataplane::rp_filter_read_many`], and the kernel-backed one's fallback). A value
+/// that is not a number reads as -1: it is not what we want, so it is written.
+pub(crate) async fn rp_filter_by_sysctl<D: Dataplane + ?Sized>(
+    dp: &D,
+    ifnames: &[&str],
+) -> DpResult<Vec<Option<i32>>> {
+    let keys: Vec<String> = ifnames
+        .iter()
+        .map(|n| crate::model::rp_filter_key(n))
+        .collect();
+    let values = dp.sysctl_read_many(&Ns::Node, &keys).await?;
+    Ok(values
+        .into_iter()
+        .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
+        .collect())
 }

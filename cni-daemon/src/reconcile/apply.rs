@@ -370,7 +370,7 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
 mod tests {
     use super::*;
     use crate::dataplane::fake::FakeDataplane;
-    use crate::model::{Chain, Prefix, Route, RouteKey, RouteKind, Scope};
+    use crate::model::{Chain, Prefix, Route};
     use std::net::Ipv4Addr;
     use std::path::PathBuf;
 
@@ -384,19 +384,7 @@ mod tests {
     }
 
     fn route(last: u8) -> Route {
-        Route {
-            key: RouteKey {
-                table: 100,
-                dst: Prefix::host(Ipv4Addr::new(10, 0, 0, last)),
-                metric: 0,
-            },
-            kind: RouteKind::Unicast,
-            dev: None,
-            via: None,
-            src: None,
-            scope: Scope::Universe,
-            onlink: false,
-        }
+        super::super::desired::route(100, Prefix::host(Ipv4Addr::new(10, 0, 0, last)), 0)
     }
 
     #[test]

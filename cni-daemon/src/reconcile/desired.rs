@@ -150,7 +150,8 @@ pub fn host_ip(cfg: &Config, zt: Option<&Ztunnel>) -> Option<Ipv4Addr> {
     cfg.host_ip.or_else(|| zt.and_then(|z| z.gateway))
 }
 
-fn route(table: u32, dst: Prefix, metric: u32) -> Route {
+/// A plain unicast route with this key (the fields that differ are set by the caller).
+pub(crate) fn route(table: u32, dst: Prefix, metric: u32) -> Route {
     Route {
         key: RouteKey { table, dst, metric },
         kind: RouteKind::Unicast,

@@ -546,8 +546,25 @@ impl IpsetSocket {
     /// Sends one request and collects the attribute blocks of its data replies until the ACK
     /// (or DONE for a dump). A kernel error ends it with `IpsetError::Kernel`.
     fn transact(&mut self, msg: &[u8], seq: u32, dump: bool) -> Result<Vec<Vec<u8>>, IpsetError> {
-        self.sock.send(msg, 0).map_err(IpsetError::Io)?;
         let mut data = Vec::new();
+        self.exchange(msg, seq, dump, |attrs| {
+            data.push(attrs.to_vec());
+            Ok(())
+        })?;
+        Ok(data)
+    }
+
+    /// Sends one request and hands the attribute block of each of its data replies to `on_data`,
+    /// one reply datagram at a time, until the ACK (or DONE for a dump). A kernel error ends it
+    /// with `IpsetError::Kernel`, an error of `on_data` with that error.
+    fn exchange(
+        &mut self,
+        msg: &[u8],
+        seq: u32,
+        dump: bool,
+        mut on_data: impl FnMut(&[u8]) -> Result<(), IpsetError>,
+    ) -> Result<(), IpsetError> {
+        self.sock.send(msg, 0).map_err(IpsetError::Io)?;
         loop {
             self.buf.clear();
             let n = self
@@ -564,11 +581,11 @@ impl IpsetSocket {
                     continue; // a late answer to an earlier (timed out) request
                 }
                 match m.reply {
-                    Reply::Ack if !dump => return Ok(data),
+                    Reply::Ack if !dump => return Ok(()),
                     Reply::Ack | Reply::Other => {}
                     Reply::Error(code) => return Err(IpsetError::Kernel(code)),
-                    Reply::Done => return Ok(data),
-                    Reply::Data { attrs, .. } => data.push(attrs.to_vec()),
+                    Reply::Done => return Ok(()),
+                    Reply::Data { attrs, .. } => on_data(attrs)?,
                 }
             }
         }
@@ -731,7 +748,6 @@ impl IpsetSocket {
         self.transact(&msg, seq, false).map(drop)
     }
 
-    /// All IPv4 entries with their comments.
     /// Hands each entry of set `name` to `f`, one reply datagram at a time: nothing per entry is
     /// kept (a resync compares 10,000 entries with what it wants; as a map of owner strings, plus
     /// a copy of every reply message, the list was ~2 MB per resync).
@@ -742,40 +758,18 @@ impl IpsetSocket {
     ) -> Result<(), IpsetError> {
         let seq = self.next_seq();
         let msg = encode_list(seq, name)?;
-        self.sock.send(&msg, 0).map_err(IpsetError::Io)?;
-        loop {
-            self.buf.clear();
-            let n = self
-                .sock
-                .recv(&mut self.buf, libc::MSG_TRUNC)
-                .map_err(IpsetError::Io)?;
-            if n > self.buf.len() {
-                return Err(IpsetError::Invalid(format!(
-                    "netlink reply of {n} bytes truncated"
-                )));
-            }
-            for m in parse_messages(&self.buf)? {
-                if m.seq != seq {
-                    continue; // a late answer to an earlier (timed out) request
-                }
-                match m.reply {
-                    Reply::Ack | Reply::Other => {}
-                    Reply::Error(code) => return Err(IpsetError::Kernel(code)),
-                    Reply::Done => return Ok(()),
-                    Reply::Data { attrs, .. } => {
-                        let chunk = decode_set_msg(attrs)?;
-                        if chunk.setname.as_deref().is_some_and(|n| n != name) {
-                            continue;
-                        }
-                        for (ip, owner) in &chunk.entries {
-                            f(*ip, owner);
-                        }
-                    }
+        self.exchange(&msg, seq, true, |attrs| {
+            let chunk = decode_set_msg(attrs)?;
+            if chunk.setname.as_deref().is_none_or(|n| n == name) {
+                for (ip, owner) in &chunk.entries {
+                    f(*ip, owner);
                 }
             }
-        }
+            Ok(())
+        })
     }
 
+    /// All IPv4 entries with their comments.
     pub(crate) fn list(&mut self, name: &str) -> Result<BTreeMap<Ipv4Addr, String>, IpsetError> {
         let seq = self.next_seq();
         let msg = encode_list(seq, name)?;

@@ -1099,15 +1099,7 @@ impl Dataplane for RealDataplane {
                 return Ok(values);
             }
         }
-        let keys: Vec<String> = ifnames
-            .iter()
-            .map(|n| crate::model::rp_filter_key(n))
-            .collect();
-        let values = self.sysctl_read_many(&Ns::Node, &keys).await?;
-        Ok(values
-            .into_iter()
-            .map(|v| v.map(|v| v.trim().parse().unwrap_or(-1)))
-            .collect())
+        crate::dataplane::rp_filter_by_sysctl(self, ifnames).await
     }
 
     async fn sysctl_write(&self, ns: &Ns, key: &str, value: &str) -> DpResult<()> {
