@@ -73,9 +73,9 @@ pub async fn serve<D: Dataplane + 'static>(
 enum Peers {
     /// The connecting process's (SO_PEERCRED).
     Real,
-    /// Unit tests run as any user: every peer is root.
+    /// Unit tests run as any user: every peer has this uid.
     #[cfg(test)]
-    Root,
+    As(u32),
 }
 
 async fn serve_as<D: Dataplane + 'static>(
@@ -93,7 +93,7 @@ async fn serve_as<D: Dataplane + 'static>(
                     let uid = match peers {
                         Peers::Real => io.peer_cred().ok().map(|c| c.uid()),
                         #[cfg(test)]
-                        Peers::Root => Some(0),
+                        Peers::As(uid) => Some(uid),
                     };
                     let d = daemon.clone();
                     tokio::spawn(async move {
@@ -510,10 +510,12 @@ impl Conn {
         let headers = std::mem::take(&mut s.headers);
         let body = std::mem::take(&mut s.body);
         let too_large = s.too_large;
-        let reply = match request(&headers, &body, too_large) {
-            Ok((method, msg)) => server::call(daemon, self.uid, method, msg).await,
-            Err(st) => Err(st),
-        };
+        // The peer first: a peer that is not root had nothing of its request buffered.
+        let reply =
+            match server::check_peer(self.uid).and_then(|()| request(&headers, &body, too_large)) {
+                Ok((method, msg)) => server::call(daemon, self.uid, method, msg).await,
+                Err(st) => Err(st),
+            };
         match reply {
             Ok(msg) => self.send_reply(id, &msg).await?,
             Err(st) => {

@@ -27,6 +27,11 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_as(0).await
+    }
+
+    /// A server whose every peer has `uid`.
+    async fn start_as(uid: u32) -> Server {
         let mut c = Config::default();
         c.ambient_namespaces.insert("default".into());
         let dp = Arc::new(FakeDataplane::new());
@@ -44,7 +49,7 @@ impl Server {
             async {
                 let _ = rx.await;
             },
-            Peers::Root,
+            Peers::As(uid),
         ));
         Server {
             dir,
@@ -398,4 +403,18 @@ async fn refusals_and_hostile_input_never_take_the_server_down() {
     assert!(c.status(StatusRequest {}).await.is_ok());
     assert!(!s.task.is_finished());
     assert!(IDLE >= Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_root_is_refused_whatever_it_sends() {
+    let s = Server::start_as(65534).await;
+    let mut c = s.client().await;
+    let e = c.pod_add(pod(1)).await.expect_err("not root");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("65534"), "{}", e.message());
+    let e = c.status(StatusRequest {}).await.expect_err("not root");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let mut r = Raw::new(&s, &[]).await;
+    r.request(1, "PodAdd", &[0xff; 100], 0).await;
+    assert_eq!(status_of(&r.response(1).await.0), Some("7"));
 }

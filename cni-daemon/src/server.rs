@@ -43,7 +43,7 @@ impl Status {
 }
 
 /// Refuse every peer that is not root: the socket is a privilege boundary.
-fn check_peer(uid: Option<u32>) -> Result<(), Status> {
+pub fn check_peer(uid: Option<u32>) -> Result<(), Status> {
     match uid {
         Some(0) => Ok(()),
         Some(u) => {
