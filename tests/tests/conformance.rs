@@ -7,10 +7,7 @@
 //! README is `#[ignore]`d: `cargo test -p ambient-cni-tests --test conformance -- --ignored
 //! --nocapture add_latency`.
 
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_cni_tests::*;
@@ -565,43 +562,6 @@ fn parallel_adds() {
     assert_eq!(node.pods(), (0, 0));
 }
 
-/// A socket that accepts connections and never answers: the deadline must fire.
-struct HungDaemon {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HungDaemon {
-    fn start(path: &Path) -> HungDaemon {
-        let l = UnixListener::bind(path).expect("bind hung socket");
-        l.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut held = Vec::new();
-            while !flag.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((s, _)) => held.push(s),
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        HungDaemon {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HungDaemon {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Daemon down (no socket) or hung (accepts, never answers): ADD fails closed with code 11
 /// within the deadline and names the socket; DEL exits 0; a non-k8s pod still passes through.
 #[test]
@@ -684,7 +644,7 @@ fn daemon_down_or_hung() {
     assert_eq!(j.as_object().map(|o| o.len()), Some(4), "{j}");
 
     // Hung daemon: code 11 after the 1 s deadline, not later.
-    let _hung = HungDaemon::start(&sock);
+    let _hung = ambient_cni_tests::fault::HungSocket::start(&sock).expect("hung socket");
     let out = run_plugin(
         &ambient_cni_tests::fault::env("ADD", "cid-down", &ns, &args),
         stdin.as_bytes(),
