@@ -513,7 +513,7 @@ impl Conn {
         // The peer first: a peer that is not root had nothing of its request buffered.
         let reply =
             match server::check_peer(self.uid).and_then(|()| request(&headers, &body, too_large)) {
-                Ok((method, msg)) => server::call(daemon, self.uid, method, msg).await,
+                Ok((method, msg)) => server::call(daemon, method, msg).await,
                 Err(st) => Err(st),
             };
         match reply {

@@ -1,5 +1,6 @@
-//! The calls of the gRPC service on the unix socket: decodes each request, checks the peer, calls
-//! [`Daemon`], encodes the reply. The HTTP/2 side is [`crate::grpc`].
+//! The calls of the gRPC service on the unix socket: decodes each request, calls [`Daemon`],
+//! encodes the reply; and the peer check the transport makes first. The HTTP/2 side is
+//! [`crate::grpc`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -105,15 +106,14 @@ fn pod_request(msg: &[u8]) -> Result<PodRequest, Status> {
     Ok(r)
 }
 
-/// One call of method `method` (the last part of its `:path`) from a peer with `uid`, with its
-/// encoded request `msg`: the encoded reply, or the status refusing it.
+/// One call of method `method` (the last part of its `:path`) with its encoded request `msg`,
+/// from a peer the transport has already checked with [`check_peer`]: the encoded reply, or the
+/// status refusing it.
 pub async fn call<D: Dataplane>(
     daemon: &Daemon<D>,
-    uid: Option<u32>,
     method: &str,
     msg: &[u8],
 ) -> Result<Vec<u8>, Status> {
-    check_peer(uid)?;
     let reply = match method {
         "PodAdd" => {
             let out = daemon
