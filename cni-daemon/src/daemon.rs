@@ -333,8 +333,8 @@ impl<D: Dataplane> Daemon<D> {
         &self.dp
     }
 
-    fn event(&self, kind: &str, message: String) {
-        let ev = StoredEvent::new(kind, &message);
+    fn event(&self, kind: &str, message: impl AsRef<str>) {
+        let ev = StoredEvent::new(kind, message.as_ref());
         let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
         if t.len() >= TRACE_EVENTS {
             t.pop_front();
@@ -399,7 +399,7 @@ impl<D: Dataplane> Daemon<D> {
                 line.push_str("; ");
             }
             line.push_str(a);
-            self.event(kind, a.clone());
+            self.event(kind, a);
         }
         if let Some(more) = summary(report.applied.iter().skip(LOG_EACH)) {
             line.push_str("; ");
@@ -408,7 +408,7 @@ impl<D: Dataplane> Daemon<D> {
         }
         for e in report.errors.iter().take(LOG_EACH) {
             warn!(error = %e, "{kind} failed");
-            self.event("error", e.clone());
+            self.event("error", e);
         }
         if let Some(more) = summary(report.errors.iter().skip(LOG_EACH)) {
             warn!(more = %more, "{kind} failed");
@@ -800,9 +800,9 @@ impl<D: Dataplane> Daemon<D> {
                 None => self.event(
                     "ztunnel",
                     if self.cfg.fail_open {
-                        "no ztunnel: enrolled pods flow uncaptured (--fail-open)".into()
+                        "no ztunnel: enrolled pods flow uncaptured (--fail-open)"
                     } else {
-                        "no ztunnel: enrolled pods' TCP is held closed until one arrives".into()
+                        "no ztunnel: enrolled pods' TCP is held closed until one arrives"
                     },
                 ),
             }
@@ -819,7 +819,7 @@ impl<D: Dataplane> Daemon<D> {
             Err(e) => {
                 let msg = format!("reading kernel state: {e}");
                 warn!("{msg}");
-                self.event("error", msg.clone());
+                self.event("error", &msg);
                 ApplyReport {
                     applied: vec![],
                     errors: vec![msg],
