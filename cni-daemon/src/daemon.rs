@@ -528,7 +528,21 @@ impl<D: Dataplane> Daemon<D> {
         }
         if up != Upsert::Same {
             if let Some(rec) = inner.reg.find(&ev.container_id, &ev.ifname).cloned() {
-                self.persist(&mut inner, Entry::Put { rec })?;
+                // Durable first, kernel after: nothing below has touched the kernel yet, so when
+                // the journal write (or its fdatasync) fails, putting the registry back is the
+                // whole undo and the plugin gets the error (code 101); no half-applied pod.
+                let key = rec.key();
+                if let Err(e) = self.persist(&mut inner, Entry::Put { rec }) {
+                    match up {
+                        Upsert::New => {
+                            inner.reg.remove_key(&key);
+                        }
+                        Upsert::Replaced(old) => inner.reg.restore(*old),
+                        Upsert::Same => {}
+                    }
+                    warn!(pod = %label, error = %e, "pod not added: its record is not durable");
+                    return Err(e);
+                }
             }
         }
         self.event("add", format!("{label}: {reason}"));
@@ -564,7 +578,13 @@ impl<D: Dataplane> Daemon<D> {
             );
             return Ok(false);
         };
-        self.persist(&mut inner, Entry::Del { key: rec.key() })?;
+        if let Err(e) = self.persist(&mut inner, Entry::Del { key: rec.key() }) {
+            // As in `add`: the kernel is untouched until the removal is durable; the record stays
+            // (a DEL retry or the netns sweep removes it later).
+            inner.reg.restore(rec);
+            warn!(container_id, error = %e, "pod not deleted: its removal is not durable");
+            return Err(e);
+        }
         self.event(
             "del",
             format!(
@@ -728,10 +748,14 @@ impl<D: Dataplane> Daemon<D> {
             .cloned()
             .collect();
         let mut errors = Vec::new();
+        let mut removed = 0;
         for rec in &stale {
             inner.reg.remove_key(&rec.key());
             if let Err(e) = self.persist(&mut inner, Entry::Del { key: rec.key() }) {
+                // Not durable: keep the record and its kernel state (a later GC retries).
+                inner.reg.restore(rec.clone());
                 errors.push(e.to_string());
+                continue;
             }
             self.event(
                 "gc",
@@ -743,9 +767,10 @@ impl<D: Dataplane> Daemon<D> {
                     rec.ips
                 ),
             );
+            removed += 1;
             errors.extend(self.forget(&mut inner, rec).await.0.errors);
         }
-        (stale.len() as u32, errors)
+        (removed, errors)
     }
 
     /// Is this pod netns certainly gone? A missing `/var/run/netns/x` counts only while its
@@ -946,6 +971,10 @@ pub(crate) fn test_event(cid: &str, ns: &str, name: &str, addr: &str, hif: &str)
 #[cfg(test)]
 #[path = "daemon_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "durability_tests.rs"]
+mod durability_tests;
 
 #[cfg(test)]
 mod foreign_rule_tests {

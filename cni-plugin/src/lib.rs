@@ -19,21 +19,28 @@ pub mod logging;
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use ambient_cni_proto::v1::{
     GcReply, PodAddReply, PodCheckReply, PodDelReply, StatusReply, StatusRequest,
 };
 use serde_json::Value;
 
-use crate::cni::Plan;
-use crate::config::{MAX_STDIN, SUPPORTED_VERSIONS};
-use crate::error::{CniError, DAEMON_REFUSED, FALLBACK_VERSION, NOT_AVAILABLE, PLUGIN_BUG};
+use crate::cni::{Plan, Verb};
+use crate::config::{NetConf, DEFAULT_TIMEOUT_MS, MAX_STDIN, SUPPORTED_VERSIONS};
+use crate::error::{
+    CniError, DAEMON_REFUSED, DECODE, FALLBACK_VERSION, NOT_AVAILABLE, PLUGIN_BUG, TRY_AGAIN,
+};
 
 /// DEL gives up on the daemon after at most this long (then logs; the daemon reconciles).
 pub const DEL_TIMEOUT_CAP: Duration = Duration::from_secs(3);
 /// STATUS answers within about this long (cni-contract.md §6).
 pub const STATUS_TIMEOUT_CAP: Duration = Duration::from_secs(1);
+/// Reading stdin gives up after this long, counted from exec: `timeoutMs` is in the config, so it
+/// is only known once stdin is read. A runtime writes the config and closes stdin at once; one
+/// that never closes it gets code 6 (DEL: exit 0) instead of a plugin hung forever.
+pub const STDIN_TIMEOUT: Duration = Duration::from_millis(DEFAULT_TIMEOUT_MS);
 
 /// What the process prints and how it exits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,33 +85,144 @@ pub fn about() -> String {
     )
 }
 
+/// What was read from stdin.
+struct Input {
+    bytes: Vec<u8>,
+    /// A read error, to log.
+    warning: Option<String>,
+    /// Stdin was not closed within [`STDIN_TIMEOUT`].
+    timed_out: bool,
+}
+
 /// Reads at most `MAX_STDIN + 1` bytes: enough to tell "too large" (code 6) without reading a
 /// hostile stream forever.
-fn read_stdin(stdin: &mut dyn Read) -> (Vec<u8>, Option<String>) {
-    let mut buf = Vec::new();
+fn read_stdin(stdin: &mut dyn Read) -> Input {
+    let mut bytes = Vec::new();
     // u64::try_from cannot fail for a usize on the platforms we build for; saturate regardless.
     let cap = u64::try_from(MAX_STDIN + 1).unwrap_or(u64::MAX);
-    match stdin.take(cap).read_to_end(&mut buf) {
-        Ok(_) => (buf, None),
-        Err(e) => (buf, Some(format!("reading stdin failed: {e}"))),
+    let warning = stdin
+        .take(cap)
+        .read_to_end(&mut bytes)
+        .err()
+        .map(|e| format!("reading stdin failed: {e}"));
+    Input {
+        bytes,
+        warning,
+        timed_out: false,
+    }
+}
+
+/// Reads the process's stdin like [`read_stdin`], giving up at `deadline`. A blocking read(2)
+/// cannot be given a timeout, so a thread reads and this one waits on a channel; a thread left
+/// blocked on a stdin that never closes ends with the process.
+fn read_process_stdin(deadline: Instant) -> Input {
+    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>();
+    let reader = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let chunk = match stdin.read(&mut buf) {
+                    Ok(n) => Ok(buf[..n].to_vec()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(&chunk, Ok(c) if !c.is_empty());
+                if tx.send(chunk).is_err() || last {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = reader {
+        // No thread (the node is out of them): read without the bound rather than not at all.
+        let mut input = read_stdin(&mut std::io::stdin().lock());
+        input.warning = Some(format!(
+            "cannot start the stdin reader ({e}); reading stdin without a deadline"
+        ));
+        return input;
+    }
+    let mut input = Input {
+        bytes: Vec::new(),
+        warning: None,
+        timed_out: false,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(chunk)) if chunk.is_empty() => break,
+            Ok(Ok(chunk)) => {
+                input.bytes.extend_from_slice(&chunk);
+                if input.bytes.len() > MAX_STDIN {
+                    // Enough to say "too large" (code 6); the rest is never read.
+                    input.bytes.truncate(MAX_STDIN + 1);
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                input.warning = Some(format!("reading stdin failed: {e}"));
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                input.timed_out = true;
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    input
+}
+
+fn about_outcome() -> Outcome {
+    Outcome {
+        stdout: None,
+        stderr: Some(about()),
+        exit: 0,
     }
 }
 
 /// The whole plugin: env via `lookup`, stdin, and whether to install the global logger (tests
-/// pass false). Never panics: a panic in the handler becomes error code 102.
+/// pass false). Never panics: a panic in the handler becomes error code 102. The deadline
+/// (`timeoutMs`) counts from the call; `stdin` is read to its end (see [`run_process`]).
 pub fn run(
     lookup: &dyn Fn(&str) -> Option<String>,
     stdin: &mut dyn Read,
     init_logging: bool,
 ) -> Outcome {
+    let start = Instant::now();
     if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
-        return Outcome {
-            stdout: None,
-            stderr: Some(about()),
-            exit: 0,
-        };
+        return about_outcome();
     }
-    let (bytes, read_warning) = read_stdin(stdin);
+    let input = read_stdin(stdin);
+    handle(lookup, input, start, init_logging)
+}
+
+/// What `main` runs: [`run`] on the process's stdin, under ONE deadline from exec to exit.
+/// Reading stdin may take up to [`STDIN_TIMEOUT`] (the config's `timeoutMs` is not known before);
+/// the daemon call then gets what is left of `timeoutMs`, counted from `start` (exec).
+pub fn run_process(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    start: Instant,
+    init_logging: bool,
+) -> Outcome {
+    if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
+        return about_outcome();
+    }
+    let input = read_process_stdin(start + STDIN_TIMEOUT);
+    handle(lookup, input, start, init_logging)
+}
+
+fn handle(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    input: Input,
+    start: Instant,
+    init_logging: bool,
+) -> Outcome {
+    let Input {
+        bytes,
+        warning: read_warning,
+        timed_out,
+    } = input;
     let handled = catch_unwind(AssertUnwindSafe(|| {
         let inv = cni::plan(lookup, &bytes);
         if init_logging {
@@ -120,7 +238,24 @@ pub fn run(
             plog!(Warn, "{w}");
         }
         let version = inv.error_version.clone();
-        (execute(inv), version)
+        // Stdin not closed in time: the config may be incomplete. Code 6 (it could not be read
+        // whole; a retry by the runtime meets the same stdin). DEL still does what it can with
+        // what came (it always exits 0), within what is left of the deadline.
+        if timed_out && inv.verb != Some(Verb::Del) {
+            let e = CniError::new(
+                DECODE,
+                format!(
+                    "stdin was not closed within {} ms",
+                    STDIN_TIMEOUT.as_millis()
+                ),
+                format!(
+                    "{} bytes read; the runtime must close stdin after writing the network config",
+                    bytes.len()
+                ),
+            );
+            return (Err(e), version);
+        }
+        (execute(inv, start), version)
     }));
     match handled {
         Ok((Ok(out), _)) => out,
@@ -144,7 +279,34 @@ pub fn run(
     }
 }
 
-fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
+/// What is left of the one deadline (`timeoutMs`, counted from `start`: exec), at most `cap`;
+/// an error (code 11) when nothing is.
+fn budget(
+    conf: &NetConf,
+    start: Instant,
+    cap: Duration,
+    socket: &std::path::Path,
+) -> Result<Duration, CniError> {
+    let spent = start.elapsed();
+    let left = conf.timeout.saturating_sub(spent).min(cap);
+    if left.is_zero() {
+        return Err(CniError::new(
+            TRY_AGAIN,
+            format!(
+                "no time left to ask ambient-cnid at {}",
+                socket.display()
+            ),
+            format!(
+                "timeoutMs={} counts from exec; {} ms were spent before the call (reading stdin)",
+                conf.timeout.as_millis(),
+                spent.as_millis()
+            ),
+        ));
+    }
+    Ok(left)
+}
+
+fn execute(inv: cni::Invocation, start: Instant) -> Result<Outcome, CniError> {
     let plan = inv.plan?;
     let default_conf;
     let conf = match &inv.conf {
@@ -172,8 +334,9 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
             Ok(Outcome::success())
         }
         Plan::Add { req, result } => {
+            let timeout = budget(conf, start, Duration::MAX, socket)?;
             let reply: PodAddReply =
-                client::call(socket, conf.timeout, "PodAdd", "enroll the pod", &req)?;
+                client::call(socket, timeout, "PodAdd", "enroll the pod", &req)?;
             plog!(
                 Info,
                 "ADD done container_id={} pod={}/{} enrolled={} ztunnel={} reason={}",
@@ -190,9 +353,10 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
             for w in &warnings {
                 plog!(Warn, "DEL: {w} container_id={}", req.container_id);
             }
-            let timeout = conf.timeout.min(DEL_TIMEOUT_CAP);
-            let res: Result<PodDelReply, CniError> =
-                client::call(socket, timeout, "PodDel", "remove the pod", &req);
+            let res: Result<PodDelReply, CniError> = budget(conf, start, DEL_TIMEOUT_CAP, socket)
+                .and_then(|timeout| {
+                    client::call(socket, timeout, "PodDel", "remove the pod", &req)
+                });
             match res {
                 Ok(reply) => plog!(
                     Info,
@@ -216,8 +380,11 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
             Ok(Outcome::success())
         }
         Plan::Check { req } => {
-            let reply: PodCheckReply =
-                client::call(socket, conf.timeout, "PodCheck", "check the pod", &req).map_err(
+            let reply: PodCheckReply = budget(conf, start, Duration::MAX, socket)
+                .and_then(|timeout| {
+                    client::call(socket, timeout, "PodCheck", "check the pod", &req)
+                })
+                .map_err(
                     |mut e| {
                         if e.code == DAEMON_REFUSED {
                             e.msg = "pod not enrolled as ADD left it".into();
@@ -242,7 +409,8 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                     "GC without a valid-attachments list: the daemon removes nothing"
                 );
             }
-            let reply: GcReply = client::call(socket, conf.timeout, "Gc", "garbage-collect", &req)?;
+            let timeout = budget(conf, start, Duration::MAX, socket)?;
+            let reply: GcReply = client::call(socket, timeout, "Gc", "garbage-collect", &req)?;
             for e in &reply.errors {
                 plog!(Warn, "GC: {e}");
             }
@@ -263,7 +431,6 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
             }
         }
         Plan::Status => {
-            let timeout = conf.timeout.min(STATUS_TIMEOUT_CAP);
             let not_available = |details: String| {
                 CniError::new(
                     NOT_AVAILABLE,
@@ -271,14 +438,17 @@ fn execute(inv: cni::Invocation) -> Result<Outcome, CniError> {
                     details,
                 )
             };
-            let reply: StatusReply = client::call(
-                socket,
-                timeout,
-                "Status",
-                "report status",
-                &StatusRequest {},
-            )
-            .map_err(|e| not_available(format!("{}: {}", e.msg, e.details)))?;
+            let reply: StatusReply = budget(conf, start, STATUS_TIMEOUT_CAP, socket)
+                .and_then(|timeout| {
+                    client::call(
+                        socket,
+                        timeout,
+                        "Status",
+                        "report status",
+                        &StatusRequest {},
+                    )
+                })
+                .map_err(|e| not_available(format!("{}: {}", e.msg, e.details)))?;
             if !reply.ready {
                 return Err(not_available(format!("not ready: {}", reply.reason)));
             }

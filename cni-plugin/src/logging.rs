@@ -9,7 +9,7 @@
 use std::fmt::Arguments;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,28 +48,73 @@ fn name(l: LogLevel) -> &'static str {
     }
 }
 
+/// What a `logFile` that is not a regular file is, for the warning.
+fn kind(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens `logFile` for appending, without ever blocking: open(2) of a FIFO without a reader
+/// blocks forever, so the open is O_NONBLOCK (such an open fails at once with ENXIO; on a regular
+/// file O_NONBLOCK changes nothing) and anything but a regular file is refused (a FIFO with a
+/// reader would block once its pipe is full; a tty or device has no business being a log). The
+/// type is checked on the opened file, not only on the path, so a swap in between cannot slip by.
+fn open_log(path: &Path) -> Result<File, String> {
+    let refuse = |t: std::fs::FileType| {
+        format!(
+            "logFile {} is {}, not a regular file; logging to stderr",
+            path.display(),
+            kind(t)
+        )
+    };
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(refuse(m.file_type()));
+        }
+    }
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "cannot open logFile {}: {e}; logging to stderr",
+                path.display()
+            )
+        })?;
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(f),
+        Ok(m) => Err(refuse(m.file_type())),
+        Err(e) => Err(format!(
+            "cannot stat logFile {}: {e}; logging to stderr",
+            path.display()
+        )),
+    }
+}
+
 /// Installs the logger (once; later calls change nothing). Many plugin processes append to one
 /// file at once: each record is formatted into a buffer and written with one `write(2)`, and
 /// O_APPEND makes each write land whole at the end. Returns a warning to log if the file could
-/// not be opened (then stderr is used).
+/// not be opened or is not a regular file (then stderr is used).
 pub fn init(log_file: Option<&Path>, level: LogLevel) -> Option<String> {
     let mut warning = None;
-    let sink = match log_file {
-        Some(path) => match OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(path)
-        {
-            Ok(f) => Sink::File(f),
-            Err(e) => {
-                warning = Some(format!(
-                    "cannot open logFile {}: {e}; logging to stderr",
-                    path.display()
-                ));
-                Sink::Stderr
-            }
-        },
+    let sink = match log_file.map(open_log) {
+        Some(Ok(f)) => Sink::File(f),
+        Some(Err(w)) => {
+            warning = Some(w);
+            Sink::Stderr
+        }
         None => Sink::Stderr,
     };
     let _ = LOGGER.set(Logger { sink, level });
@@ -135,6 +180,24 @@ macro_rules! plog {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_fifo_or_a_directory_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("log.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let e = open_log(&fifo).expect_err("a FIFO is refused");
+        assert!(e.contains("is a FIFO"), "{e}");
+        let e = open_log(dir.path()).expect_err("a directory is refused");
+        assert!(e.contains("is a directory"), "{e}");
+        let file = dir.path().join("plugin.log");
+        assert!(open_log(&file).is_ok(), "a new regular file is created");
+        assert!(open_log(&file).is_ok(), "and appended to");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -2,10 +2,13 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Instant;
 
 fn main() -> ExitCode {
+    // The one deadline counts from here (exec), stdin included.
+    let start = Instant::now();
     let lookup = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
-    let outcome = ambient_cni::run(&lookup, &mut std::io::stdin().lock(), true);
+    let outcome = ambient_cni::run_process(&lookup, start, true);
     if let Some(text) = &outcome.stderr {
         let _ = std::io::stderr().write_all(text.as_bytes());
     }

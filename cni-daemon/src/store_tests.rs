@@ -1,0 +1,286 @@
+//! The store: reopen, boot IDs, torn and damaged journal lines, failed appends.
+
+use super::*;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+fn rec(cid: &str, ip: u8) -> PodRecord {
+    PodRecord {
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+        netns: String::new(),
+        namespace: "ns".into(),
+        name: cid.into(),
+        uid: format!("uid-{cid}"),
+        network: "net".into(),
+        ips: vec![Ipv4Addr::new(10, 244, 1, ip)],
+        gateway: None,
+        host_if: None,
+        enrolled: true,
+        ztunnel: false,
+        seq: 0,
+    }
+}
+
+/// Adds `cid` to `reg` and journals it, as the daemon does.
+fn put(st: &mut Store, reg: &mut Registry, cid: &str, ip: u8) -> Result<(), StoreError> {
+    reg.upsert(rec(cid, ip));
+    let r = reg.find(cid, "eth0").cloned().expect("just added");
+    st.append(&Entry::Put { rec: r }, reg)
+}
+
+fn journal(dir: &Path) -> Vec<u8> {
+    fs::read(dir.join(JOURNAL)).expect("journal")
+}
+
+fn names(reg: &Registry) -> Vec<String> {
+    let mut v: Vec<String> = reg.records().map(|r| r.container_id.clone()).collect();
+    v.sort();
+    v
+}
+
+fn corrupt_copies(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .expect("state dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("registry.journal.corrupt-"))
+        })
+        .collect()
+}
+
+/// Whatever tracing logs while `f` runs, as text.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    (out, text)
+}
+
+#[test]
+fn journal_survives_reopen_and_keeps_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut st, mut reg, discarded) = Store::open(dir.path()).expect("open");
+        assert!(!discarded);
+        for (c, ip) in [("a", 7), ("b", 7), ("c", 9)] {
+            put(&mut st, &mut reg, c, ip).expect("append");
+        }
+        let k = reg.find("c", "eth0").map(|r| r.key()).expect("c");
+        reg.remove_key(&k);
+        st.append(&Entry::Del { key: k }, &reg).expect("append");
+    }
+    let (st, reg, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(reg.len(), 2);
+    assert!(st.damage().is_empty());
+    assert!(corrupt_copies(dir.path()).is_empty(), "nothing damaged, nothing kept aside");
+    assert_eq!(
+        reg.owner_of(Ipv4Addr::new(10, 244, 1, 7))
+            .map(|r| r.container_id.as_str()),
+        Some("b")
+    );
+}
+
+/// A journal exactly as this format has always written it (boot line, then one JSON entry per
+/// line) still loads.
+#[test]
+fn a_journal_of_todays_format_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = serde_json::to_string(&rec("a", 7)).expect("json");
+    let text = format!(
+        "{}\n{{\"op\":\"put\",\"rec\":{r}}}\n{{\"op\":\"put\",\"rec\":{}}}\n{{\"op\":\"del\",\"key\":{{\"id\":\"uid-b\",\"ifname\":\"eth0\"}}}}\n",
+        boot_id(),
+        serde_json::to_string(&rec("b", 8)).expect("json"),
+    );
+    fs::write(dir.path().join(JOURNAL), text).expect("write");
+    let (st, reg, discarded) = Store::open(dir.path()).expect("open");
+    assert!(!discarded);
+    assert!(st.damage().is_empty(), "{:?}", st.damage());
+    assert_eq!(names(&reg), ["a"]);
+}
+
+#[test]
+fn torn_tail_is_skipped_logged_and_kept_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut st, mut reg, _) = Store::open(dir.path()).expect("open");
+        put(&mut st, &mut reg, "a", 7).expect("append");
+    }
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join(JOURNAL))
+        .expect("journal");
+    f.write_all(b"{\"op\":\"put\",\"rec\":{\"contai")
+        .expect("write");
+    let before = journal(dir.path());
+    let ((st, reg), log) = logged(|| {
+        let (st, reg, _) = Store::open(dir.path()).expect("reopen");
+        (st, reg)
+    });
+    assert_eq!(names(&reg), ["a"]);
+    assert_eq!(st.damage().len(), 1);
+    assert_eq!(st.damage()[0].line, 3);
+    assert!(!st.damage()[0].recovered);
+    assert!(log.contains("ERROR") && log.contains("line=3"), "{log}");
+    let aside = corrupt_copies(dir.path());
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(fs::read(&aside[0]).expect("aside"), before);
+    println!("torn tail: {log}");
+}
+
+/// The issue's case: four acknowledged ADDs, a torn line before the fourth's (line 5: the boot ID
+/// is line 1). Restart must have all four, log the damage and keep the damaged journal.
+#[test]
+fn a_torn_line_in_the_middle_loses_nothing_after_it() {
+    for glued in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut st, mut reg, _) = Store::open(dir.path()).expect("open");
+            for (c, ip) in [("a", 1), ("b", 2), ("c", 3)] {
+                put(&mut st, &mut reg, c, ip).expect("append");
+            }
+        }
+        {
+            // A fragment left by a failed write, on its own line or glued onto the next append.
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(dir.path().join(JOURNAL))
+                .expect("journal");
+            let frag: &[u8] = if glued {
+                b"{\"op\":\"put\",\"rec\":{\"container_id\":\"x"
+            } else {
+                b"{\"op\":\"put\",\"rec\":{\"container_id\":\"x\n"
+            };
+            f.write_all(frag).expect("write");
+        }
+        {
+            // The daemon appends after it (its store does not know of the fragment).
+            let dir2 = tempfile::tempdir().expect("tempdir");
+            let (mut st2, mut reg2, _) = Store::open(dir2.path()).expect("open");
+            put(&mut st2, &mut reg2, "d", 4).expect("append");
+            let lines = journal(dir2.path());
+            let d_line = lines.split(|&b| b == b'\n').nth(1).expect("d's line");
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(dir.path().join(JOURNAL))
+                .expect("journal");
+            f.write_all(d_line).expect("write");
+            f.write_all(b"\n").expect("write");
+        }
+        let ((st, reg), log) = logged(|| {
+            let (st, reg, _) = Store::open(dir.path()).expect("reopen");
+            (st, reg)
+        });
+        assert_eq!(names(&reg), ["a", "b", "c", "d"], "glued={glued}: {log}");
+        assert_eq!(st.damage().len(), 1, "glued={glued}");
+        assert_eq!(st.damage()[0].line, 5);
+        assert_eq!(st.damage()[0].recovered, glued);
+        assert!(log.contains("line=5"), "{log}");
+        assert_eq!(corrupt_copies(dir.path()).len(), 1);
+        // The compaction kept everything: a second restart still has all four, with no damage.
+        let (st, reg, _) = Store::open(dir.path()).expect("reopen again");
+        assert_eq!(names(&reg), ["a", "b", "c", "d"]);
+        assert!(st.damage().is_empty());
+        println!("torn middle (glued={glued}): {log}");
+    }
+}
+
+#[test]
+fn garbage_lines_anywhere_are_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = |c: &str, ip: u8| {
+        serde_json::to_string(&Entry::Put { rec: rec(c, ip) }).expect("json")
+    };
+    let text = format!(
+        "{}\n\u{0}\u{0}\u{0}\n{}\nnot json\n{}\n\u{ff}{}\n{{\"op\":\"put\"",
+        boot_id(),
+        e("a", 1),
+        e("b", 2),
+        e("c", 3)
+    );
+    fs::write(dir.path().join(JOURNAL), text).expect("write");
+    let (st, reg, _) = Store::open(dir.path()).expect("open");
+    assert_eq!(names(&reg), ["a", "b"]);
+    let lines: Vec<usize> = st.damage().iter().map(|d| d.line).collect();
+    assert_eq!(lines, [2, 4, 6, 7]);
+}
+
+#[test]
+fn a_failed_append_is_cut_off_and_the_next_one_lands_whole() {
+    for fault in [Fault::ShortWrite(17), Fault::Sync] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut st, mut reg, _) = Store::open(dir.path()).expect("open");
+        put(&mut st, &mut reg, "a", 1).expect("append");
+        let good = journal(dir.path());
+        st.inject(fault, false);
+        let err = put(&mut st, &mut reg, "b", 2).expect_err("injected");
+        assert!(err.to_string().contains("registry.journal"), "{err}");
+        assert_eq!(journal(dir.path()), good, "{fault:?}: the partial line was cut off");
+        // The daemon undoes b in memory; the next change lands on a line of its own.
+        reg.remove("b", "eth0");
+        put(&mut st, &mut reg, "c", 3).expect("append");
+        drop(st);
+        let (st, reg, _) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(names(&reg), ["a", "c"], "{fault:?}");
+        assert!(st.damage().is_empty(), "{fault:?}: {:?}", st.damage());
+    }
+}
+
+#[test]
+fn a_fragment_that_cannot_be_cut_off_makes_the_next_append_compact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut st, mut reg, _) = Store::open(dir.path()).expect("open");
+    put(&mut st, &mut reg, "a", 1).expect("append");
+    st.inject(Fault::ShortWrite(20), true);
+    put(&mut st, &mut reg, "b", 2).expect_err("injected");
+    let torn = journal(dir.path());
+    assert!(!torn.ends_with(b"\n"), "the fragment is still there");
+    reg.remove("b", "eth0");
+    st.cut_fails = true;
+    put(&mut st, &mut reg, "c", 3).expect("compacts instead");
+    // The fresh journal holds only the boot line: c is in the snapshot.
+    assert_eq!(journal(dir.path()), format!("{}\n", boot_id()).into_bytes());
+    st.cut_fails = false;
+    put(&mut st, &mut reg, "d", 4).expect("append");
+    drop(st);
+    let (st, reg, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(names(&reg), ["a", "c", "d"]);
+    assert!(st.damage().is_empty());
+}
+
+#[test]
+fn other_boot_is_discarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut reg = Registry::default();
+    reg.upsert(rec("a", 7));
+    let snap = SnapshotRef {
+        boot_id: "another-boot",
+        registry: &reg,
+    };
+    fs::write(
+        dir.path().join(SNAPSHOT),
+        serde_json::to_vec(&snap).expect("json"),
+    )
+    .expect("write");
+    let (_st, reg, discarded) = Store::open(dir.path()).expect("open");
+    assert!(discarded);
+    assert!(reg.is_empty());
+}
