@@ -79,15 +79,18 @@ async fn a_failed_journal_write_leaves_registry_and_kernel_unchanged_on_add() {
         .expect("a");
     for fault in [Fault::ShortWrite(30), Fault::Sync] {
         w.inject(fault).await;
-        let err = w
-            .d
-            .add(ev("b", "default", "b", "10.244.1.6", "vethb"))
-            .await
-            .expect_err("injected");
+        let err =
+            w.d.add(ev("b", "default", "b", "10.244.1.6", "vethb"))
+                .await
+                .expect_err("injected");
         assert!(matches!(err, RequestError::State(_)), "{fault:?}: {err}");
         assert!(err.to_string().contains("registry.journal"), "{err}");
         assert_eq!(w.records().await, [("a".into(), vec![ip("10.244.1.5")])]);
-        assert_eq!(w.in_ipset("10.244.1.6"), None, "{fault:?}: kernel untouched");
+        assert_eq!(
+            w.in_ipset("10.244.1.6"),
+            None,
+            "{fault:?}: kernel untouched"
+        );
         assert_eq!(w.d.status().await.pods, 1);
     }
     // The retry succeeds and lands whole in the journal.

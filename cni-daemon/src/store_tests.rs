@@ -57,7 +57,10 @@ fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl io::Write for Buf {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -71,7 +74,8 @@ fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
         .with_ansi(false)
         .finish();
     let out = tracing::subscriber::with_default(sub, f);
-    let text = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let text =
+        String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     (out, text)
 }
 
@@ -91,7 +95,10 @@ fn journal_survives_reopen_and_keeps_sequence() {
     let (st, reg, _) = Store::open(dir.path()).expect("reopen");
     assert_eq!(reg.len(), 2);
     assert!(st.damage().is_empty());
-    assert!(corrupt_copies(dir.path()).is_empty(), "nothing damaged, nothing kept aside");
+    assert!(
+        corrupt_copies(dir.path()).is_empty(),
+        "nothing damaged, nothing kept aside"
+    );
     assert_eq!(
         reg.owner_of(Ipv4Addr::new(10, 244, 1, 7))
             .map(|r| r.container_id.as_str()),
@@ -206,9 +213,7 @@ fn a_torn_line_in_the_middle_loses_nothing_after_it() {
 #[test]
 fn garbage_lines_anywhere_are_skipped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = |c: &str, ip: u8| {
-        serde_json::to_string(&Entry::Put { rec: rec(c, ip) }).expect("json")
-    };
+    let e = |c: &str, ip: u8| serde_json::to_string(&Entry::Put { rec: rec(c, ip) }).expect("json");
     let text = format!(
         "{}\n\u{0}\u{0}\u{0}\n{}\nnot json\n{}\n\u{ff}{}\n{{\"op\":\"put\"",
         boot_id(),
@@ -234,7 +239,11 @@ fn a_failed_append_is_cut_off_and_the_next_one_lands_whole() {
         st.inject(fault, false);
         let err = put(&mut st, &mut reg, "b", 2).expect_err("injected");
         assert!(err.to_string().contains("registry.journal"), "{err}");
-        assert_eq!(journal(dir.path()), good, "{fault:?}: the partial line was cut off");
+        assert_eq!(
+            journal(dir.path()),
+            good,
+            "{fault:?}: the partial line was cut off"
+        );
         // The daemon undoes b in memory; the next change lands on a line of its own.
         reg.remove("b", "eth0");
         put(&mut st, &mut reg, "c", 3).expect("append");

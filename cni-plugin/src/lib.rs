@@ -292,10 +292,7 @@ fn budget(
     if left.is_zero() {
         return Err(CniError::new(
             TRY_AGAIN,
-            format!(
-                "no time left to ask ambient-cnid at {}",
-                socket.display()
-            ),
+            format!("no time left to ask ambient-cnid at {}", socket.display()),
             format!(
                 "timeoutMs={} counts from exec; {} ms were spent before the call (reading stdin)",
                 conf.timeout.as_millis(),
@@ -384,14 +381,12 @@ fn execute(inv: cni::Invocation, start: Instant) -> Result<Outcome, CniError> {
                 .and_then(|timeout| {
                     client::call(socket, timeout, "PodCheck", "check the pod", &req)
                 })
-                .map_err(
-                    |mut e| {
-                        if e.code == DAEMON_REFUSED {
-                            e.msg = "pod not enrolled as ADD left it".into();
-                        }
-                        e
-                    },
-                )?;
+                .map_err(|mut e| {
+                    if e.code == DAEMON_REFUSED {
+                        e.msg = "pod not enrolled as ADD left it".into();
+                    }
+                    e
+                })?;
             plog!(
                 Info,
                 "CHECK ok container_id={} enrolled={} detail={}",

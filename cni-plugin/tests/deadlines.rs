@@ -117,12 +117,23 @@ fn a_stdin_that_is_never_closed_ends_within_the_ceiling() {
         serde_json::to_string(&socket).expect("json")
     );
     let limit = STDIN_TIMEOUT + Duration::from_secs(5);
-    for (verb, input) in [("ADD", partial.as_str()), ("CHECK", ""), ("DEL", partial.as_str())] {
+    // All three at once (each waits out the ceiling); every stdin stays open until its plugin
+    // has exited.
+    let running: Vec<_> = [
+        ("ADD", partial.as_str()),
+        ("CHECK", ""),
+        ("DEL", partial.as_str()),
+    ]
+    .into_iter()
+    .map(|(verb, input)| {
         let started = Instant::now();
         let mut child = plugin(verb).spawn().expect("spawn the plugin");
         let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(input.as_bytes()).expect("write stdin");
-        // `stdin` stays open until the plugin has exited.
+        (verb, input, started, child, stdin)
+    })
+    .collect();
+    for (verb, input, started, child, stdin) in running {
         let ran = wait(child, started, limit, verb);
         drop(stdin);
         println!(

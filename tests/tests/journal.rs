@@ -34,7 +34,10 @@ fn torn_journal_lines_lose_no_acknowledged_pod_at_restart() -> Result<()> {
     let pods: Vec<Pod> = (1..=4)
         .map(|i| w.pod(&format!("p{i}"), AMBIENT_NS, &format!("p{i}")))
         .collect::<Result<_>>()?;
-    ensure!(w.daemon()?.status_json()?["pods"] == json!(5), "zt + 4 pods");
+    ensure!(
+        w.daemon()?.status_json()?["pods"] == json!(5),
+        "zt + 4 pods"
+    );
     let mut daemon = w.daemon.take().context("daemon")?;
     daemon.kill();
 
@@ -65,10 +68,7 @@ fn torn_journal_lines_lose_no_acknowledged_pod_at_restart() -> Result<()> {
     let d = w.daemon()?;
     let status = d.status_json()?;
     let log = d.log_text();
-    let said: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("journal"))
-        .collect();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("journal")).collect();
     println!(
         "journal: restart after 3 torn lines: pods {}; the daemon logged:\n{}",
         status["pods"],
