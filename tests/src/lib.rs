@@ -1063,3 +1063,4 @@ mod tests {
 }
 pub mod fault;
 pub mod world;
+pub mod podman;
