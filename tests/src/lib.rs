@@ -1062,5 +1062,5 @@ mod tests {
     }
 }
 pub mod fault;
-pub mod world;
 pub mod podman;
+pub mod world;

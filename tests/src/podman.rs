@@ -9,8 +9,8 @@
 //! `ptp`, `host-local` and `ambient-cni`, and a private `network_config_dir` holding only our
 //! conflist. Podman's own default network (`podman`, bridge `cni-podman0` + portmap/firewall/
 //! tuning, `/etc/cni/net.d/87-podman-bridge.conflist`) is never seen: the default network is
-//! renamed to one that does not exist, so a container without `--network` fails instead of
-//! making a bridge. The image is a rootfs of Debian's `busybox-static` (plus the C runtime files
+//! renamed (podman keeps it in memory only), and its plugins are not in our plugin dir, so a
+//! container without `--network` fails before any plugin runs instead of making a bridge. The image is a rootfs of Debian's `busybox-static` (plus the C runtime files
 //! `acni-probe` links against), made with `podman import` — no registry.
 //!
 //! [`RootNetns`] is what `ip`, iptables (legacy and nft, both families), `nft`, `ipset` and
@@ -86,7 +86,15 @@ impl Podman {
             );
         }
         let dir = net.dir().join("podman");
-        for sub in ["net.d", "cni-bin", "root", "runroot", "tmp", "rootfs/bin", "home"] {
+        for sub in [
+            "net.d",
+            "cni-bin",
+            "root",
+            "runroot",
+            "tmp",
+            "rootfs/bin",
+            "home",
+        ] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         let plugin_dir = dir.join("cni-bin");
@@ -157,22 +165,12 @@ impl Podman {
     fn import_image(&self) -> Result<()> {
         let rootfs = self.dir.join("rootfs");
         let busybox = Path::new("/bin/busybox");
-        let file = run_cmd(
-            Command::new("ldd").arg(busybox),
-            None,
-            COMMAND_TIMEOUT,
-        );
+        let file = run_cmd(Command::new("ldd").arg(busybox), None, COMMAND_TIMEOUT);
         if file.success() {
-            bail!(
-                "/bin/busybox is not static (install busybox-static, not busybox):\n{file}"
-            );
+            bail!("/bin/busybox is not static (install busybox-static, not busybox):\n{file}");
         }
         std::fs::copy(busybox, rootfs.join("bin/busybox")).context("copying /bin/busybox")?;
-        let list = run_cmd(
-            Command::new(busybox).arg("--list"),
-            None,
-            COMMAND_TIMEOUT,
-        );
+        let list = run_cmd(Command::new(busybox).arg("--list"), None, COMMAND_TIMEOUT);
         if !list.success() {
             bail!("busybox --list: {list}");
         }
@@ -206,10 +204,7 @@ impl Podman {
             bail!("tar of the rootfs: {out}");
         }
         let tar = tar.to_str().context("non-UTF-8 path")?;
-        self.ok(
-            &["import", "--change", "ENV PATH=/bin", tar, IMAGE],
-            None,
-        )?;
+        self.ok(&["import", "--change", "ENV PATH=/bin", tar, IMAGE], None)?;
         Ok(())
     }
 
@@ -416,10 +411,7 @@ const ROOT_READS: &[&[&str]] = &[
 ];
 
 /// `net.*` keys that change on their own (counters, secrets, per-boot values).
-const VOLATILE_SYSCTLS: &[&str] = &[
-    "net.netfilter.nf_conntrack_count",
-    "stable_secret",
-];
+const VOLATILE_SYSCTLS: &[&str] = &["net.netfilter.nf_conntrack_count", "stable_secret"];
 
 impl RootNetns {
     /// The command that runs `argv` in the root namespace: under `nsenter --net=/proc/1/ns/net`

@@ -29,7 +29,9 @@ fn remote() -> String {
 
 /// `ipset list ztunnel-pods-ips` in the node: `(ip, comment)` of each member.
 fn ipset_members(w: &World) -> Result<Vec<(String, String)>> {
-    let out = w.net.exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
+    let out = w
+        .net
+        .exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
     Ok(out
         .lines()
         .skip_while(|l| !l.starts_with("Members:"))
@@ -157,10 +159,9 @@ fn sample_loop(
         }
         let dst = format!("{pod_ip}:8080");
         let probe_s = probe.to_str().unwrap_or("acni-probe");
-        let i = w.net.exec(
-            "remote",
-            &[probe_s, "connect", &dst, "--timeout-ms", "500"],
-        );
+        let i = w
+            .net
+            .exec("remote", &[probe_s, "connect", &dst, "--timeout-ms", "500"]);
         if i.stdout.starts_with("ztunnel port=15006") {
             inb.captured += 1;
         } else if i.stdout.contains(" peer=") {
@@ -232,10 +233,46 @@ fn scenario() -> Result<()> {
         info["host"]["networkBackend"]
     );
     let networks = pm.ok(&["network", "ls", "--format", "{{.Name}}"], None)?;
-    println!("  networks podman sees: {:?}", networks.split_whitespace().collect::<Vec<_>>());
+    println!(
+        "  networks podman sees: {:?}",
+        networks.split_whitespace().collect::<Vec<_>>()
+    );
     ensure!(
         networks.split_whitespace().any(|n| n == NETWORK),
         "podman does not see {NETWORK}: {networks}"
+    );
+
+    // Podman's default network (a bridge with portmap, firewall and tuning) is not ours and
+    // cannot be used: a container without --network fails before any plugin runs.
+    let links_before = w.net.exec_ok("node", &["ip", "-o", "link"])?;
+    let out = pm.run(
+        &[
+            "run",
+            "--rm",
+            "--name",
+            "no-network",
+            ambient_cni_tests::podman::IMAGE,
+            "true",
+        ],
+        None,
+    );
+    println!(
+        "  a container on podman's default network: {}",
+        out.stderr.trim()
+    );
+    ensure!(
+        !out.success(),
+        "a container ran on podman's default network: {out}"
+    );
+    ensure!(
+        out.stderr.contains("failed to find plugin \"bridge\""),
+        "expected the default network's bridge plugin to be missing: {out}"
+    );
+    let links_after = w.net.exec_ok("node", &["ip", "-o", "link"])?;
+    ensure!(
+        links_after.lines().count() == links_before.lines().count()
+            && !links_after.contains("cni-podman"),
+        "the default network left links in the node:\n{links_after}"
     );
 
     // --- ztunnel, an enrolled pod, a pod that is not enrolled.
@@ -250,10 +287,22 @@ fn scenario() -> Result<()> {
         )
     })?;
     let app = timed("podman run app", || {
-        pm.run_pod(NETWORK, "default", "app", &[], &["/acni-probe", "echo", "8080", "app"])
+        pm.run_pod(
+            NETWORK,
+            "default",
+            "app",
+            &[],
+            &["/acni-probe", "echo", "8080", "app"],
+        )
     })?;
     let other = timed("podman run other", || {
-        pm.run_pod(NETWORK, "legacy", "other", &[], &["/acni-probe", "echo", "8080", "other"])
+        pm.run_pod(
+            NETWORK,
+            "legacy",
+            "other",
+            &[],
+            &["/acni-probe", "echo", "8080", "other"],
+        )
     })?;
     println!(
         "  ztunnel-a {} ({}), app {}, other {}",
@@ -268,9 +317,16 @@ fn scenario() -> Result<()> {
         ("app", "default", true),
         ("other", "legacy", false),
     ] {
-        let r = record_of(&recs, name).with_context(|| format!("no record of {name}: {recs:#?}"))?;
-        ensure!(r["namespace"] == ns && r["uid"] == format!("uid-{name}"), "{r}");
-        ensure!(r["enrolled"] == enrolled, "{name} enrolled must be {enrolled}: {r}");
+        let r =
+            record_of(&recs, name).with_context(|| format!("no record of {name}: {recs:#?}"))?;
+        ensure!(
+            r["namespace"] == ns && r["uid"] == format!("uid-{name}"),
+            "{r}"
+        );
+        ensure!(
+            r["enrolled"] == enrolled,
+            "{name} enrolled must be {enrolled}: {r}"
+        );
     }
     ensure!(
         record_of(&recs, "ztunnel-a").is_some_and(|r| r["ztunnel"] == true),
@@ -280,16 +336,25 @@ fn scenario() -> Result<()> {
     println!("  app captured {took:?} after its run");
     // A pod that is not enrolled goes direct, both ways.
     let a = pm.answer("other", &remote())?;
-    ensure!(a.contains(&format!("remote peer={}:", other.ip)), "other egress: {a}");
+    ensure!(
+        a.contains(&format!("remote peer={}:", other.ip)),
+        "other egress: {a}"
+    );
     let a = w.answer("remote", &format!("{}:8080", other.ip), None)?;
-    ensure!(a.contains(&format!("other peer={REMOTE_IP}:")), "other inbound: {a}");
+    ensure!(
+        a.contains(&format!("other peer={REMOTE_IP}:")),
+        "other inbound: {a}"
+    );
     ensure!(has_entries(&w, "app", &app.ip)?, "app has no entries");
     ensure!(
         !ipset_members(&w)?.iter().any(|(i, _)| *i == other.ip),
         "the pod that is not enrolled is in the set"
     );
     println!("  egress app -> remote: {}", pm.answer("app", &remote())?);
-    println!("  remote -> app:8080: {}", w.answer("remote", &format!("{}:8080", app.ip), None)?);
+    println!(
+        "  remote -> app:8080: {}",
+        w.answer("remote", &format!("{}:8080", app.ip), None)?
+    );
     println!("  other -> remote: {}", pm.answer("other", &remote())?);
     let app_id = container_id(&pm, "app")?;
     println!(
@@ -299,7 +364,9 @@ fn scenario() -> Result<()> {
 
     // --- stop / start: DEL (from conmon's `podman container cleanup`), then ADD in a new netns.
     println!("== podman stop / start app");
-    timed("podman stop app", || pm.ok(&["stop", "--time", "0", "app"], None))?;
+    timed("podman stop app", || {
+        pm.ok(&["stop", "--time", "0", "app"], None)
+    })?;
     let took = wait_until(SETTLE, || has_no_entries(&w, "app", &app.ip))
         .context("app's entries stayed after podman stop")?;
     println!("  entries of {} gone {took:?} after the stop", app.ip);
@@ -309,7 +376,10 @@ fn scenario() -> Result<()> {
     println!("  app is back as {} in {}", app2.ip, app2.netns.display());
     ensure!(app2.netns != app.netns, "podman start reused the netns");
     wait_captured(&w, &pm, "app", &app2.ip, "app after start")?;
-    ensure!(has_entries(&w, "app", &app2.ip)?, "app has no entries after start");
+    ensure!(
+        has_entries(&w, "app", &app2.ip)?,
+        "app has no entries after start"
+    );
     if app2.ip != app.ip {
         ensure!(
             !ipset_members(&w)?.iter().any(|(i, _)| *i == app.ip),
@@ -347,19 +417,31 @@ fn scenario() -> Result<()> {
 
     // --- rm removes the entries of an enrolled pod.
     println!("== podman rm");
-    let tmp = pm.run_pod(NETWORK, "default", "app-rm", &[], &["/acni-probe", "echo", "8080", "app-rm"])?;
+    let tmp = pm.run_pod(
+        NETWORK,
+        "default",
+        "app-rm",
+        &[],
+        &["/acni-probe", "echo", "8080", "app-rm"],
+    )?;
     wait_captured(&w, &pm, "app-rm", &tmp.ip, "app-rm")?;
     ensure!(has_entries(&w, "app-rm", &tmp.ip)?, "app-rm has no entries");
     let tmp_id = container_id(&pm, "app-rm")?;
-    timed("podman rm -f app-rm", || pm.ok(&["rm", "--force", "--time", "0", "app-rm"], None))?;
+    timed("podman rm -f app-rm", || {
+        pm.ok(&["rm", "--force", "--time", "0", "app-rm"], None)
+    })?;
     let took = wait_until(SETTLE, || has_no_entries(&w, "app-rm", &tmp.ip))
         .context("app-rm's entries stayed after podman rm")?;
     println!("  entries of {} gone {took:?} after podman rm", tmp.ip);
     ensure!(
-        !Podman::cached_results(NETWORK).iter().any(|f| f.contains(&tmp_id)),
+        !Podman::cached_results(NETWORK)
+            .iter()
+            .any(|f| f.contains(&tmp_id)),
         "podman's CNI cache still holds app-rm"
     );
-    timed("podman rm -f other", || pm.ok(&["rm", "--force", "--time", "0", "other"], None))?;
+    timed("podman rm -f other", || {
+        pm.ok(&["rm", "--force", "--time", "0", "other"], None)
+    })?;
     wait_until(SETTLE, || Ok(record_of(&records(&w)?, "other").is_none()))
         .context("the record of other stayed after podman rm")?;
 
@@ -396,7 +478,10 @@ fn scenario() -> Result<()> {
         out_s.bypassed == 0 && in_s.bypassed == 0,
         "connections bypassed ztunnel during its restart: out {out_s:?}, in {in_s:?}"
     );
-    ensure!(out_s.captured > 0 && in_s.captured > 0, "nothing was captured while sampling");
+    ensure!(
+        out_s.captured > 0 && in_s.captured > 0,
+        "nothing was captured while sampling"
+    );
     println!("  new ztunnel-a {} in {}", zt2.ip, zt2.netns.display());
     ensure!(zt2.netns != zt.netns, "the ztunnel kept its netns");
     let dump = w.daemon()?.dump_json()?;
@@ -412,7 +497,13 @@ fn scenario() -> Result<()> {
     // --- kill -9 of the daemon with pods running: still captured; the restarted daemon
     // reconciles (a pod removed while it was down is swept).
     println!("== kill -9 of the daemon");
-    let gone = pm.run_pod(NETWORK, "default", "app-gone", &[], &["/acni-probe", "echo", "8080", "app-gone"])?;
+    let gone = pm.run_pod(
+        NETWORK,
+        "default",
+        "app-gone",
+        &[],
+        &["/acni-probe", "echo", "8080", "app-gone"],
+    )?;
     wait_captured(&w, &pm, "app-gone", &gone.ip, "app-gone")?;
     if let Some(d) = w.daemon.as_mut() {
         d.kill();
@@ -468,7 +559,10 @@ fn scenario() -> Result<()> {
         ensure!(!node.contains(ours), "{ours:?} left in the node:\n{node}");
     }
     let rules = w.net.exec_ok("node", &["ip", "rule"])?;
-    ensure!(rules.lines().count() == 3, "rules left in the node:\n{rules}");
+    ensure!(
+        rules.lines().count() == 3,
+        "rules left in the node:\n{rules}"
+    );
     let links = w.net.exec_ok("node", &["ip", "-o", "link"])?;
     ensure!(!links.contains("veth"), "podman left host veths:\n{links}");
     ensure!(
