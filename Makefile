@@ -3,7 +3,7 @@
 #   make test   unit tests + root-only integration tests (namespaces only, never the root netns)
 SHELL := /bin/bash
 CARGO ?= cargo
-DEB_PACKAGES := iptables ipset iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev procps kmod
+DEB_PACKAGES := iptables ipset iproute2 containernetworking-plugins golang-go golang-github-appc-cni-dev procps kmod podman runc conmon busybox-static nftables
 RELEASE_BINS := target/release/ambient-cni target/release/ambient-cnid target/release/acni-probe
 CNITOOL := target/cnitool/cnitool
 

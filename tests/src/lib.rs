@@ -1062,4 +1062,5 @@ mod tests {
     }
 }
 pub mod fault;
+pub mod podman;
 pub mod world;
