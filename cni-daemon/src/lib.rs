@@ -8,9 +8,9 @@
 pub mod admin;
 pub mod cleanup;
 pub mod config;
+pub mod conn;
 pub mod daemon;
 pub mod dataplane;
-pub mod grpc;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;

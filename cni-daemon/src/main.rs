@@ -12,7 +12,7 @@ use ambient_cni_daemon::daemon::Daemon;
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::model::TunnelMode;
 use ambient_cni_daemon::store::Store;
-use ambient_cni_daemon::{admin, cleanup, grpc, install_cmd, server};
+use ambient_cni_daemon::{admin, cleanup, install_cmd, server};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
@@ -77,7 +77,7 @@ struct KernelArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The unix socket the plugin talks to (its directory is made 0700, the socket 0600).
+    /// The unix socket the plugin talks to (0600; a directory the daemon creates is 0700).
     #[arg(long, default_value = ambient_cni_proto::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Where the pod registry is kept (snapshot + journal).
@@ -306,7 +306,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let served = grpc::serve(daemon, listener, shutdown_signal()).await;
+    let served = server::serve(daemon, listener, shutdown_signal()).await;
     resync.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     info!("stopped; kernel state left in place (pods stay captured)");

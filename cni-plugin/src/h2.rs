@@ -6,8 +6,11 @@
 //! part of HTTP/2: the client preface, SETTINGS, one request (HEADERS + DATA) sent in one write,
 //! then reading frames until the stream ends, answering SETTINGS and PING, honouring flow control
 //! for large requests, and decoding HPACK (static and dynamic table, Huffman) in the replies.
-//! The wire format is unchanged: the daemon's tonic server (and any gRPC tool) sees a normal
-//! client. Everything received is bounds-checked; nothing here panics on bad input.
+//! The wire format is standard: the daemon's tonic server (and any gRPC tool) sees a normal
+//! client; `cni-daemon/src/server_tests.rs` tests this client against that server, and the root
+//! tests in `tests/` drive it through the real binaries. Everything received is bounds-checked
+//! and bounded (frames, header blocks, decoded header lists, replies), nothing here panics on bad
+//! input, and one deadline covers the whole call.
 
 use ambient_cni_proto::h2wire::*;
 use std::io::{self, Read, Write};
@@ -116,6 +119,10 @@ pub enum CallError {
 
 /// A reply larger than this is refused (the plugin's replies are a few bytes).
 const MAX_REPLY: usize = 16 << 20;
+/// A header block (HEADERS and its CONTINUATION frames) larger than this is refused, and so is
+/// its decoded list past [`MAX_HEADER_LIST`]: a daemon's replies carry ~100 bytes of headers.
+/// (We never raise SETTINGS_MAX_FRAME_SIZE, so no frame may be over 16 KiB either.)
+const MAX_HEADER_BLOCK: usize = 64 << 10;
 
 /// The only stream we open.
 const STREAM: u32 = 1;
@@ -286,8 +293,10 @@ impl Conn {
         let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
         let (ty, flags) = (h[3], h[4]);
         let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        if len > MAX_REPLY {
-            return Err(protocol(format!("frame of {len} bytes")));
+        if len > DEFAULT_MAX_FRAME {
+            return Err(protocol(format!(
+                "frame of {len} bytes (over our SETTINGS_MAX_FRAME_SIZE)"
+            )));
         }
         self.fill(9 + len)?;
         let payload = self
@@ -375,6 +384,7 @@ pub fn unary(
     for (id, v) in [
         (SETTINGS_ENABLE_PUSH, 0u32),
         (SETTINGS_HEADER_TABLE_SIZE, HPACK_TABLE as u32),
+        (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
     ] {
         settings.extend_from_slice(&id.to_be_bytes());
         settings.extend_from_slice(&v.to_be_bytes());
@@ -448,6 +458,11 @@ pub fn unary(
                     let k = c.frame()?;
                     if k.ty != CONTINUATION || k.stream != STREAM {
                         return Err(protocol("header block not continued"));
+                    }
+                    if block.len() + k.payload.len() > MAX_HEADER_BLOCK {
+                        return Err(protocol(format!(
+                            "header block over {MAX_HEADER_BLOCK} bytes"
+                        )));
                     }
                     block.extend_from_slice(&k.payload);
                     flags = k.flags;
@@ -603,5 +618,74 @@ mod tests {
         hpack_literal(&mut b, 0, "k", &long);
         let f = Decoder::default().decode(&b).expect("long value");
         assert_eq!(f[0].1, long);
+    }
+
+    /// A server that answers every connection with `reply` (raw frames after its SETTINGS),
+    /// then `forever` repeated until the client goes away.
+    fn hostile_server(reply: Vec<u8>, forever: Vec<u8>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let (reply, forever) = (reply.clone(), forever.clone());
+                std::thread::spawn(move || {
+                    let mut first = Vec::new();
+                    frame(&mut first, SETTINGS, 0, 0, &[]);
+                    first.extend_from_slice(&reply);
+                    if s.write_all(&first).is_err() {
+                        return;
+                    }
+                    while !forever.is_empty() && s.write_all(&forever).is_ok() {}
+                });
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn an_endless_header_block_is_refused_at_its_bound() {
+        // HEADERS without END_HEADERS, then CONTINUATION frames of 16 KiB forever.
+        let mut start = Vec::new();
+        frame(&mut start, HEADERS, 0, STREAM, &[0x88]);
+        let mut cont = Vec::new();
+        frame(&mut cont, CONTINUATION, 0, STREAM, &[0x88; 16_384]);
+        let (_dir, path) = hostile_server(start, cont);
+        let t = Instant::now();
+        let r = unary(
+            &path,
+            "/x/y",
+            &[],
+            Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(10),
+        );
+        println!("endless header block refused after {:?}", t.elapsed());
+        match r {
+            Err(CallError::Status(s)) => {
+                assert!(s.message.contains("header block over"), "{s:?}")
+            }
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_frame_over_our_max_frame_size_is_refused() {
+        let mut big = Vec::new();
+        frame_header(&mut big, DEFAULT_MAX_FRAME + 1, DATA, 0, STREAM);
+        big.extend(std::iter::repeat_n(0u8, DEFAULT_MAX_FRAME + 1));
+        let (_dir, path) = hostile_server(big, Vec::new());
+        let r = unary(
+            &path,
+            "/x/y",
+            &[],
+            Duration::from_secs(5),
+            Instant::now() + Duration::from_secs(5),
+        );
+        match r {
+            Err(CallError::Status(s)) => assert!(s.message.contains("frame of"), "{s:?}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
     }
 }
