@@ -471,7 +471,6 @@ async fn grpc_timeout_is_honoured_and_a_stalled_body_is_cancelled() {
     );
     assert_eq!(status_of(&fields), Some("1"), "{fields:?}");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-    assert!(super::CALL_TIMEOUT <= Duration::from_secs(60));
 }
 
 /// One call with the plugin's blocking client (on the blocking pool: it blocks).
