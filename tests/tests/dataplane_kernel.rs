@@ -108,7 +108,8 @@ fn sh(ns: &str, script: &str) -> String {
 
 /// Sends one UDP datagram from namespace `from` to `to_ip` (an address in namespace `to`) and
 /// reports whether it arrived. Each end runs on its own short-lived thread inside its namespace.
-fn udp_reaches(from: &str, to: &str, to_ip: Ipv4Addr) -> bool {
+fn udp_reaches(from: &str, to: &str, to_ip: impl Into<IpAddr>) -> bool {
+    let to_ip: IpAddr = to_ip.into();
     fn enter(ns: &str) {
         let f = std::fs::File::open(ns_path(ns)).expect("open netns");
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -128,7 +129,12 @@ fn udp_reaches(from: &str, to: &str, to_ip: Ipv4Addr) -> bool {
     let tx = std::thread::spawn(move || {
         let _ = ready_rx.recv();
         enter(&from);
-        let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        let any: IpAddr = if to_ip.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let sock = std::net::UdpSocket::bind((any, 0)).expect("bind");
         // A first datagram can be lost while the neighbour entry resolves; send a few.
         for _ in 0..3 {
             let _ = sock.send_to(b"hello", (to_ip, 40999));

@@ -16,7 +16,7 @@ use ambient_cni_daemon::reconcile::desired::{
     node_chains, node_rules, zt_chains, zt_rules, Ztunnel,
 };
 
-use super::{dataplane, ns_path, require_root, sh, tunnels, TestNs};
+use super::{dataplane, ns_path, require_root, sh, tunnels, udp_reaches, TestNs};
 
 fn ip6(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -383,10 +383,14 @@ async fn tunnels_carry_their_ipv6_addresses_usable_at_once() {
     assert!(!ours.contains("tentative"), "nodad: usable at once\n{a}");
     let p = sh(&zt, "ip -6 addr show dev pistioout");
     assert!(p.contains("fd69:7374:696f:7f::2/126"), "{p}");
-    // The next hop answers: a ping over the tunnel right after creation.
-    sh(
-        &node,
-        "if command -v ping >/dev/null; then ping -6 -c1 -W2 fd69:7374:696f:7e::2 >/dev/null; fi",
+    // Both ends are reachable over the tunnels right after creation (no DAD wait).
+    assert!(
+        udp_reaches(&node, &zt, ip6("fd69:7374:696f:7e::2")),
+        "node -> pistioin over IPv6"
+    );
+    assert!(
+        udp_reaches(&zt, &node, ip6("fd69:7374:696f:7f::1")),
+        "pistioout -> istioout over IPv6"
     );
     // Someone removes the peer's IPv6 address: no longer wired.
     sh(&zt, "ip addr del fd69:7374:696f:7e::2/126 dev pistioin");
