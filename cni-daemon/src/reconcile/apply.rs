@@ -154,8 +154,10 @@ pub async fn observe<D: Dataplane>(
         }
     };
     let rest = async {
-        let mut o = Observed::default();
-        o.pod_in_set = vec![false; want.pods.len()];
+        let mut o = Observed {
+            pod_in_set: vec![false; want.pods.len()],
+            ..Default::default()
+        };
         for f in fams {
             let set = observe_ipset(dp, *f, want, &mut o.pod_in_set).await?;
             *o.ipset_of_mut(*f) = set;
