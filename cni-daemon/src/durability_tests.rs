@@ -1,7 +1,7 @@
 //! The daemon's registry changes only once the journal holds the change (issue 17): a failed
 //! write or fdatasync leaves registry and kernel as they were, and the plugin gets the error.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{test_event as ev, Daemon, RequestError};
@@ -37,7 +37,7 @@ impl World {
     }
 
     /// The registry as (container ID, IPs), sorted.
-    async fn records(&self) -> Vec<(String, Vec<Ipv4Addr>)> {
+    async fn records(&self) -> Vec<(String, Vec<IpAddr>)> {
         let inner = self.d.inner.lock().await;
         let mut v: Vec<_> = inner
             .reg
@@ -49,7 +49,7 @@ impl World {
     }
 
     fn in_ipset(&self, addr: &str) -> Option<String> {
-        let ip: Ipv4Addr = addr.parse().expect("ip");
+        let ip: IpAddr = addr.parse().expect("ip");
         self.dp
             .kernel()
             .ipset
@@ -67,7 +67,7 @@ impl World {
     }
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 

@@ -667,6 +667,51 @@ mod tests {
         assert_eq!(info.ips[1].gateway, "");
     }
 
+    /// ptp + host-local with an IPv6 range (and a dual-stack range set): both families reach
+    /// the daemon with their own gateways; an IPv6-only result gives the IPv6 address alone.
+    #[test]
+    fn ptp_ipv6_only_and_dual_stack_results_give_every_address() {
+        let ptp = |ips: serde_json::Value| {
+            json!({
+                "cniVersion": "1.0.0",
+                "interfaces": [
+                    {"name": "veth1234", "mac": "aa:00:00:00:00:02"},
+                    {"name": "eth0", "mac": "aa:00:00:00:00:03", "sandbox": "/var/run/netns/p"}
+                ],
+                "ips": ips
+            })
+        };
+        let v6 = json!({"address": "fd00:10:244:1::5/64", "gateway": "fd00:10:244:1::1", "interface": 1});
+        let v4 = json!({"address": "10.244.1.5/24", "gateway": "10.244.1.1", "interface": 1});
+        let only6 = read_prev_result(&ptp(json!([v6.clone()])), "eth0").expect("valid");
+        assert_eq!(
+            only6.ips,
+            vec![PodIp {
+                address: "fd00:10:244:1::5/64".into(),
+                gateway: "fd00:10:244:1::1".into()
+            }]
+        );
+        assert_eq!(only6.host_interface, "veth1234");
+        let dual = read_prev_result(&ptp(json!([v4, v6])), "eth0").expect("valid");
+        let got: Vec<(&str, &str)> = dual
+            .ips
+            .iter()
+            .map(|i| (i.address.as_str(), i.gateway.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.244.1.5/24", "10.244.1.1"),
+                ("fd00:10:244:1::5/64", "fd00:10:244:1::1")
+            ]
+        );
+        assert!(read_prev_result(
+            &ptp(json!([{"address": "fd00::5/129", "interface": 1}])),
+            "eth0"
+        )
+        .is_err());
+    }
+
     #[test]
     fn prev_result_without_interfaces_still_gives_ips() {
         let prev = json!({"cniVersion": "1.1.0", "ips": [{"address": "192.168.0.2/32"}]});
