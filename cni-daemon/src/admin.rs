@@ -39,7 +39,7 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "version": s.version})
+            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "ztunnelIps": s.ztunnel_ips, "ipFamilies": s.ip_families, "version": s.version})
         );
     } else {
         println!(
@@ -55,11 +55,12 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         println!(
             "ztunnel:    {}",
             if s.ztunnel_present {
-                "present"
+                format!("present ({})", s.ztunnel_ips.join(" "))
             } else {
-                "absent"
+                "absent".into()
             }
         );
+        println!("families:   {}", s.ip_families.join(" "));
         println!("version:    {}", s.version);
     }
     if !s.ready {

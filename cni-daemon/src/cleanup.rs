@@ -6,9 +6,9 @@
 
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{ipv6_available, Config};
 use crate::dataplane::Dataplane;
-use crate::model::Ns;
+use crate::model::{Family, Ns};
 use crate::reconcile::desired::{
     node_chains, zt_chains, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES,
 };
@@ -18,11 +18,12 @@ use crate::registry::Registry;
 async fn clean_ns<D: Dataplane>(
     dp: &D,
     ns: &Ns,
+    families: &[Family],
     prios: &[u32],
     tables: &[u32],
     report: &mut ApplyReport,
 ) {
-    match dp.rules_list(ns, prios).await {
+    match dp.rules_list(ns, families, prios).await {
         Ok(rules) => {
             for r in rules {
                 note(
@@ -34,7 +35,7 @@ async fn clean_ns<D: Dataplane>(
         }
         Err(e) => report.errors.push(format!("listing rules in {ns}: {e}")),
     }
-    match dp.routes_list(ns, tables).await {
+    match dp.routes_list(ns, families, tables).await {
         Ok(routes) => {
             for r in routes {
                 note(
@@ -55,19 +56,51 @@ fn note<E: std::fmt::Display>(report: &mut ApplyReport, what: String, r: Result<
     }
 }
 
+/// The families cleanup looks at: IPv4, and IPv6 whenever the kernel has it — whatever
+/// `--ip-families` the daemon ran with, so that a daemon restarted with IPv6 off leaves nothing
+/// of an earlier dual-stack run behind.
+fn families() -> Vec<Family> {
+    if ipv6_available() {
+        Family::ALL.to_vec()
+    } else {
+        vec![Family::V4]
+    }
+}
+
+fn tool(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
+
 /// Remove our objects from the node netns and from the ztunnel netns the registry names.
 pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> ApplyReport {
     let mut report = ApplyReport::default();
+    let fams = families();
     // ztunnel netns first, while its tunnels still exist.
     if let Some(z) = reg.ztunnel().and_then(Ztunnel::from_record) {
         if let Ns::Pod(p) = &z.ns {
             if dp.netns_alive(Path::new(p)) {
-                note(
+                for f in &fams {
+                    // Only the chains' names count for a removal.
+                    let ip = z.ip_of(*f).unwrap_or(f.unspecified());
+                    note(
+                        &mut report,
+                        format!("{} remove in {}", tool(*f), z.ns),
+                        dp.iptables_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
+                            .await,
+                    );
+                }
+                clean_ns(
+                    dp,
+                    &z.ns,
+                    &fams,
+                    &ZT_RULE_PRIORITIES,
+                    &ZT_TABLES,
                     &mut report,
-                    format!("iptables remove in {}", z.ns),
-                    dp.iptables_remove(&z.ns, &zt_chains(cfg, &z)).await,
-                );
-                clean_ns(dp, &z.ns, &ZT_RULE_PRIORITIES, &ZT_TABLES, &mut report).await;
+                )
+                .await;
             }
         }
     }
@@ -75,22 +108,30 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
     clean_ns(
         dp,
         &Ns::Node,
+        &fams,
         &NODE_RULE_PRIORITIES,
         &NODE_TABLES,
         &mut report,
     )
     .await;
-    note(
-        &mut report,
-        "iptables remove in node".into(),
-        dp.iptables_remove(&Ns::Node, &node_chains(cfg, None, None))
-            .await,
-    );
-    note(
-        &mut report,
-        "ipset destroy".into(),
-        dp.ipset_destroy().await,
-    );
+    for f in &fams {
+        note(
+            &mut report,
+            format!("{} remove in node", tool(*f)),
+            dp.iptables_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
+                .await,
+        );
+    }
+    for f in &fams {
+        note(
+            &mut report,
+            match f {
+                Family::V4 => "ipset destroy".into(),
+                Family::V6 => format!("ipset destroy {}", crate::config::IPSET_NAME6),
+            },
+            dp.ipset_destroy(*f).await,
+        );
+    }
     for name in cfg.tunnel_names() {
         note(
             &mut report,
@@ -143,6 +184,7 @@ mod tests {
                 network: "k8s".into(),
                 ips: vec!["10.244.1.2".parse().expect("ip")],
                 gateway: None,
+                gateway6: None,
                 host_if: Some("vethz".into()),
                 enrolled: false,
                 ztunnel: true,

@@ -3,7 +3,7 @@
 //! request flow is unit-tested on the fake.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -209,14 +209,14 @@ pub fn decide(
     policy: &Policy,
     namespace: &str,
     name: &str,
-    has_ipv4: bool,
+    has_ip: bool,
 ) -> (bool, bool, String) {
     let ztunnel = namespace == cfg.ztunnel_namespace && name.starts_with(&cfg.ztunnel_name_prefix);
     if ztunnel {
         return (false, true, "the node's ztunnel".into());
     }
-    if !has_ipv4 {
-        return (false, false, "no IPv4 address (host-network pod?)".into());
+    if !has_ip {
+        return (false, false, "no IP address (host-network pod?)".into());
     }
     if policy
         .excluded_pods
@@ -295,13 +295,65 @@ pub fn valid_k8s_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-fn parse_v4(cidr: &str) -> Result<Option<Ipv4Addr>, String> {
+/// The address of a CIDR (`10.244.1.5/24`, `fd00::5/64`) or of a plain address.
+fn parse_ip(cidr: &str) -> Result<IpAddr, String> {
     let addr = cidr.split('/').next().unwrap_or(cidr);
-    match addr.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(a)) => Ok(Some(a)),
-        Ok(std::net::IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(format!("not an IP address: {cidr:?}")),
+    addr.parse::<IpAddr>()
+        .map_err(|_| format!("not an IP address: {cidr:?}"))
+}
+
+/// The pod's addresses (both families, in prevResult's order, without duplicates) and its
+/// gateway of each family (the first one given).
+type PodAddrs = (Vec<IpAddr>, Option<Ipv4Addr>, Option<Ipv6Addr>);
+
+fn parse_pod_ips(ips: &[(String, String)]) -> Result<PodAddrs, String> {
+    let (mut out, mut gw4, mut gw6) = (Vec::new(), None, None);
+    for (addr, gw) in ips {
+        let ip = parse_ip(addr)?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+        if gw.is_empty() {
+            continue;
+        }
+        match (ip, parse_ip(gw)?) {
+            (IpAddr::V4(_), IpAddr::V4(g)) => {
+                gw4.get_or_insert(g);
+            }
+            (IpAddr::V6(_), IpAddr::V6(g)) => {
+                gw6.get_or_insert(g);
+            }
+            _ => return Err(format!("gateway {gw} is not of the family of {addr}")),
+        }
     }
+    Ok((out, gw4, gw6))
+}
+
+/// Why an enrolled pod with these addresses cannot be captured on this node, if it cannot: an
+/// address of a family that is off (`--ip-families`), or of a family the active ztunnel has no
+/// address of (its traffic could not be steered into ztunnel, and would be held closed for
+/// ever). Checked before anything is recorded: a pod is captured in all its families or refused.
+pub fn family_refusal(cfg: &Config, ips: &[IpAddr], zt: Option<&Ztunnel>) -> Option<String> {
+    for f in crate::model::Family::ALL {
+        let Some(ip) = ips.iter().find(|i| crate::model::Family::of(**i) == f) else {
+            continue;
+        };
+        if !cfg.ip_families.has(f) {
+            return Some(format!(
+                "its {f} address {ip} cannot be captured: {f} is off on this node (--ip-families {})",
+                cfg.ip_families
+            ));
+        }
+        if let Some(z) = zt {
+            if z.ip_of(f).is_none() {
+                return Some(format!(
+                    "its {f} address {ip} cannot be captured: the node's ztunnel has no {f} address ({})",
+                    z.ips_text()
+                ));
+            }
+        }
+    }
+    None
 }
 
 impl<D: Dataplane> Daemon<D> {
@@ -460,25 +512,29 @@ impl<D: Dataplane> Daemon<D> {
                 ev.netns, ev.container_id
             )));
         }
-        let mut ips = Vec::new();
-        let mut gateway = None;
-        for (addr, gw) in &ev.ips {
-            if let Some(ip) = parse_v4(addr).map_err(RequestError::Invalid)? {
-                ips.push(ip);
-                if gateway.is_none() && !gw.is_empty() {
-                    gateway = parse_v4(gw).map_err(RequestError::Invalid)?;
-                }
-            }
-        }
+        let (ips, gateway, gateway6) = parse_pod_ips(&ev.ips).map_err(RequestError::Invalid)?;
         let (enrolled, ztunnel, reason) = {
             let inner = self.inner.lock().await;
-            decide(
+            let d = decide(
                 &self.cfg,
                 &inner.policy,
                 &ev.namespace,
                 &ev.name,
                 !ips.is_empty(),
-            )
+            );
+            if d.0 {
+                let zt = self.live_ztunnel(&inner.reg);
+                if let Some(why) = family_refusal(&self.cfg, &ips, zt.as_ref()) {
+                    let msg = format!(
+                        "pod {}/{} ({}) is in an ambient namespace but {why}; refused, nothing was changed",
+                        ev.namespace, ev.name, ev.container_id
+                    );
+                    warn!("{msg}");
+                    self.event("refused", &msg);
+                    return Err(RequestError::Precondition(msg));
+                }
+            }
+            d
         };
         let mut host_if = (!ev.host_if.is_empty()).then(|| ev.host_if.clone());
         if host_if.is_none() && (enrolled || ztunnel) {
@@ -506,6 +562,7 @@ impl<D: Dataplane> Daemon<D> {
             network: ev.network.clone(),
             ips: ips.clone(),
             gateway,
+            gateway6,
             host_if,
             enrolled,
             ztunnel,
@@ -520,7 +577,7 @@ impl<D: Dataplane> Daemon<D> {
         );
         let mut inner = self.inner.lock().await;
         let up = inner.reg.upsert(rec);
-        let mut touched: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
+        let mut touched: BTreeSet<IpAddr> = ips.iter().copied().collect();
         let mut was_ztunnel = false;
         if let Upsert::Replaced(old) = &up {
             touched.extend(old.ips.iter().copied());
@@ -537,7 +594,7 @@ impl<D: Dataplane> Daemon<D> {
             self.full_reconcile(&mut inner, "reconcile").await
         } else {
             let zt = self.live_ztunnel(&inner.reg);
-            let ips: Vec<Ipv4Addr> = touched.into_iter().collect();
+            let ips: Vec<IpAddr> = touched.into_iter().collect();
             let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &ips);
             // One line per pod ADD: who, why, and what changed in the kernel.
             let (report, changes) = self.apply_traced(&ops, "kernel").await;
@@ -604,17 +661,32 @@ impl<D: Dataplane> Daemon<D> {
             return ApplyReport::default();
         }
         inner.policy = policy;
+        let zt = self.live_ztunnel(&inner.reg);
         let flipped: Vec<PodRecord> = inner
             .reg
             .records()
             .filter_map(|r| {
-                let (enrolled, _, reason) = decide(
+                let (mut enrolled, _, mut reason) = decide(
                     &self.cfg,
                     &inner.policy,
                     &r.namespace,
                     &r.name,
                     !r.ips.is_empty(),
                 );
+                // No CNI call to fail here: a pod that cannot be captured stays as it is, and
+                // the refusal is logged.
+                if enrolled && !r.enrolled {
+                    if let Some(why) = family_refusal(&self.cfg, &r.ips, zt.as_ref()) {
+                        let msg = format!(
+                            "{} would join ambient ({reason}) but {why}; refused, left uncaptured",
+                            r.display_name()
+                        );
+                        warn!("{msg}");
+                        self.event("refused", &msg);
+                        enrolled = false;
+                        reason = msg;
+                    }
+                }
                 (enrolled != r.enrolled && !r.ztunnel).then(|| {
                     self.event(
                         "policy",
@@ -646,8 +718,7 @@ impl<D: Dataplane> Daemon<D> {
         if ips.is_empty() {
             return ApplyReport::default();
         }
-        let zt = self.live_ztunnel(&inner.reg);
-        let ips: Vec<Ipv4Addr> = ips.into_iter().collect();
+        let ips: Vec<IpAddr> = ips.into_iter().collect();
         let ops = reconcile::pod_ops(&self.cfg, &inner.reg, zt.as_ref(), &ips);
         self.apply_logged(&ops, "kernel").await
     }
@@ -671,16 +742,22 @@ impl<D: Dataplane> Daemon<D> {
                 format!("{} is known and not enrolled", rec.display_name()),
             ));
         }
-        let set = self
-            .dp
-            .ipset_list()
-            .await
-            .map_err(|e| RequestError::Kernel(e.to_string()))?
-            .unwrap_or_default();
+        let mut set = std::collections::BTreeMap::new();
+        for f in self.cfg.ip_families.iter() {
+            if rec.ips.iter().any(|ip| crate::model::Family::of(*ip) == f) {
+                set.extend(
+                    self.dp
+                        .ipset_list(f)
+                        .await
+                        .map_err(|e| RequestError::Kernel(e.to_string()))?
+                        .unwrap_or_default(),
+                );
+            }
+        }
         let missing: Vec<String> = rec
             .ips
             .iter()
-            .filter(|ip| !set.contains_key(ip))
+            .filter(|ip| !set.contains_key(*ip))
             .map(|ip| ip.to_string())
             .collect();
         if !missing.is_empty() {
@@ -795,7 +872,12 @@ impl<D: Dataplane> Daemon<D> {
             match &zt {
                 Some(z) => self.event(
                     "ztunnel",
-                    format!("active ztunnel: {} ip {} veth {}", z.ns, z.ip, z.host_if),
+                    format!(
+                        "active ztunnel: {} ip {} veth {}",
+                        z.ns,
+                        z.ips_text(),
+                        z.host_if
+                    ),
                 ),
                 None => self.event(
                     "ztunnel",
@@ -866,6 +948,12 @@ impl<D: Dataplane> Daemon<D> {
             ztunnel: self.live_ztunnel(&inner.reg),
             last_resync: inner.last_resync.clone(),
             resyncs: inner.resyncs,
+            ip_families: self
+                .cfg
+                .ip_families
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect(),
         }
     }
 
@@ -924,6 +1012,20 @@ pub struct StatusView {
     pub last_resync: Option<ResyncSummary>,
     /// Number of full reconciles since start.
     pub resyncs: u64,
+    /// The families captured (`IPv4`, `IPv6`).
+    pub ip_families: Vec<String>,
+}
+
+impl StatusView {
+    /// The active ztunnel's addresses, both families.
+    pub fn ztunnel_ips(&self) -> Vec<String> {
+        self.ztunnel
+            .iter()
+            .flat_map(|z| crate::model::Family::ALL.map(|f| z.ip_of(f)))
+            .flatten()
+            .map(|ip| ip.to_string())
+            .collect()
+    }
 }
 
 /// A CNI ADD as the plugin sends it after ptp, for the crate's tests: `ifname` eth0, a netns path
@@ -948,6 +1050,10 @@ pub(crate) fn test_event(cid: &str, ns: &str, name: &str, addr: &str, hif: &str)
 mod tests;
 
 #[cfg(test)]
+#[path = "daemon_dual_tests.rs"]
+mod dual_tests;
+
+#[cfg(test)]
 mod foreign_rule_tests {
     use std::sync::Arc;
 
@@ -968,6 +1074,7 @@ mod foreign_rule_tests {
         );
         assert!(d.resync().await.ok());
         let foreign = Rule {
+            family: crate::model::Family::V4,
             priority: 101,
             fwmark: Some((0x800, 0x800)),
             action: RuleAction::Lookup(200),

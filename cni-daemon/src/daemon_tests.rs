@@ -1,6 +1,6 @@
 //! The daemon on the fake dataplane: the whole request flow and the reconciler, without root.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use crate::config::{tables, Config};
@@ -16,7 +16,11 @@ fn cfg() -> Config {
     c
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test IP")
+}
+
+fn ip4(s: &str) -> Ipv4Addr {
     s.parse().expect("test IP")
 }
 
@@ -511,7 +515,8 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
         uid: "u".into(),
         network: "n".into(),
         ips: vec![ip("10.244.1.5")],
-        gateway: Some(ip("10.244.1.1")),
+        gateway: Some(ip4("10.244.1.1")),
+        gateway6: None,
         host_if: Some("vetha".into()),
         enrolled: true,
         ztunnel: false,
@@ -519,10 +524,12 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
     });
     let zt = Ztunnel {
         ns: Ns::Pod("/tmp/acni-fake-netns-z".into()),
-        ip: ip("10.244.1.2"),
+        ip: Some(ip4("10.244.1.2")),
+        ip6: None,
         host_if: "vethz".into(),
         ifname: "eth0".into(),
-        gateway: Some(ip("10.244.1.1")),
+        gateway: Some(ip4("10.244.1.1")),
+        gateway6: None,
     };
     let a = desired(&c, &reg, Some(&zt));
     assert_eq!(a, desired(&c, &reg, Some(&zt)));
@@ -533,6 +540,7 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
             routes: a.node_routes_map(),
             iptables: reconcile::plan::iptables_of(&a.node.chains),
             sysctls: a.node_sysctls_map(),
+            ..Default::default()
         },
         tunnels: crate::model::TunnelState {
             links: [
@@ -547,6 +555,7 @@ fn desired_is_pure_and_plan_against_itself_is_empty() {
             routes: z.routes.clone(),
             iptables: reconcile::plan::iptables_of(&z.chains),
             sysctls: z.sysctls.clone(),
+            ..Default::default()
         }),
         pod_rp_filter: vec![Some(2); a.pods.len()],
         ..Default::default()

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -669,7 +669,7 @@ impl FakeApi {
 // ---------------------------------------------------------------------------------------------
 // End to end: fake API -> watcher -> Daemon::set_policy -> fake dataplane.
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().expect("test IP")
 }
 
@@ -734,7 +734,7 @@ impl Node {
     }
 
     /// Pod IPs in the ipset: what is redirected.
-    fn captured(&self) -> BTreeSet<Ipv4Addr> {
+    fn captured(&self) -> BTreeSet<IpAddr> {
         self.dp
             .kernel()
             .ipset
@@ -770,7 +770,7 @@ impl Drop for Node {
     }
 }
 
-fn set(v: &[&str]) -> BTreeSet<Ipv4Addr> {
+fn set(v: &[&str]) -> BTreeSet<IpAddr> {
     v.iter().map(|s| ip(s)).collect()
 }
 

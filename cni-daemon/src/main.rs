@@ -1,13 +1,15 @@
 //! `ambient-cnid`: the node daemon of ambient-cni and its admin commands.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_cni_daemon::config::{Config, DEFAULT_ROUTE_PROTOCOL, IPSET_NAME};
+use ambient_cni_daemon::config::{
+    Config, IpFamilies, DEFAULT_ROUTE_PROTOCOL, IPSET_NAME, IPSET_NAME6,
+};
 use ambient_cni_daemon::daemon::Daemon;
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::model::TunnelMode;
@@ -126,6 +128,16 @@ struct RunArgs {
     /// Node address for table-100 `src` and the probe skip (default: the ztunnel pod's gateway).
     #[arg(long)]
     host_ip: Option<Ipv4Addr>,
+    /// Node IPv6 address for IPv6 table-100 `src` and the probe skip (default: the ztunnel pod's
+    /// IPv6 gateway).
+    #[arg(long)]
+    host_ip6: Option<Ipv6Addr>,
+    /// Address families to capture: `v4`, `v6`, `v4,v6`, or `auto` (IPv4, plus IPv6 when the
+    /// node's network namespace has IPv6 enabled). An enrolled pod with an address of a family
+    /// that is off is refused (CNI error 100), as is one whose family the ztunnel has no address
+    /// of.
+    #[arg(long, default_value = "auto", env = "AMBIENT_CNI_IP_FAMILIES")]
+    ip_families: String,
     #[command(flatten)]
     kernel: KernelArgs,
     /// Also enroll from the Kubernetes API: namespaces labelled istio.io/dataplane-mode=ambient,
@@ -215,6 +227,7 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
             Backend::Nft => IptablesBackend::Nft,
         },
         ipset_name: IPSET_NAME.to_string(),
+        ipset_name6: IPSET_NAME6.to_string(),
     })
     .context("opening the kernel dataplane")?;
     Ok(dp)
@@ -239,6 +252,18 @@ fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
     if !(576..=65535).contains(&a.tunnel_mtu) {
         anyhow::bail!("--tunnel-mtu {} is out of range 576..65535", a.tunnel_mtu);
     }
+    let ip_families = if a.ip_families.trim() == "auto" {
+        auto_families()
+    } else {
+        IpFamilies::parse(&a.ip_families).map_err(|e| anyhow::anyhow!("--ip-families: {e}"))?
+    };
+    // IPv6 TCP needs at least 1280 bytes on every link (RFC 8200).
+    if ip_families.v6 && a.tunnel_mtu < 1280 {
+        anyhow::bail!(
+            "--tunnel-mtu {} is below IPv6's minimum of 1280 (--ip-families {ip_families})",
+            a.tunnel_mtu
+        );
+    }
     Ok(Config {
         socket: a.socket.clone(),
         state_dir: a.state_dir.clone(),
@@ -253,10 +278,22 @@ fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
         fail_open: a.fail_open,
         resync_interval: Duration::from_millis(a.resync_interval_ms),
         host_ip: a.host_ip,
+        host_ip6: a.host_ip6,
+        ip_families,
         route_protocol: a.kernel.route_protocol,
         host_proc: a.host_proc.clone(),
         ..Config::default()
     })
+}
+
+/// `--ip-families auto`: IPv4, and IPv6 when this network namespace has it enabled (the kernel
+/// has IPv6 and `net.ipv6.conf.all.disable_ipv6` is 0): then a node that hands pods IPv6
+/// addresses gets them captured. A node where IPv6 is off gets no IPv6 objects.
+fn auto_families() -> IpFamilies {
+    let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false);
+    IpFamilies { v4: true, v6 }
 }
 
 async fn shutdown_signal() {
@@ -283,7 +320,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if discarded {
         warn!(dir = %cfg.state_dir.display(), "state from a previous boot discarded");
     }
-    info!(pods = reg.len(), namespaces = ?cfg.ambient_namespaces, "starting");
+    info!(pods = reg.len(), namespaces = ?cfg.ambient_namespaces, ip_families = %cfg.ip_families, "starting");
     let daemon = Arc::new(Daemon::new(cfg.clone(), dp, Some(store), reg));
     // Bring the kernel in line before serving: restores every recorded pod, flushes nothing.
     let first = daemon.resync().await;

@@ -5,30 +5,112 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// An IPv4 prefix (`10.244.1.5/32`).
+/// An address family. Every kernel object of ours is of one: IPv4 and IPv6 have separate rules,
+/// routing tables, ipsets and iptables/ip6tables chains, which mirror each other.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Family {
+    /// IPv4 (`AF_INET`): what every record written before dual stack holds.
+    #[default]
+    V4,
+    /// IPv6 (`AF_INET6`).
+    V6,
+}
+
+impl Family {
+    /// Both, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+    /// The family of an address.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+    /// Is this the IPv6 family?
+    pub fn is_v6(self) -> bool {
+        self == Family::V6
+    }
+    /// Host prefix length (32 or 128).
+    pub fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+    /// The unspecified address (`0.0.0.0`, `::`).
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+    /// `ipv4` / `ipv6`, as in logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An IPv4 or IPv6 prefix (`10.244.1.5/32`, `fd00::5/128`); the family is the address's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Prefix {
     /// Network address.
-    pub addr: Ipv4Addr,
-    /// Prefix length, 0..=32.
+    pub addr: IpAddr,
+    /// Prefix length, 0..=32 (IPv4) or 0..=128 (IPv6).
     pub len: u8,
 }
 
 impl Prefix {
-    /// A host route prefix.
-    pub fn host(addr: Ipv4Addr) -> Self {
-        Prefix { addr, len: 32 }
+    /// A host route prefix (/32 or /128).
+    pub fn host(addr: impl Into<IpAddr>) -> Self {
+        let addr = addr.into();
+        Prefix {
+            addr,
+            len: Family::of(addr).host_len(),
+        }
     }
-    /// The default route.
+    /// A prefix of this address and length.
+    pub fn new(addr: impl Into<IpAddr>, len: u8) -> Self {
+        Prefix {
+            addr: addr.into(),
+            len,
+        }
+    }
+    /// The IPv4 default route.
     pub const DEFAULT: Prefix = Prefix {
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         len: 0,
     };
+    /// The default route of a family.
+    pub fn default_of(family: Family) -> Prefix {
+        Prefix {
+            addr: family.unspecified(),
+            len: 0,
+        }
+    }
+    /// The family of the prefix.
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+    /// Is this a host prefix (/32, /128)?
+    pub fn is_host(&self) -> bool {
+        self.len == self.family().host_len()
+    }
 }
 
 impl fmt::Display for Prefix {
@@ -68,9 +150,12 @@ pub enum RuleAction {
     Goto(u32),
 }
 
-/// One policy-routing rule (`ip rule`), IPv4.
+/// One policy-routing rule (`ip rule` / `ip -6 rule`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Rule {
+    /// IPv4 or IPv6 (`ip -6 rule`); the same priorities exist in both.
+    #[serde(default)]
+    pub family: Family,
     /// Priority; ours are identified by priority *and* full selector.
     pub priority: u32,
     /// `fwmark value/mask`, if any.
@@ -81,6 +166,9 @@ pub struct Rule {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.family.is_v6() {
+            write!(f, "-6 ")?;
+        }
         write!(f, "{}: from all", self.priority)?;
         if let Some((v, m)) = self.fwmark {
             write!(f, " fwmark {v:#x}/{m:#x}")?;
@@ -114,7 +202,8 @@ pub enum RouteKind {
     Unreachable,
 }
 
-/// The kernel's identity of an IPv4 route: table, prefix and metric (priority).
+/// The kernel's identity of a route: table, prefix (whose family says which of the two tables
+/// numbered `table`: IPv4 and IPv6 tables are separate) and metric (priority).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RouteKey {
     /// Routing table id.
@@ -134,10 +223,10 @@ pub struct Route {
     pub kind: RouteKind,
     /// Output interface name (none for unreachable).
     pub dev: Option<String>,
-    /// Next hop.
-    pub via: Option<Ipv4Addr>,
-    /// Preferred source address.
-    pub src: Option<Ipv4Addr>,
+    /// Next hop (of the route's family).
+    pub via: Option<IpAddr>,
+    /// Preferred source address (of the route's family).
+    pub src: Option<IpAddr>,
     /// Scope.
     pub scope: Scope,
     /// `onlink`: the gateway is reachable on `dev` without a covering route.
@@ -150,6 +239,9 @@ impl fmt::Display for Route {
             RouteKind::Unicast => {}
             RouteKind::Local => write!(f, "local ")?,
             RouteKind::Unreachable => write!(f, "unreachable ")?,
+        }
+        if self.key.dst.family().is_v6() {
+            write!(f, "-6 ")?;
         }
         write!(f, "{}", self.key.dst)?;
         if let Some(v) = self.via {
@@ -219,6 +311,12 @@ pub struct TunnelLink {
     pub peer_name: String,
     /// ztunnel-side address (`192.168.126.2/30`).
     pub peer_addr: Prefix,
+    /// Node-side IPv6 address, when IPv6 is captured (`fd69:7374:696f:7e::1/126`).
+    #[serde(default)]
+    pub node_addr6: Option<Prefix>,
+    /// ztunnel-side IPv6 address (`fd69:7374:696f:7e::2/126`).
+    #[serde(default)]
+    pub peer_addr6: Option<Prefix>,
     /// geneve VNI (ignored for veth).
     pub vni: u32,
 }
@@ -258,12 +356,15 @@ pub struct NsState {
     pub routes: BTreeMap<RouteKey, Route>,
     /// Our iptables chains and jumps.
     pub iptables: IptablesState,
+    /// Our ip6tables chains and jumps.
+    #[serde(default)]
+    pub iptables6: IptablesState,
     /// Sysctl values we care about (key → value), read for the keys we want set.
     pub sysctls: BTreeMap<String, String>,
 }
 
-/// The ipset of enrolled pod IPs as read back: `None` when the set does not exist.
-pub type IpsetState = Option<BTreeMap<Ipv4Addr, String>>;
+/// One ipset of enrolled pod IPs (one per family) as read back: `None` when the set does not exist.
+pub type IpsetState = Option<BTreeMap<IpAddr, String>>;
 
 /// A sysctl key is a path under /proc/sys/, e.g. `net/ipv4/conf/istioin/rp_filter`.
 pub fn rp_filter_key(ifname: &str) -> String {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
@@ -48,10 +48,15 @@ pub struct PodRecord {
     pub uid: String,
     /// CNI network name (for GC).
     pub network: String,
-    /// IPv4 addresses of the pod.
-    pub ips: Vec<Ipv4Addr>,
-    /// The gateway the pod uses (a node-local address with ptp/bridge).
+    /// Addresses of the pod, of both families (a journal written before dual stack holds IPv4
+    /// strings here, which read as the same `IpAddr`s).
+    pub ips: Vec<IpAddr>,
+    /// The IPv4 gateway the pod uses (a node-local address with ptp/bridge).
     pub gateway: Option<Ipv4Addr>,
+    /// The IPv6 gateway the pod uses (absent from records written before dual stack, and from
+    /// IPv4-only pods' records, whose serialized form is as it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     /// Host-side interface of the pod, if known.
     pub host_if: Option<String>,
     /// Redirected through ztunnel?
@@ -82,6 +87,13 @@ impl PodRecord {
             &self.uid
         }
     }
+    /// The gateway of family `f`.
+    pub fn gateway_of(&self, f: crate::model::Family) -> Option<IpAddr> {
+        match f {
+            crate::model::Family::V4 => self.gateway.map(IpAddr::V4),
+            crate::model::Family::V6 => self.gateway6.map(IpAddr::V6),
+        }
+    }
     /// `namespace/name` for logs.
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -106,7 +118,7 @@ pub struct Registry {
     by_cid: HashTable<u32>,
     /// IP → positions of the records claiming it (an IP almost always has one claimant; a
     /// multimap: one entry per claim).
-    by_ip: HashTable<(Ipv4Addr, u32)>,
+    by_ip: HashTable<(IpAddr, u32)>,
     /// Positions of the ztunnel records (a few at most): every pod ADD and DEL asks for the active
     /// ztunnel, and scanning all records for it grew with the node (acni-bench: ADD at 10,000
     /// pods was ~0.2 ms slower than at 10).
@@ -136,6 +148,7 @@ fn same_but_seq(a: &PodRecord, b: &PodRecord) -> bool {
         network,
         ips,
         gateway,
+        gateway6,
         host_if,
         enrolled,
         ztunnel,
@@ -150,6 +163,7 @@ fn same_but_seq(a: &PodRecord, b: &PodRecord) -> bool {
         && *network == b.network
         && *ips == b.ips
         && *gateway == b.gateway
+        && *gateway6 == b.gateway6
         && *host_if == b.host_if
         && *enrolled == b.enrolled
         && *ztunnel == b.ztunnel
@@ -165,7 +179,7 @@ impl Registry {
         self.hasher.hash_one((a, b))
     }
 
-    fn hash_ip(&self, ip: Ipv4Addr) -> u64 {
+    fn hash_ip(&self, ip: IpAddr) -> u64 {
         self.hasher.hash_one(ip)
     }
 
@@ -397,8 +411,8 @@ impl Registry {
     }
 
     /// Owner of each enrolled IP: the newest enrolled record claiming it.
-    pub fn enrolled_ips(&self) -> BTreeMap<Ipv4Addr, &PodRecord> {
-        let mut out: BTreeMap<Ipv4Addr, &PodRecord> = BTreeMap::new();
+    pub fn enrolled_ips(&self) -> BTreeMap<IpAddr, &PodRecord> {
+        let mut out: BTreeMap<IpAddr, &PodRecord> = BTreeMap::new();
         for r in self.records.iter().filter(|r| r.enrolled) {
             for ip in &r.ips {
                 match out.get(ip) {
@@ -413,7 +427,7 @@ impl Registry {
     }
 
     /// The owner of one IP (constant-time enough: records holding the IP are few).
-    pub fn owner_of(&self, ip: Ipv4Addr) -> Option<&PodRecord> {
+    pub fn owner_of(&self, ip: IpAddr) -> Option<&PodRecord> {
         self.by_ip
             .iter_hash(self.hash_ip(ip))
             .filter(|(a, _)| *a == ip)
@@ -485,8 +499,9 @@ mod tests {
             name: format!("pod-{cid}"),
             uid: uid.into(),
             network: "k8s".into(),
-            ips: vec![Ipv4Addr::from(ip)],
+            ips: vec![Ipv4Addr::from(ip).into()],
             gateway: Some(Ipv4Addr::new(10, 244, 1, 1)),
+            gateway6: None,
             host_if: Some(format!("veth{cid}")),
             enrolled: true,
             ztunnel: false,
@@ -552,13 +567,13 @@ mod tests {
                     (format!("c{i}"), [10, 244, 2, i])
                 };
                 let found = r.find(&cid, "eth0").map(|p| p.uid.clone());
-                let owner = r.owner_of(Ipv4Addr::from(ip)).map(|p| p.uid.clone());
+                let owner = r.owner_of(Ipv4Addr::from(ip).into()).map(|p| p.uid.clone());
                 let want = (!gone).then(|| format!("u{i}"));
                 assert_eq!(found, want, "find {cid}");
                 assert_eq!(owner, want, "owner of {ip:?}");
                 if moved {
                     assert!(r.find(&format!("c{i}"), "eth0").is_none());
-                    assert!(r.owner_of(Ipv4Addr::from([10, 244, 2, i])).is_none());
+                    assert!(r.owner_of(Ipv4Addr::from([10, 244, 2, i]).into()).is_none());
                 }
             }
             assert_eq!(r.len(), 200 - 67 + 1);
@@ -610,7 +625,7 @@ mod tests {
         let mut r = Registry::default();
         r.upsert(rec("x", "ux", [10, 244, 1, 7]));
         r.upsert(rec("y", "uy", [10, 244, 1, 7]));
-        let ip = Ipv4Addr::new(10, 244, 1, 7);
+        let ip = IpAddr::from(Ipv4Addr::new(10, 244, 1, 7));
         assert_eq!(r.owner_of(ip).map(|p| p.uid.as_str()), Some("uy"));
         r.remove("x", "eth0");
         assert_eq!(r.owner_of(ip).map(|p| p.uid.as_str()), Some("uy"));
@@ -628,7 +643,7 @@ mod tests {
         assert!(r.remove("s1", "eth0").is_none());
         assert_eq!(
             r.find("s2", "eth0").map(|p| p.ips.clone()),
-            Some(vec![Ipv4Addr::new(10, 244, 1, 8)])
+            Some(vec![IpAddr::from(Ipv4Addr::new(10, 244, 1, 8))])
         );
     }
 
@@ -640,7 +655,7 @@ mod tests {
         let json = serde_json::to_string(&r).expect("serializable");
         let mut back: Registry = serde_json::from_str(&json).expect("parses");
         back.reindex();
-        let ip = Ipv4Addr::new(10, 244, 1, 7);
+        let ip = IpAddr::from(Ipv4Addr::new(10, 244, 1, 7));
         assert_eq!(
             back.owner_of(ip).map(|p| p.container_id.as_str()),
             Some("s2")
@@ -648,5 +663,46 @@ mod tests {
         assert!(back.find("s1", "eth0").is_none());
         assert!(back.remove("s2", "eth0").is_some());
         assert!(back.owner_of(ip).is_none());
+    }
+
+    /// A record as the IPv4-only version wrote it (its exact field set, `ips` as IPv4 strings,
+    /// no `gateway6`) still loads, and an IPv4-only record is written back the same way.
+    #[test]
+    fn a_record_written_before_dual_stack_loads_and_round_trips() {
+        let old = r#"{"container_id":"c1","ifname":"eth0","netns":"/var/run/netns/c1","namespace":"default","name":"app","uid":"u1","network":"k8s","ips":["10.244.1.5"],"gateway":"10.244.1.1","host_if":"veth1","enrolled":true,"ztunnel":false,"seq":7}"#;
+        let r: PodRecord = serde_json::from_str(old).expect("old record loads");
+        assert_eq!(r.ips, vec![IpAddr::from(Ipv4Addr::new(10, 244, 1, 5))]);
+        assert_eq!(r.gateway, Some(Ipv4Addr::new(10, 244, 1, 1)));
+        assert_eq!(r.gateway6, None);
+        assert_eq!(serde_json::to_string(&r).expect("serializable"), old);
+        // A dual-stack record keeps both families and its IPv6 gateway.
+        let mut d = r.clone();
+        d.ips.push("fd00:10:244:1::5".parse().expect("v6"));
+        d.gateway6 = Some("fd00:10:244:1::1".parse().expect("v6"));
+        let text = serde_json::to_string(&d).expect("serializable");
+        assert!(
+            text.contains(r#""ips":["10.244.1.5","fd00:10:244:1::5"]"#),
+            "{text}"
+        );
+        let back: PodRecord = serde_json::from_str(&text).expect("loads");
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn an_ipv6_address_reused_by_another_pod_belongs_to_the_newest() {
+        let v6: IpAddr = "fd00:10:244:1::7".parse().expect("v6");
+        let dual = |cid: &str, uid: &str, last: u8| PodRecord {
+            ips: vec![Ipv4Addr::new(10, 244, 1, last).into(), v6],
+            ..rec(cid, uid, [10, 244, 1, last])
+        };
+        let mut r = Registry::default();
+        r.upsert(dual("x", "ux", 7));
+        // Another pod gets the same IPv6 address (and another IPv4 one) before x's DEL.
+        r.upsert(dual("y", "uy", 8));
+        assert_eq!(r.owner_of(v6).map(|p| p.uid.as_str()), Some("uy"));
+        r.remove("x", "eth0");
+        assert_eq!(r.owner_of(v6).map(|p| p.uid.as_str()), Some("uy"));
+        assert!(r.owner_of(Ipv4Addr::new(10, 244, 1, 7).into()).is_none());
+        assert_eq!(r.enrolled_ips().len(), 2);
     }
 }

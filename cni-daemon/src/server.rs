@@ -179,6 +179,8 @@ pub async fn call<D: Dataplane>(
                 enrolled_pods: s.enrolled as u32,
                 ztunnel_present: s.ztunnel.is_some(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                ip_families: s.ip_families.clone(),
+                ztunnel_ips: s.ztunnel_ips(),
             }
             .encode_to_vec()
         }

@@ -252,8 +252,9 @@ mod tests {
             name: cid.into(),
             uid: format!("uid-{cid}"),
             network: "net".into(),
-            ips: vec![Ipv4Addr::new(10, 244, 1, ip)],
+            ips: vec![Ipv4Addr::new(10, 244, 1, ip).into()],
             gateway: None,
+            gateway6: None,
             host_if: None,
             enrolled: true,
             ztunnel: false,
@@ -279,7 +280,7 @@ mod tests {
         let (_st, reg, _) = Store::open(dir.path()).expect("reopen");
         assert_eq!(reg.len(), 2);
         assert_eq!(
-            reg.owner_of(Ipv4Addr::new(10, 244, 1, 7))
+            reg.owner_of(Ipv4Addr::new(10, 244, 1, 7).into())
                 .map(|r| r.container_id.as_str()),
             Some("b")
         );
@@ -321,5 +322,20 @@ mod tests {
         let (_st, reg, discarded) = Store::open(dir.path()).expect("open");
         assert!(discarded);
         assert!(reg.is_empty());
+    }
+
+    /// A journal line written by the IPv4-only version (`ips` as IPv4 strings, no `gateway6`)
+    /// still loads.
+    #[test]
+    fn a_journal_line_of_the_ipv4_only_version_loads() {
+        let line = r#"{"op":"put","rec":{"container_id":"c1","ifname":"eth0","netns":"/var/run/netns/c1","namespace":"default","name":"app","uid":"u1","network":"k8s","ips":["10.244.1.5"],"gateway":"10.244.1.1","host_if":"veth1","enrolled":true,"ztunnel":false,"seq":7}}"#;
+        let Entry::Put { rec } = serde_json::from_str::<Entry>(line).expect("loads") else {
+            panic!("not a put");
+        };
+        assert_eq!(
+            rec.ips,
+            vec![std::net::IpAddr::from(Ipv4Addr::new(10, 244, 1, 5))]
+        );
+        assert_eq!(rec.gateway6, None);
     }
 }

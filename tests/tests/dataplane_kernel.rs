@@ -8,7 +8,7 @@
 //! Run: `cargo test -p ambient-cni-tests --test dataplane_kernel -- --nocapture`
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::dataplane::{Dataplane, DpError};
 use ambient_cni_daemon::model::{
-    rp_filter_key, Chain, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope,
+    rp_filter_key, Chain, Family, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope,
     TunnelLink, TunnelMode, Tunnels,
 };
 
@@ -152,10 +152,15 @@ fn ip4(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
 
+/// An IPv4 address as the family-tagged model holds it.
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
 fn pfx(s: &str) -> Prefix {
     let (a, l) = s.split_once('/').expect("a/len");
     Prefix {
-        addr: ip4(a),
+        addr: ip(a),
         len: l.parse().expect("len"),
     }
 }
@@ -172,19 +177,28 @@ async fn ipset_lifecycle_is_idempotent_and_keeps_comments() {
     let node = t.add("node");
     let dp = dataplane(&node, IptablesBackend::Auto);
 
-    assert_eq!(dp.ipset_list().await.expect("list"), None, "no set yet");
-    dp.ipset_create().await.expect("create");
-    dp.ipset_create().await.expect("create again is a no-op");
-    assert_eq!(dp.ipset_list().await.expect("list"), Some(BTreeMap::new()));
+    assert_eq!(
+        dp.ipset_list(Family::V4).await.expect("list"),
+        None,
+        "no set yet"
+    );
+    dp.ipset_create(Family::V4).await.expect("create");
+    dp.ipset_create(Family::V4)
+        .await
+        .expect("create again is a no-op");
+    assert_eq!(
+        dp.ipset_list(Family::V4).await.expect("list"),
+        Some(BTreeMap::new())
+    );
 
-    let (a, b) = (ip4("10.244.1.5"), ip4("10.244.1.6"));
+    let (a, b) = (ip("10.244.1.5"), ip("10.244.1.6"));
     dp.ipset_add(a, "uid-old").await.expect("add");
     dp.ipset_add(a, "uid-new")
         .await
         .expect("add again updates the comment");
     dp.ipset_add(b, "uid-b").await.expect("add");
     let want = BTreeMap::from([(a, "uid-new".to_string()), (b, "uid-b".to_string())]);
-    assert_eq!(dp.ipset_list().await.expect("list"), Some(want));
+    assert_eq!(dp.ipset_list(Family::V4).await.expect("list"), Some(want));
 
     let listing = sh(&node, "ipset list ztunnel-pods-ips");
     assert!(listing.contains("Type: hash:ip"), "{listing}");
@@ -203,15 +217,15 @@ async fn ipset_lifecycle_is_idempotent_and_keeps_comments() {
         .await
         .expect("del of a missing entry is fine");
     assert_eq!(
-        dp.ipset_list().await.expect("list"),
+        dp.ipset_list(Family::V4).await.expect("list"),
         Some(BTreeMap::from([(b, "uid-b".to_string())]))
     );
 
-    dp.ipset_destroy().await.expect("destroy");
-    dp.ipset_destroy()
+    dp.ipset_destroy(Family::V4).await.expect("destroy");
+    dp.ipset_destroy(Family::V4)
         .await
         .expect("destroy of a missing set is fine");
-    assert_eq!(dp.ipset_list().await.expect("list"), None);
+    assert_eq!(dp.ipset_list(Family::V4).await.expect("list"), None);
     // Deleting from a missing set: the entry is not there either (ENOENT on remove = done).
     dp.ipset_del(a).await.expect("del from a missing set");
     dp.ipset_add(a, "uid")
@@ -227,15 +241,20 @@ async fn ipset_in_use_cannot_be_destroyed_and_says_why() {
     let mut t = TestNs::new();
     let node = t.add("node");
     let dp = dataplane(&node, IptablesBackend::Legacy);
-    dp.ipset_create().await.expect("create");
+    dp.ipset_create(Family::V4).await.expect("create");
     sh(
         &node,
         "iptables-legacy -t mangle -A PREROUTING -m set --match-set ztunnel-pods-ips src -j RETURN",
     );
-    let err = dp.ipset_destroy().await.expect_err("referenced set");
+    let err = dp
+        .ipset_destroy(Family::V4)
+        .await
+        .expect_err("referenced set");
     assert!(err.to_string().contains("in use"), "{err}");
     sh(&node, "iptables-legacy -t mangle -F PREROUTING");
-    dp.ipset_destroy().await.expect("destroy once unreferenced");
+    dp.ipset_destroy(Family::V4)
+        .await
+        .expect("destroy once unreferenced");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,21 +272,25 @@ async fn rules_add_twice_list_ours_and_delete_by_full_selector() {
     let ns = Ns::Node;
 
     let skip = Rule {
+        family: Family::V4,
         priority: 100,
         fwmark: Some((0x200, 0x200)),
         action: RuleAction::Goto(32766),
     };
     let out = Rule {
+        family: Family::V4,
         priority: 101,
         fwmark: Some((0x100, 0x100)),
         action: RuleAction::Lookup(101),
     };
     let ret = Rule {
+        family: Family::V4,
         priority: 102,
         fwmark: Some((0x40, 0x40)),
         action: RuleAction::Lookup(102),
     };
     let inb = Rule {
+        family: Family::V4,
         priority: 103,
         fwmark: None,
         action: RuleAction::Lookup(100),
@@ -304,7 +327,7 @@ async fn rules_add_twice_list_ours_and_delete_by_full_selector() {
         "ip rule add priority 101 iif eth0 lookup 300; ip rule add priority 5000 lookup 200",
     );
     let listed: BTreeSet<Rule> = dp
-        .rules_list(&ns, &[100, 101, 102, 103])
+        .rules_list(&ns, &[Family::V4], &[100, 101, 102, 103])
         .await
         .expect("list")
         .into_iter()
@@ -332,7 +355,7 @@ async fn rules_add_twice_list_ours_and_delete_by_full_selector() {
     );
     assert!(!shown.contains("fwmark 0x100/0x100"), "{shown}");
     let listed: BTreeSet<Rule> = dp
-        .rules_list(&ns, &[101])
+        .rules_list(&ns, &[Family::V4], &[101])
         .await
         .expect("list")
         .into_iter()
@@ -342,6 +365,7 @@ async fn rules_add_twice_list_ours_and_delete_by_full_selector() {
     // Same operations in a pod namespace.
     let zt = Ns::Pod(ns_path(&ztunnel));
     let tproxy = Rule {
+        family: Family::V4,
         priority: 20000,
         fwmark: Some((0x400, 0xfff)),
         action: RuleAction::Lookup(100),
@@ -351,12 +375,17 @@ async fn rules_add_twice_list_ours_and_delete_by_full_selector() {
         .await
         .expect("add twice in pod ns");
     assert_eq!(
-        dp.rules_list(&zt, &[20000]).await.expect("list"),
+        dp.rules_list(&zt, &[Family::V4], &[20000])
+            .await
+            .expect("list"),
         vec![tproxy]
     );
     assert!(sh(&ztunnel, "ip rule show").contains("20000:\tfrom all fwmark 0x400/0xfff lookup 100"));
     assert!(
-        dp.rules_list(&ns, &[20000]).await.expect("list").is_empty(),
+        dp.rules_list(&ns, &[Family::V4], &[20000])
+            .await
+            .expect("list")
+            .is_empty(),
         "not in the node ns"
     );
 }
@@ -397,21 +426,21 @@ async fn routes_replace_list_delete_only_ours() {
 
     let mut pod = route(100, "10.244.1.5/32", 0, RouteKind::Unicast);
     pod.dev = Some("dv0".into());
-    pod.via = Some(ip4("10.9.0.2"));
-    pod.src = Some(ip4("10.9.0.1"));
+    pod.via = Some(ip("10.9.0.2"));
+    pod.src = Some(ip("10.9.0.1"));
     let mut zip = route(100, "10.244.1.9/32", 0, RouteKind::Unicast);
     zip.dev = Some("dv0".into());
     zip.scope = Scope::Link;
     let mut ret = route(102, "0.0.0.0/0", 0, RouteKind::Unicast);
     ret.dev = Some("dv0".into());
-    ret.via = Some(ip4("10.244.1.9"));
+    ret.via = Some(ip("10.244.1.9"));
     ret.onlink = true;
     let mut local = route(1000, "0.0.0.0/0", 0, RouteKind::Local);
     local.dev = Some("lo".into());
     local.scope = Scope::Host;
     let mut out = route(101, "0.0.0.0/0", 0, RouteKind::Unicast);
     out.dev = Some("dv0".into());
-    out.via = Some(ip4("10.9.0.2"));
+    out.via = Some(ip("10.9.0.2"));
     let fallback = route(101, "0.0.0.0/0", 4000, RouteKind::Unreachable);
 
     let all = [&pod, &zip, &ret, &local, &out, &fallback];
@@ -429,7 +458,7 @@ async fn routes_replace_list_delete_only_ours() {
     sh(&node, "ip route add 10.244.7.7/32 dev dv0 table 100 && ip route add 10.244.1.200/32 dev dv0 table 100");
     let tables = [100, 101, 102, 1000];
     let listed: BTreeSet<Route> = dp
-        .routes_list(&ns, &tables)
+        .routes_list(&ns, &[Family::V4], &tables)
         .await
         .expect("list")
         .into_iter()
@@ -462,7 +491,7 @@ async fn routes_replace_list_delete_only_ours() {
 
     // Replace changes a route in place.
     let mut moved = pod.clone();
-    moved.via = Some(ip4("10.9.0.3"));
+    moved.via = Some(ip("10.9.0.3"));
     dp.route_replace(&ns, &moved).await.expect("replace");
     let t100 = sh(&node, "ip route show table 100 proto 212");
     assert_eq!(
@@ -479,14 +508,18 @@ async fn routes_replace_list_delete_only_ours() {
     dp.route_del(&ns, &out).await.expect("del");
     dp.route_del(&ns, &out).await.expect("del twice");
     let listed: BTreeSet<Route> = dp
-        .routes_list(&ns, &[101])
+        .routes_list(&ns, &[Family::V4], &[101])
         .await
         .expect("list")
         .into_iter()
         .collect();
     assert_eq!(listed, BTreeSet::from([fallback.clone()]));
     dp.route_del(&ns, &fallback).await.expect("del fallback");
-    assert!(dp.routes_list(&ns, &[101]).await.expect("list").is_empty());
+    assert!(dp
+        .routes_list(&ns, &[Family::V4], &[101])
+        .await
+        .expect("list")
+        .is_empty());
     dp.route_del(&ns, &route(4242, "0.0.0.0/0", 0, RouteKind::Unicast))
         .await
         .expect("delete in a table that does not exist");
@@ -515,13 +548,11 @@ async fn route_dev_lookup_uses_the_main_table() {
          ip route add 10.244.1.5/32 dev tv0 table 100 && ip rule add priority 103 lookup 100",
     );
     assert_eq!(
-        dp.route_dev_lookup(ip4("10.244.1.5"))
-            .await
-            .expect("lookup"),
+        dp.route_dev_lookup(ip("10.244.1.5")).await.expect("lookup"),
         Some("pv0".to_string())
     );
     assert_eq!(
-        dp.route_dev_lookup(ip4("10.99.0.1")).await.expect("lookup"),
+        dp.route_dev_lookup(ip("10.99.0.1")).await.expect("lookup"),
         None,
         "no default route"
     );
@@ -530,7 +561,7 @@ async fn route_dev_lookup_uses_the_main_table() {
         "ip addr add 10.8.0.1/24 dev tv0 && ip route add default via 10.8.0.2",
     );
     assert_eq!(
-        dp.route_dev_lookup(ip4("10.99.0.1")).await.expect("lookup"),
+        dp.route_dev_lookup(ip("10.99.0.1")).await.expect("lookup"),
         Some("tv0".to_string())
     );
 }
@@ -551,6 +582,8 @@ fn tunnels(ztunnel: &str, mode: TunnelMode) -> Tunnels {
                 node_addr: pfx("192.168.126.1/30"),
                 peer_name: "pistioin".into(),
                 peer_addr: pfx("192.168.126.2/30"),
+                node_addr6: None,
+                peer_addr6: None,
                 vni: 1000,
             },
             TunnelLink {
@@ -558,6 +591,8 @@ fn tunnels(ztunnel: &str, mode: TunnelMode) -> Tunnels {
                 node_addr: pfx("192.168.127.1/30"),
                 peer_name: "pistioout".into(),
                 peer_addr: pfx("192.168.127.2/30"),
+                node_addr6: None,
+                peer_addr6: None,
                 vni: 1001,
             },
         ],
@@ -915,10 +950,13 @@ fn save_all(ns: &str, backend: IptablesBackend) -> String {
 async fn check_normal_forms(dp: &RealDataplane, ns: &Ns, seed: &Seed, label: &str) {
     let inputs = chains_from(seed, false);
     let saves = chains_from(seed, true);
-    dp.iptables_apply(ns, &inputs)
+    dp.iptables_apply(ns, Family::V4, &inputs)
         .await
         .expect("apply seed as written");
-    let st = dp.iptables_read(ns, &inputs).await.expect("read");
+    let st = dp
+        .iptables_read(ns, Family::V4, &inputs)
+        .await
+        .expect("read");
     let mut differs = Vec::new();
     for ((table, name, _, rules), c) in seed.iter().zip(&saves) {
         let got = st
@@ -940,10 +978,13 @@ async fn check_normal_forms(dp: &RealDataplane, ns: &Ns, seed: &Seed, label: &st
         "{label}: rules whose iptables-save form differs from the input:\n{}",
         differs.join("\n")
     );
-    dp.iptables_apply(ns, &saves)
+    dp.iptables_apply(ns, Family::V4, &saves)
         .await
         .expect("apply save forms");
-    let again = dp.iptables_read(ns, &saves).await.expect("read");
+    let again = dp
+        .iptables_read(ns, Family::V4, &saves)
+        .await
+        .expect("read");
     assert_eq!(again, st, "{label}: save forms read back as themselves");
 }
 
@@ -954,7 +995,7 @@ async fn iptables_case(backend: IptablesBackend) {
     sh(&node, "ip link add zv0 type veth peer name zv1");
     let dp = dataplane(&node, backend);
     assert_eq!(dp.backend(), backend.as_str());
-    dp.ipset_create()
+    dp.ipset_create(Family::V4)
         .await
         .expect("the set the rules reference");
     let ns = Ns::Node;
@@ -966,15 +1007,22 @@ async fn iptables_case(backend: IptablesBackend) {
     check_normal_forms(&dp, &ztns, &ztunnel_seed(), &format!("ztunnel/{backend}")).await;
 
     // Apply twice: identical kernel state, every jump once and first.
-    dp.iptables_apply(&ns, &chains).await.expect("apply");
+    dp.iptables_apply(&ns, Family::V4, &chains)
+        .await
+        .expect("apply");
     let first = save_all(&node, backend);
-    dp.iptables_apply(&ns, &chains).await.expect("apply again");
+    dp.iptables_apply(&ns, Family::V4, &chains)
+        .await
+        .expect("apply again");
     assert_eq!(
         save_all(&node, backend),
         first,
         "second apply changed nothing"
     );
-    let st = dp.iptables_read(&ns, &chains).await.expect("read");
+    let st = dp
+        .iptables_read(&ns, Family::V4, &chains)
+        .await
+        .expect("read");
     assert_eq!(st.chains.len(), chains.len());
     for c in &chains {
         assert_eq!(
@@ -1004,7 +1052,10 @@ async fn iptables_case(backend: IptablesBackend) {
              && {ipt} -t nat -A POSTROUTING -o zv0 -j ztunnel-POSTROUTING"
         ),
     );
-    let st = dp.iptables_read(&ns, &chains).await.expect("read");
+    let st = dp
+        .iptables_read(&ns, Family::V4, &chains)
+        .await
+        .expect("read");
     let key = |t: &str, h: &str, c: &str| (t.to_string(), h.to_string(), c.to_string());
     assert_eq!(
         st.jumps
@@ -1016,8 +1067,13 @@ async fn iptables_case(backend: IptablesBackend) {
             .get(&key("nat", "POSTROUTING", "ztunnel-POSTROUTING")),
         Some(&vec![1, 2])
     );
-    dp.iptables_apply(&ns, &chains).await.expect("repair");
-    let st = dp.iptables_read(&ns, &chains).await.expect("read");
+    dp.iptables_apply(&ns, Family::V4, &chains)
+        .await
+        .expect("repair");
+    let st = dp
+        .iptables_read(&ns, Family::V4, &chains)
+        .await
+        .expect("read");
     assert_eq!(
         st.jumps
             .get(&key("mangle", "PREROUTING", "ztunnel-PREROUTING")),
@@ -1036,13 +1092,18 @@ async fn iptables_case(backend: IptablesBackend) {
 
     // Someone flushes one of our chains: read shows it, apply restores it.
     sh(&node, &format!("{ipt} -t mangle -F ztunnel-FORWARD"));
-    let st = dp.iptables_read(&ns, &chains).await.expect("read");
+    let st = dp
+        .iptables_read(&ns, Family::V4, &chains)
+        .await
+        .expect("read");
     assert_eq!(
         st.chains
             .get(&("mangle".to_string(), "ztunnel-FORWARD".to_string())),
         Some(&vec![])
     );
-    dp.iptables_apply(&ns, &chains).await.expect("repair");
+    dp.iptables_apply(&ns, Family::V4, &chains)
+        .await
+        .expect("repair");
     assert_eq!(
         save_all(&node, backend)
             .lines()
@@ -1052,20 +1113,27 @@ async fn iptables_case(backend: IptablesBackend) {
     );
 
     // Remove leaves nothing of ours, keeps the foreign rule, and is idempotent.
-    dp.iptables_remove(&ns, &chains).await.expect("remove");
-    dp.iptables_remove(&ns, &chains)
+    dp.iptables_remove(&ns, Family::V4, &chains)
+        .await
+        .expect("remove");
+    dp.iptables_remove(&ns, Family::V4, &chains)
         .await
         .expect("remove twice");
     let after = save_all(&node, backend);
     assert!(!after.contains("ztunnel-"), "{after}");
     assert!(after.contains("-A PREROUTING -p icmp -j ACCEPT"), "{after}");
-    let st = dp.iptables_read(&ns, &chains).await.expect("read");
+    let st = dp
+        .iptables_read(&ns, Family::V4, &chains)
+        .await
+        .expect("read");
     assert!(st.chains.is_empty() && st.jumps.is_empty(), "{st:?}");
-    dp.iptables_remove(&ztns, &chains_from(&ztunnel_seed(), true))
+    dp.iptables_remove(&ztns, Family::V4, &chains_from(&ztunnel_seed(), true))
         .await
         .expect("remove in ztunnel ns");
     assert!(!save_all(&zt, backend).contains("ztunnel-"));
-    dp.ipset_destroy().await.expect("set is free again");
+    dp.ipset_destroy(Family::V4)
+        .await
+        .expect("set is free again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1201,12 +1269,12 @@ async fn batches_match_one_by_one() {
     );
 
     // 1,000 entries: several sends of the pipelined path; one existing entry changes owner.
-    dp.ipset_create().await.expect("create");
-    dp.ipset_add(ip4("10.50.0.1"), "old-owner")
+    dp.ipset_create(Family::V4).await.expect("create");
+    dp.ipset_add(ip("10.50.0.1"), "old-owner")
         .await
         .expect("add");
-    let entries: Vec<(Ipv4Addr, String)> = (0..1000u32)
-        .map(|i| (Ipv4Addr::from(0x0a32_0001 + i), format!("uid-{i}")))
+    let entries: Vec<(IpAddr, String)> = (0..1000u32)
+        .map(|i| (Ipv4Addr::from(0x0a32_0001 + i).into(), format!("uid-{i}")))
         .collect();
     let res = dp.ipset_add_many(&entries).await;
     assert_eq!(res.len(), entries.len());
@@ -1215,14 +1283,15 @@ async fn batches_match_one_by_one() {
         "{:?}",
         res.iter().find(|r| r.is_err())
     );
-    let set = dp.ipset_list().await.expect("list").expect("exists");
+    let set = dp
+        .ipset_list(Family::V4)
+        .await
+        .expect("list")
+        .expect("exists");
     assert_eq!(set.len(), 1000);
+    assert_eq!(set.get(&ip("10.50.0.1")).map(String::as_str), Some("uid-0"));
     assert_eq!(
-        set.get(&ip4("10.50.0.1")).map(String::as_str),
-        Some("uid-0")
-    );
-    assert_eq!(
-        set.get(&ip4("10.50.3.232")).map(String::as_str),
+        set.get(&ip("10.50.3.232")).map(String::as_str),
         Some("uid-999")
     );
 
@@ -1236,13 +1305,13 @@ async fn batches_match_one_by_one() {
             RouteKind::Unicast,
         );
         r.dev = Some("bv0".into());
-        r.via = Some(ip4("10.9.0.2"));
-        r.src = Some(ip4("10.9.0.1"));
+        r.via = Some(ip("10.9.0.2"));
+        r.src = Some(ip("10.9.0.1"));
         r
     };
     let mut routes: Vec<Route> = (0..300).map(pod).collect();
     let mut ours_before = pod(0);
-    ours_before.via = Some(ip4("10.9.0.3"));
+    ours_before.via = Some(ip("10.9.0.3"));
     dp.route_replace(&ns, &ours_before)
         .await
         .expect("pre-existing route of ours");
@@ -1254,7 +1323,7 @@ async fn batches_match_one_by_one() {
     assert_eq!(res.len(), routes.len());
     for (r, got) in routes.iter().zip(&res) {
         let dst = r.key.dst.addr;
-        if dst == ip4("10.51.0.2") {
+        if dst == ip("10.51.0.2") {
             assert!(
                 got.as_ref()
                     .is_err_and(|e| e.to_string().contains("not ours")),
@@ -1267,14 +1336,14 @@ async fn batches_match_one_by_one() {
         }
     }
     let listed: BTreeSet<Route> = dp
-        .routes_list(&ns, &[100])
+        .routes_list(&ns, &[Family::V4], &[100])
         .await
         .expect("list")
         .into_iter()
         .collect();
     let want: BTreeSet<Route> = routes
         .iter()
-        .filter(|r| r.key.dst.addr != ip4("10.51.0.2") && r.dev.as_deref() == Some("bv0"))
+        .filter(|r| r.key.dst.addr != ip("10.51.0.2") && r.dev.as_deref() == Some("bv0"))
         .cloned()
         .collect();
     assert_eq!(listed, want, "the replaced route carries the new next hop");
@@ -1357,7 +1426,7 @@ async fn netns_alive_checks_nsfs() {
     assert!(!dp.netns_alive(&ns_path(&zt)));
     // An operation on a vanished pod namespace is an error naming it, not a panic.
     let err = dp
-        .rules_list(&Ns::Pod(ns_path(&zt)), &[1])
+        .rules_list(&Ns::Pod(ns_path(&zt)), &[Family::V4], &[1])
         .await
         .expect_err("gone");
     assert!(err.to_string().contains(&zt), "{err}");
@@ -1368,3 +1437,6 @@ fn new_outside_a_runtime_is_an_error() {
     let err = RealDataplane::new(RealConfig::default()).expect_err("needs tokio");
     assert!(err.to_string().contains("tokio"), "{err}");
 }
+
+#[path = "dataplane_kernel/ipv6.rs"]
+mod ipv6;

@@ -6,13 +6,14 @@
 //! way other agents do (flush the set, delete a rule) and assert the next plan repairs exactly that.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{Dataplane, DpError, DpResult};
 use crate::model::{
-    Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels,
+    Chain, Family, IpsetState, IptablesState, Ns, Prefix, Route, RouteKey, Rule, TunnelState,
+    Tunnels,
 };
 
 /// One namespace's objects.
@@ -29,30 +30,69 @@ pub struct FakeNs {
     pub chains: BTreeMap<(String, String), Vec<String>>,
     /// Jumps (table, hook, chain) → positions.
     pub jumps: BTreeMap<(String, String, String), Vec<usize>>,
+    /// ip6tables chains (table, name) → rules.
+    pub chains6: BTreeMap<(String, String), Vec<String>>,
+    /// ip6tables jumps (table, hook, chain) → positions.
+    pub jumps6: BTreeMap<(String, String, String), Vec<usize>>,
     /// Sysctl values that were written.
     pub sysctls: BTreeMap<String, String>,
     /// Interfaces that exist here.
     pub links: BTreeSet<String>,
 }
 
+/// iptables chains of one family: (table, name) → rules.
+type ChainMaps0 = BTreeMap<(String, String), Vec<String>>;
+/// iptables jumps of one family: (table, hook, chain) → positions.
+type ChainMaps1 = BTreeMap<(String, String, String), Vec<usize>>;
+
+impl FakeNs {
+    /// The iptables (IPv4) or ip6tables (IPv6) chains and jumps.
+    pub fn of(&self, f: Family) -> (&ChainMaps0, &ChainMaps1) {
+        match f {
+            Family::V4 => (&self.chains, &self.jumps),
+            Family::V6 => (&self.chains6, &self.jumps6),
+        }
+    }
+    /// The same, to change.
+    pub fn of_mut(&mut self, f: Family) -> (&mut ChainMaps0, &mut ChainMaps1) {
+        match f {
+            Family::V4 => (&mut self.chains, &mut self.jumps),
+            Family::V6 => (&mut self.chains6, &mut self.jumps6),
+        }
+    }
+}
+
 /// The whole fake kernel.
 #[derive(Clone, Debug, Default)]
 pub struct FakeKernel {
-    /// The ipset (None: not created).
+    /// The IPv4 ipset (None: not created).
     pub ipset: IpsetState,
+    /// The IPv6 ipset (None: not created).
+    pub ipset6: IpsetState,
     /// Namespaces by identity.
     pub ns: BTreeMap<Ns, FakeNs>,
     /// Node tunnel links → (peer netns, peer name).
     pub tunnels: BTreeMap<String, (Ns, String)>,
+    /// IPv6 addresses of the tunnel links (node end, peer end), by node-side name: a link made
+    /// without them has none (the kernel then has no IPv6 route to the peer's address).
+    pub tunnel_addr6: BTreeMap<String, (Prefix, Prefix)>,
     /// Netns paths that no longer exist.
     pub dead: BTreeSet<PathBuf>,
     /// Main-table routes of the node: pod IP → host interface.
-    pub host_routes: BTreeMap<Ipv4Addr, String>,
+    pub host_routes: BTreeMap<IpAddr, String>,
     /// Number of write operations performed.
     pub writes: usize,
 }
 
 impl FakeKernel {
+    /// The ipset of a family.
+    pub fn ipset_of(&mut self, f: Family) -> &mut IpsetState {
+        match f {
+            Family::V4 => &mut self.ipset,
+            Family::V6 => &mut self.ipset6,
+        }
+    }
+
     fn ns_mut(&mut self, ns: &Ns) -> &mut FakeNs {
         self.ns.entry(ns.clone()).or_default()
     }
@@ -75,6 +115,7 @@ impl FakeKernel {
     }
 
     fn drop_node_link(&mut self, name: &str) {
+        self.tunnel_addr6.remove(name);
         if let Some((peer_ns, peer)) = self.tunnels.remove(name) {
             if let Some(p) = self.ns.get_mut(&peer_ns) {
                 p.links.remove(&peer);
@@ -154,22 +195,24 @@ fn sysctl_iface(key: &str) -> Option<&str> {
 }
 
 impl Dataplane for FakeDataplane {
-    async fn ipset_list(&self) -> DpResult<IpsetState> {
-        Ok(self.kernel().ipset.clone())
+    async fn ipset_list(&self, family: Family) -> DpResult<IpsetState> {
+        Ok(self.kernel().ipset_of(family).clone())
     }
-    async fn ipset_create(&self) -> DpResult<()> {
+    async fn ipset_create(&self, family: Family) -> DpResult<()> {
         self.write(|k| {
-            k.ipset.get_or_insert_with(BTreeMap::new);
+            k.ipset_of(family).get_or_insert_with(BTreeMap::new);
             Ok(())
         })
     }
-    async fn ipset_destroy(&self) -> DpResult<()> {
+    async fn ipset_destroy(&self, family: Family) -> DpResult<()> {
         self.write(|k| {
+            let name = format!("--match-set {} ", crate::config::ipset_name(family));
             let referenced = k.ns.get(&Ns::Node).is_some_and(|n| {
                 n.chains
                     .values()
+                    .chain(n.chains6.values())
                     .flatten()
-                    .any(|r| r.contains("--match-set"))
+                    .any(|r| r.contains(&name))
             });
             if referenced {
                 return Err(err(
@@ -177,12 +220,12 @@ impl Dataplane for FakeDataplane {
                     "Set cannot be destroyed: it is in use by a kernel component",
                 ));
             }
-            k.ipset = None;
+            *k.ipset_of(family) = None;
             Ok(())
         })
     }
-    async fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> DpResult<()> {
-        self.write(|k| match k.ipset.as_mut() {
+    async fn ipset_add(&self, ip: IpAddr, owner: &str) -> DpResult<()> {
+        self.write(|k| match k.ipset_of(Family::of(ip)).as_mut() {
             Some(s) => {
                 s.insert(ip, owner.to_string());
                 Ok(())
@@ -193,22 +236,27 @@ impl Dataplane for FakeDataplane {
             )),
         })
     }
-    async fn ipset_del(&self, ip: Ipv4Addr) -> DpResult<()> {
+    async fn ipset_del(&self, ip: IpAddr) -> DpResult<()> {
         self.write(|k| {
-            if let Some(s) = k.ipset.as_mut() {
+            if let Some(s) = k.ipset_of(Family::of(ip)).as_mut() {
                 s.remove(&ip);
             }
             Ok(())
         })
     }
-    async fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> DpResult<Vec<Rule>> {
+    async fn rules_list(
+        &self,
+        ns: &Ns,
+        families: &[Family],
+        priorities: &[u32],
+    ) -> DpResult<Vec<Rule>> {
         let k = self.kernel();
         Ok(k.ns
             .get(ns)
             .map(|n| {
                 n.rules
                     .iter()
-                    .filter(|r| priorities.contains(&r.priority))
+                    .filter(|r| priorities.contains(&r.priority) && families.contains(&r.family))
                     .copied()
                     .collect()
             })
@@ -232,14 +280,21 @@ impl Dataplane for FakeDataplane {
             Ok(())
         })
     }
-    async fn routes_list(&self, ns: &Ns, tables: &[u32]) -> DpResult<Vec<Route>> {
+    async fn routes_list(
+        &self,
+        ns: &Ns,
+        families: &[Family],
+        tables: &[u32],
+    ) -> DpResult<Vec<Route>> {
         let k = self.kernel();
         Ok(k.ns
             .get(ns)
             .map(|n| {
                 n.routes
                     .values()
-                    .filter(|r| tables.contains(&r.key.table))
+                    .filter(|r| {
+                        tables.contains(&r.key.table) && families.contains(&r.key.dst.family())
+                    })
                     .cloned()
                     .collect()
             })
@@ -250,6 +305,32 @@ impl Dataplane for FakeDataplane {
             if let Some(dev) = &route.dev {
                 if !k.link_exists(ns, dev) {
                     return Err(err(format!("route replace {route}"), "No such device"));
+                }
+            }
+            // As the kernel: a next hop or source of the other family is invalid, and an IPv6
+            // next hop on a tunnel link without an IPv6 address is unreachable.
+            let fam = route.key.dst.family();
+            if route
+                .via
+                .into_iter()
+                .chain(route.src)
+                .any(|a| Family::of(a) != fam)
+            {
+                return Err(err(format!("route replace {route}"), "Invalid argument"));
+            }
+            if let (Family::V6, Some(via), Some(dev), false) =
+                (fam, route.via, &route.dev, route.onlink)
+            {
+                let on_tunnel = *ns == Ns::Node && k.tunnels.contains_key(dev);
+                let covered = k
+                    .tunnel_addr6
+                    .get(dev)
+                    .is_some_and(|(_, peer)| peer.addr == via);
+                if on_tunnel && !covered {
+                    return Err(err(
+                        format!("route replace {route}"),
+                        "Network is unreachable",
+                    ));
                 }
             }
             k.ns_mut(ns).routes.insert(route.key, route.clone());
@@ -272,8 +353,13 @@ impl Dataplane for FakeDataplane {
         let k = self.kernel();
         let mut s = TunnelState::default();
         for l in &want.links {
+            let addr6 = match (l.node_addr6, l.peer_addr6) {
+                (Some(a), Some(b)) => Some((a, b)),
+                _ => None,
+            };
             let ok = k.tunnels.get(&l.node_name)
                 == Some(&(want.ztunnel_ns.clone(), l.peer_name.clone()))
+                && k.tunnel_addr6.get(&l.node_name).copied() == addr6
                 && k.alive(&want.ztunnel_ns);
             if k.tunnels.contains_key(&l.node_name) || ok {
                 s.links.insert(l.node_name.clone(), ok);
@@ -297,6 +383,9 @@ impl Dataplane for FakeDataplane {
                 node_name.to_string(),
                 (want.ztunnel_ns.clone(), l.peer_name.clone()),
             );
+            if let (Some(a), Some(b)) = (l.node_addr6, l.peer_addr6) {
+                k.tunnel_addr6.insert(node_name.to_string(), (a, b));
+            }
             k.ns_mut(&Ns::Node).links.insert(node_name.to_string());
             k.ns_mut(&want.ztunnel_ns).links.insert(l.peer_name.clone());
             Ok(())
@@ -316,24 +405,30 @@ impl Dataplane for FakeDataplane {
             .cloned()
             .collect())
     }
-    async fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> DpResult<IptablesState> {
+    async fn iptables_read(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> DpResult<IptablesState> {
         let k = self.kernel();
         let mut s = IptablesState::default();
         if let Some(n) = k.ns.get(ns) {
+            let (nc, nj) = n.of(family);
             for c in chains {
                 let key = (c.table.clone(), c.name.clone());
-                if let Some(rules) = n.chains.get(&key) {
+                if let Some(rules) = nc.get(&key) {
                     s.chains.insert(key, rules.clone());
                 }
                 let jk = (c.table.clone(), c.hook.clone(), c.name.clone());
-                if let Some(p) = n.jumps.get(&jk) {
+                if let Some(p) = nj.get(&jk) {
                     s.jumps.insert(jk, p.clone());
                 }
             }
         }
         Ok(s)
     }
-    async fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+    async fn iptables_apply(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
         self.write(|k| {
             if !k.alive(ns) {
                 return Err(DpError::Netns {
@@ -341,23 +436,20 @@ impl Dataplane for FakeDataplane {
                     msg: "No such file or directory".into(),
                 });
             }
-            let n = k.ns_mut(ns);
+            let (nc, nj) = k.ns_mut(ns).of_mut(family);
             for c in chains {
-                n.chains
-                    .insert((c.table.clone(), c.name.clone()), c.rules.clone());
-                n.jumps
-                    .insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+                nc.insert((c.table.clone(), c.name.clone()), c.rules.clone());
+                nj.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
             }
             Ok(())
         })
     }
-    async fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+    async fn iptables_remove(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
         self.write(|k| {
-            let n = k.ns_mut(ns);
+            let (nc, nj) = k.ns_mut(ns).of_mut(family);
             for c in chains {
-                n.chains.remove(&(c.table.clone(), c.name.clone()));
-                n.jumps
-                    .remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
+                nc.remove(&(c.table.clone(), c.name.clone()));
+                nj.remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
             }
             Ok(())
         })
@@ -391,7 +483,7 @@ impl Dataplane for FakeDataplane {
             Ok(())
         })
     }
-    async fn route_dev_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<String>> {
+    async fn route_dev_lookup(&self, ip: IpAddr) -> DpResult<Option<String>> {
         Ok(self.kernel().host_routes.get(&ip).cloned())
     }
     fn netns_alive(&self, path: &Path) -> bool {

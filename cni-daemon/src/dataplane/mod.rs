@@ -9,9 +9,11 @@ pub mod fake;
 pub mod netlink;
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
+use crate::model::{
+    Chain, Family, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels,
+};
 
 /// A kernel operation failed. Every variant names the object it was about.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -59,17 +61,19 @@ pub type DpResult<T> = Result<T, DpError>;
 /// Typed kernel operations, per object kind. All writes are idempotent: adding what exists or
 /// removing what is gone succeeds (the errno mapping lives in one place in each implementation).
 pub trait Dataplane: Send + Sync + 'static {
-    // --- ipset `ztunnel-pods-ips` (node netns only) ---
-    /// All entries with their comments, or `None` when the set does not exist.
-    fn ipset_list(&self) -> impl Future<Output = DpResult<IpsetState>> + Send;
-    /// Hands every entry (IP, comment) to `f`; false when the set does not exist. For a resync's
-    /// comparison: the kernel-backed version keeps nothing per entry; this default lists them.
-    fn ipset_visit<F: FnMut(Ipv4Addr, &str) + Send>(
+    // --- ipsets `ztunnel-pods-ips` (inet) and `ztunnel-pods-ips6` (inet6), node netns only ---
+    /// All entries of the set of `family` with their comments, or `None` when it does not exist.
+    fn ipset_list(&self, family: Family) -> impl Future<Output = DpResult<IpsetState>> + Send;
+    /// Hands every entry (IP, comment) of the set of `family` to `f`; false when the set does not
+    /// exist. For a resync's comparison: the kernel-backed version keeps nothing per entry; this
+    /// default lists them.
+    fn ipset_visit<F: FnMut(IpAddr, &str) + Send>(
         &self,
+        family: Family,
         mut f: F,
     ) -> impl Future<Output = DpResult<bool>> + Send {
         async move {
-            match self.ipset_list().await? {
+            match self.ipset_list(family).await? {
                 None => Ok(false),
                 Some(m) => {
                     for (ip, owner) in &m {
@@ -80,18 +84,18 @@ pub trait Dataplane: Send + Sync + 'static {
             }
         }
     }
-    /// Create the set (hash:ip, IPv4, with comments) if it does not exist.
-    fn ipset_create(&self) -> impl Future<Output = DpResult<()>> + Send;
-    /// Destroy the set (only after no iptables rule references it).
-    fn ipset_destroy(&self) -> impl Future<Output = DpResult<()>> + Send;
-    /// Add or update (`-exist`) one entry with its owner as comment.
-    fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// Create the set of `family` (hash:ip, inet or inet6, with comments) if it does not exist.
+    fn ipset_create(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
+    /// Destroy the set of `family` (only after no iptables rule references it).
+    fn ipset_destroy(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
+    /// Add or update (`-exist`) one entry, in the set of its family, with its owner as comment.
+    fn ipset_add(&self, ip: IpAddr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
     /// [`Dataplane::ipset_add`] for many entries, one result each in order. A bulk repair (10,000
     /// entries after a flush) is what this is for: the kernel-backed version pipelines the
     /// requests; this default adds them one by one.
     fn ipset_add_many(
         &self,
-        entries: &[(Ipv4Addr, String)],
+        entries: &[(IpAddr, String)],
     ) -> impl Future<Output = Vec<DpResult<()>>> + Send {
         async move {
             let mut out = Vec::with_capacity(entries.len());
@@ -101,15 +105,17 @@ pub trait Dataplane: Send + Sync + 'static {
             out
         }
     }
-    /// Delete one entry.
-    fn ipset_del(&self, ip: Ipv4Addr) -> impl Future<Output = DpResult<()>> + Send;
+    /// Delete one entry (from the set of its family).
+    fn ipset_del(&self, ip: IpAddr) -> impl Future<Output = DpResult<()>> + Send;
 
-    // --- ip rules ---
-    /// Our rules (those carrying our protocol number) at the given priorities, in `ns`: a rule
-    /// another agent put at one of our priorities is not listed, so it is never deleted.
+    // --- ip rules (each of a family: `ip rule` and `ip -6 rule` are separate lists) ---
+    /// Our rules (those carrying our protocol number) of `families` at the given priorities, in
+    /// `ns`: a rule another agent put at one of our priorities is not listed, so it is never
+    /// deleted.
     fn rules_list(
         &self,
         ns: &Ns,
+        families: &[Family],
         priorities: &[u32],
     ) -> impl Future<Output = DpResult<Vec<Rule>>> + Send;
     /// Add a rule with our protocol number (EEXIST is fine).
@@ -117,23 +123,27 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Delete our rule with this full selector (never another agent's).
     fn rule_del(&self, ns: &Ns, rule: &Rule) -> impl Future<Output = DpResult<()>> + Send;
 
-    // --- routes (only those with our protocol number are listed or deleted) ---
-    /// Our routes in the given tables.
+    // --- routes (only those with our protocol number are listed or deleted; a route's family
+    // is its prefix's, and IPv4 and IPv6 table N are separate tables) ---
+    /// Our routes of `families` in the given tables.
     fn routes_list(
         &self,
         ns: &Ns,
+        families: &[Family],
         tables: &[u32],
     ) -> impl Future<Output = DpResult<Vec<Route>>> + Send;
-    /// Hands each of our routes in the given tables to `f`. For a resync's comparison: the
-    /// kernel-backed version builds no list of the node's routes; this default lists them.
+    /// Hands each of our routes of `families` in the given tables to `f`. For a resync's
+    /// comparison: the kernel-backed version builds no list of the node's routes; this default
+    /// lists them.
     fn routes_visit<F: FnMut(&Route) + Send>(
         &self,
         ns: &Ns,
+        families: &[Family],
         tables: &[u32],
         mut f: F,
     ) -> impl Future<Output = DpResult<()>> + Send {
         async move {
-            for r in self.routes_list(ns, tables).await? {
+            for r in self.routes_list(ns, families, tables).await? {
                 f(&r);
             }
             Ok(())
@@ -178,24 +188,27 @@ pub trait Dataplane: Send + Sync + 'static {
         names: &[String],
     ) -> impl Future<Output = DpResult<Vec<String>>> + Send;
 
-    // --- iptables ---
-    /// Our chains (by name) and the jumps to them, in `ns`.
+    // --- iptables (IPv4) and ip6tables (IPv6) ---
+    /// Our chains (by name) and the jumps to them, in `ns`, in the tables of `family`.
     fn iptables_read(
         &self,
         ns: &Ns,
+        family: Family,
         chains: &[Chain],
     ) -> impl Future<Output = DpResult<IptablesState>> + Send;
     /// Make `chains` hold exactly these rules and make each jump stand once, first in its hook.
-    /// One `iptables-restore --noflush` per table.
+    /// One `iptables-restore --noflush` (`ip6tables-restore` for IPv6) per namespace.
     fn iptables_apply(
         &self,
         ns: &Ns,
+        family: Family,
         chains: &[Chain],
     ) -> impl Future<Output = DpResult<()>> + Send;
     /// Remove the jumps to, and then the chains themselves.
     fn iptables_remove(
         &self,
         ns: &Ns,
+        family: Family,
         chains: &[Chain],
     ) -> impl Future<Output = DpResult<()>> + Send;
 
@@ -240,10 +253,8 @@ pub trait Dataplane: Send + Sync + 'static {
 
     // --- lookups ---
     /// The node interface that the main table routes `ip` out of (the pod's host veth).
-    fn route_dev_lookup(
-        &self,
-        ip: Ipv4Addr,
-    ) -> impl Future<Output = DpResult<Option<String>>> + Send;
+    fn route_dev_lookup(&self, ip: IpAddr)
+        -> impl Future<Output = DpResult<Option<String>>> + Send;
     /// Does this netns path exist and is it a network namespace?
     fn netns_alive(&self, path: &std::path::Path) -> bool;
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::desired::{Desired, NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES};
 use super::plan::{Observed, Op};
 use crate::dataplane::{Dataplane, DpError};
-use crate::model::{IpsetState, Ns, NsState};
+use crate::model::{Family, IpsetState, Ns, NsState};
 
 /// What an apply did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -30,12 +30,17 @@ async fn observe_ns<D: Dataplane>(
     dp: &D,
     ns: &Ns,
     want: &super::desired::NsDesired,
+    families: &[Family],
     prios: &[u32],
     tables: &[u32],
     pods: Option<(&Desired<'_>, &mut Vec<bool>)>,
 ) -> Result<NsState, DpError> {
     let mut s = NsState {
-        rules: dp.rules_list(ns, prios).await?.into_iter().collect(),
+        rules: dp
+            .rules_list(ns, families, prios)
+            .await?
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
     let routes = &mut s.routes;
@@ -43,7 +48,7 @@ async fn observe_ns<D: Dataplane>(
         Some((d, ok)) => {
             ok.clear();
             ok.resize(d.pods.len(), false);
-            dp.routes_visit(ns, tables, |r| {
+            dp.routes_visit(ns, families, tables, |r| {
                 if let Some(i) = d.pod_route_index(r) {
                     if let Some(slot) = ok.get_mut(i) {
                         *slot = true;
@@ -55,7 +60,7 @@ async fn observe_ns<D: Dataplane>(
             .await?;
         }
         None => {
-            dp.routes_visit(ns, tables, |r| {
+            dp.routes_visit(ns, families, tables, |r| {
                 routes.insert(r.key, r.clone());
             })
             .await?
@@ -71,18 +76,17 @@ async fn observe_ns<D: Dataplane>(
     Ok(s)
 }
 
-/// The ipset: an entry that is exactly a wanted pod's is flagged in `in_set` (aligned with
-/// `want.pods`), the others are kept (`None`: no set).
+/// The ipset of `family`: an entry that is exactly a wanted pod's is flagged in `in_set`
+/// (aligned with `want.pods`, sized by the caller), the others are kept (`None`: no set).
 async fn observe_ipset<D: Dataplane>(
     dp: &D,
+    family: Family,
     want: &Desired<'_>,
-    in_set: &mut Vec<bool>,
+    in_set: &mut [bool],
 ) -> Result<IpsetState, DpError> {
-    in_set.clear();
-    in_set.resize(want.pods.len(), false);
     let mut others = std::collections::BTreeMap::new();
     let exists = dp
-        .ipset_visit(|ip, owner| {
+        .ipset_visit(family, |ip, owner| {
             if let Ok(i) = want.pods.binary_search_by_key(&ip, |p| p.ip) {
                 if let (Some(p), Some(slot)) = (want.pods.get(i), in_set.get_mut(i)) {
                     if p.owner() == owner {
@@ -123,20 +127,44 @@ pub async fn observe<D: Dataplane>(
     want: &Desired<'_>,
     tunnel_names: &[String],
 ) -> Result<Observed, DpError> {
-    let node_ipt = dp.iptables_read(&Ns::Node, &want.node.chains);
+    let fams = &want.families;
+    let v6 = fams.contains(&Family::V6);
+    let node_ipt = dp.iptables_read(&Ns::Node, Family::V4, &want.node.chains);
+    // ip6tables-save alongside iptables-save: each on its own worker thread.
+    let node_ipt6 = async {
+        if v6 {
+            dp.iptables_read(&Ns::Node, Family::V6, &want.node.chains6)
+                .await
+        } else {
+            Ok(Default::default())
+        }
+    };
     let zt_ipt = async {
         match &want.zt {
-            Some((ns, zwant)) => dp.iptables_read(ns, &zwant.chains).await.map(Some),
+            Some((ns, zwant)) => {
+                let v4 = dp.iptables_read(ns, Family::V4, &zwant.chains).await?;
+                let v6 = if zwant.chains6.is_empty() {
+                    Default::default()
+                } else {
+                    dp.iptables_read(ns, Family::V6, &zwant.chains6).await?
+                };
+                Ok(Some((v4, v6)))
+            }
             None => Ok(None),
         }
     };
     let rest = async {
         let mut o = Observed::default();
-        o.ipset = observe_ipset(dp, want, &mut o.pod_in_set).await?;
+        o.pod_in_set = vec![false; want.pods.len()];
+        for f in fams {
+            let set = observe_ipset(dp, *f, want, &mut o.pod_in_set).await?;
+            *o.ipset_of_mut(*f) = set;
+        }
         o.node = observe_ns(
             dp,
             &Ns::Node,
             &want.node,
+            fams,
             &NODE_RULE_PRIORITIES,
             &NODE_TABLES,
             Some((want, &mut o.pod_route_ok)),
@@ -147,28 +175,31 @@ pub async fn observe<D: Dataplane>(
             o.tunnels = dp.tunnels_read(t).await?;
         }
         if let Some((ns, zwant)) = &want.zt {
-            o.zt = Some(observe_ns(dp, ns, zwant, &ZT_RULE_PRIORITIES, &ZT_TABLES, None).await?);
+            o.zt =
+                Some(observe_ns(dp, ns, zwant, fams, &ZT_RULE_PRIORITIES, &ZT_TABLES, None).await?);
         }
         o.pod_rp_filter = pod_rp_filters(dp, want).await?;
         Ok::<_, DpError>(o)
     };
-    let (node_ipt, zt_ipt, o) = futures::join!(node_ipt, zt_ipt, rest);
+    let (node_ipt, node_ipt6, zt_ipt, o) = futures::join!(node_ipt, node_ipt6, zt_ipt, rest);
     let mut o = o?;
     o.node.iptables = node_ipt?;
-    if let (Some(z), Some(ipt)) = (o.zt.as_mut(), zt_ipt?) {
+    o.node.iptables6 = node_ipt6?;
+    if let (Some(z), Some((ipt, ipt6))) = (o.zt.as_mut(), zt_ipt?) {
         z.iptables = ipt;
+        z.iptables6 = ipt6;
     }
     Ok(o)
 }
 
 async fn apply_one<D: Dataplane>(dp: &D, op: &Op) -> Result<(), DpError> {
     match op {
-        Op::IpsetCreate => dp.ipset_create().await,
+        Op::IpsetCreate { family } => dp.ipset_create(*family).await,
         Op::IpsetAdd { ip, owner } => dp.ipset_add(*ip, owner).await,
         Op::IpsetDel { ip } => dp.ipset_del(*ip).await,
         Op::TunnelCreate { tunnels, link } => dp.tunnel_create(tunnels, link).await,
         Op::LinkDel { name } => dp.link_del(name).await,
-        Op::IptablesApply { ns, chains } => dp.iptables_apply(ns, chains).await,
+        Op::IptablesApply { ns, family, chains } => dp.iptables_apply(ns, *family, chains).await,
         Op::SysctlWrite { ns, key, value } => dp.sysctl_write(ns, key, value).await,
         Op::RouteReplace { ns, route } => dp.route_replace(ns, route).await,
         Op::RouteDel { ns, route } => dp.route_del(ns, route).await,
@@ -205,7 +236,7 @@ fn overlaps_iptables(op: &Op, inflight_ns: &[&Ns]) -> bool {
         Op::SysctlWrite { .. } | Op::RouteReplace { .. } | Op::RuleAdd { .. } => true,
         Op::IpsetAdd { .. } => true,
         Op::IptablesApply { ns, .. } => !inflight_ns.contains(&ns),
-        Op::IpsetCreate
+        Op::IpsetCreate { .. }
         | Op::IpsetDel { .. }
         | Op::TunnelCreate { .. }
         | Op::LinkDel { .. }
@@ -394,6 +425,7 @@ mod tests {
         let busy = [&node];
         let ipt = |ns: &Ns| Op::IptablesApply {
             ns: ns.clone(),
+            family: Family::V4,
             chains: vec![],
         };
         assert!(overlaps_iptables(
@@ -405,17 +437,20 @@ mod tests {
         ));
         assert!(overlaps_iptables(
             &Op::IpsetAdd {
-                ip: Ipv4Addr::LOCALHOST,
+                ip: Ipv4Addr::LOCALHOST.into(),
                 owner: "u".into()
             },
             &busy
         ));
         assert!(overlaps_iptables(&ipt(&zt), &busy));
         assert!(!overlaps_iptables(&ipt(&node), &busy));
-        assert!(!overlaps_iptables(&Op::IpsetCreate, &busy));
+        assert!(!overlaps_iptables(
+            &Op::IpsetCreate { family: Family::V4 },
+            &busy
+        ));
         assert!(!overlaps_iptables(
             &Op::IpsetDel {
-                ip: Ipv4Addr::LOCALHOST
+                ip: Ipv4Addr::LOCALHOST.into()
             },
             &busy
         ));
@@ -438,9 +473,10 @@ mod tests {
     async fn results_are_reported_in_plan_order_whatever_finished_first() {
         let dp = FakeDataplane::new();
         let mut ops = vec![
-            Op::IpsetCreate,
+            Op::IpsetCreate { family: Family::V4 },
             Op::IptablesApply {
                 ns: Ns::Node,
+                family: Family::V4,
                 chains: chain("-j RETURN"),
             },
         ];
@@ -449,12 +485,13 @@ mod tests {
             route: route(i),
         }));
         ops.extend((1..=3).map(|i| Op::IpsetAdd {
-            ip: Ipv4Addr::new(10, 0, 0, i),
+            ip: Ipv4Addr::new(10, 0, 0, i).into(),
             owner: format!("uid-{i}"),
         }));
         // A second restore of the same namespace waits for the first; so does a deletion.
         ops.push(Op::IptablesApply {
             ns: Ns::Node,
+            family: Family::V4,
             chains: chain("-j ACCEPT"),
         });
         ops.push(Op::RouteDel {
@@ -462,7 +499,7 @@ mod tests {
             route: route(3),
         });
         ops.push(Op::IpsetDel {
-            ip: Ipv4Addr::new(10, 0, 0, 9),
+            ip: Ipv4Addr::new(10, 0, 0, 9).into(),
         });
         let r = apply(&dp, &ops).await;
         assert!(r.ok(), "{:?}", r.errors);
@@ -486,9 +523,10 @@ mod tests {
         let dead = PathBuf::from("/run/netns/gone");
         dp.kernel().dead.insert(dead.clone());
         let ops = vec![
-            Op::IpsetCreate,
+            Op::IpsetCreate { family: Family::V4 },
             Op::IptablesApply {
                 ns: Ns::Pod(dead),
+                family: Family::V4,
                 chains: chain("-j RETURN"),
             },
             Op::RouteReplace {

@@ -2,23 +2,26 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
 use super::desired::{pod_route_del, pod_routes, Desired, NsDesired, Ztunnel};
-use crate::config::Config;
+use crate::config::{ipset_name, Config};
 use crate::model::RouteKey;
 use crate::model::{
-    rp_filter_key, Chain, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState, Tunnels,
+    rp_filter_key, Chain, Family, IpsetState, IptablesState, Ns, NsState, Route, Rule, TunnelState,
+    Tunnels,
 };
 use crate::registry::Registry;
 
 /// What was read back from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Observed {
-    /// The ipset (None: it does not exist).
+    /// The IPv4 ipset (None: it does not exist).
     pub ipset: IpsetState,
+    /// The IPv6 ipset (None: it does not exist, or IPv6 is off and it was not read).
+    pub ipset6: IpsetState,
     /// Our objects in the node netns.
     pub node: NsState,
     /// Wiring of the desired tunnels (empty when none are desired).
@@ -40,22 +43,42 @@ pub struct Observed {
     pub pod_rp_filter: Vec<Option<i32>>,
 }
 
+impl Observed {
+    /// The ipset of family `f`.
+    pub fn ipset_of(&self, f: Family) -> &IpsetState {
+        match f {
+            Family::V4 => &self.ipset,
+            Family::V6 => &self.ipset6,
+        }
+    }
+    /// The ipset of family `f`, to fill.
+    pub fn ipset_of_mut(&mut self, f: Family) -> &mut IpsetState {
+        match f {
+            Family::V4 => &mut self.ipset,
+            Family::V6 => &mut self.ipset6,
+        }
+    }
+}
+
 /// One kernel operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Op {
-    /// Create the ipset.
-    IpsetCreate,
-    /// Add or update an entry.
+    /// Create the ipset of a family.
+    IpsetCreate {
+        /// `ztunnel-pods-ips` (IPv4) or `ztunnel-pods-ips6` (IPv6).
+        family: Family,
+    },
+    /// Add or update an entry (in the set of the IP's family).
     IpsetAdd {
         /// Pod IP.
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// Owner (comment).
         owner: String,
     },
     /// Remove an entry.
     IpsetDel {
         /// Pod IP.
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     /// (Re)create one tunnel link pair.
     TunnelCreate {
@@ -73,6 +96,8 @@ pub enum Op {
     IptablesApply {
         /// Namespace.
         ns: Ns,
+        /// iptables (IPv4) or ip6tables (IPv6).
+        family: Family,
         /// Chains.
         chains: Vec<Chain>,
     },
@@ -118,21 +143,26 @@ pub enum Op {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Op::IpsetCreate => write!(f, "create ipset"),
+            Op::IpsetCreate { family: Family::V4 } => write!(f, "create ipset"),
+            Op::IpsetCreate { family } => write!(f, "create ipset {}", ipset_name(*family)),
             Op::IpsetAdd { ip, owner } => write!(f, "ipset add {ip} (owner {owner})"),
             Op::IpsetDel { ip } => write!(f, "ipset del {ip}"),
             Op::TunnelCreate { tunnels, link } => {
                 write!(f, "create tunnel {link} into {}", tunnels.ztunnel_ns)
             }
             Op::LinkDel { name } => write!(f, "delete link {name}"),
-            Op::IptablesApply { ns, chains } => {
+            Op::IptablesApply { ns, family, chains } => {
                 let names: BTreeSet<String> = chains
                     .iter()
                     .map(|c| format!("{}/{}", c.table, c.name))
                     .collect();
+                let tool = match family {
+                    Family::V4 => "iptables-restore",
+                    Family::V6 => "ip6tables-restore",
+                };
                 write!(
                     f,
-                    "iptables-restore in {ns}: {}",
+                    "{tool} in {ns}: {}",
                     names.into_iter().collect::<Vec<_>>().join(" ")
                 )
             }
@@ -174,7 +204,15 @@ fn plan_ns(
     if iptables_of(&want.chains) != have.iptables {
         ops.push(Op::IptablesApply {
             ns: ns.clone(),
+            family: Family::V4,
             chains: want.chains.clone(),
+        });
+    }
+    if !want.chains6.is_empty() && iptables_of(&want.chains6) != have.iptables6 {
+        ops.push(Op::IptablesApply {
+            ns: ns.clone(),
+            family: Family::V6,
+            chains: want.chains6.clone(),
         });
     }
     for (key, value) in &want.sysctls {
@@ -235,13 +273,12 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut dels = Vec::new();
     let empty = BTreeMap::new();
-    let have_set = match &have.ipset {
-        Some(s) => s,
-        None => {
-            ops.push(Op::IpsetCreate);
-            &empty
+    for f in &want.families {
+        if have.ipset_of(*f).is_none() {
+            ops.push(Op::IpsetCreate { family: *f });
         }
-    };
+    }
+    let have_set = |f: Family| have.ipset_of(f).as_ref().unwrap_or(&empty);
     let mut recreated = BTreeSet::new();
     match &want.tunnels {
         Some(t) => {
@@ -306,20 +343,18 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
             if have.pod_route_ok.get(i) == Some(&true) && !through_new {
                 continue;
             }
-            let key = RouteKey {
-                table: crate::config::tables::INBOUND,
-                dst: crate::model::Prefix::host(p.ip),
-                metric: 0,
+            let Some(route) = shape.route(p) else {
+                continue;
             };
             let same = have
                 .node
                 .routes
-                .get(&key)
+                .get(&route.key)
                 .is_some_and(|h| shape.matches(p, h));
             if !same || through_new {
                 ops.push(Op::RouteReplace {
                     ns: Ns::Node,
-                    route: shape.route(p),
+                    route,
                 });
             }
         }
@@ -328,15 +363,22 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
         if have.pod_in_set.get(i) == Some(&true) {
             continue;
         }
-        if have_set.get(&p.ip).map(String::as_str) != Some(p.owner()) {
+        if have_set(p.family()).get(&p.ip).map(String::as_str) != Some(p.owner()) {
             ops.push(Op::IpsetAdd {
                 ip: p.ip,
                 owner: p.owner().to_string(),
             });
         }
     }
-    for ip in have_set.keys().filter(|ip| want.pod(**ip).is_none()) {
-        dels.push(Op::IpsetDel { ip: *ip });
+    for f in Family::ALL {
+        // An entry of the wrong family in a set cannot be (the kernel refuses it); the filter
+        // only keeps a fake or a hand-made set honest.
+        for ip in have_set(f)
+            .keys()
+            .filter(|ip| want.pod(**ip).is_none() && Family::of(**ip) == f)
+        {
+            dels.push(Op::IpsetDel { ip: *ip });
+        }
     }
     // Stop capturing before removing where captured traffic would go.
     dels.sort_by_key(|op| match op {
@@ -352,9 +394,13 @@ pub fn plan(want: &Desired, have: &Observed) -> Vec<Op> {
 /// The idempotent operations that bring the given IPs' objects in line with the registry: for an
 /// IP with an enrolled owner, its rp_filter, table-100 routes and ipset entry; for an IP nobody
 /// owns any more, the removal of the entry and the routes. Cost: constant per IP.
-pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[Ipv4Addr]) -> Vec<Op> {
+pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[IpAddr]) -> Vec<Op> {
     let mut ops = Vec::new();
     for ip in ips {
+        // A family that is off has no objects (its pods are refused before they get here).
+        if !cfg.ip_families.has(Family::of(*ip)) {
+            continue;
+        }
         match reg.owner_of(*ip) {
             Some(rec) => {
                 if let Some(h) = &rec.host_if {

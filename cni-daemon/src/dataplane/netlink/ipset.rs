@@ -11,9 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use crate::model::Family;
 
 /// `NFNL_SUBSYS_IPSET`: the high byte of the netlink message type.
 const NFNL_SUBSYS_IPSET: u16 = 6;
@@ -50,6 +52,7 @@ const IPSET_ATTR_COMMENT: u16 = 26;
 
 // Inside IPSET_ATTR_IP.
 const IPSET_ATTR_IPADDR_IPV4: u16 = 1;
+const IPSET_ATTR_IPADDR_IPV6: u16 = 2;
 
 const IPSET_FLAG_WITH_COMMENT: u32 = 1 << 4;
 
@@ -240,14 +243,28 @@ fn check_comment(c: &str) -> Result<(), IpsetError> {
     Ok(())
 }
 
-/// CREATE `name` hash:ip family inet, with comments, at `revision`.
-pub(crate) fn encode_create(seq: u32, name: &str, revision: u8) -> Result<Vec<u8>, IpsetError> {
+/// The ipset family attribute of an address family (NFPROTO_IPV4 = AF_INET, NFPROTO_IPV6 =
+/// AF_INET6).
+pub(crate) fn family_code(family: Family) -> u8 {
+    match family {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
+    }
+}
+
+/// CREATE `name` hash:ip family inet (or inet6), with comments, at `revision`.
+pub(crate) fn encode_create(
+    seq: u32,
+    name: &str,
+    revision: u8,
+    family: Family,
+) -> Result<Vec<u8>, IpsetError> {
     check_setname(name)?;
     let mut b = MsgBuilder::new(IPSET_CMD_CREATE, NLM_F_REQUEST | NLM_F_ACK, seq);
     b.put_str(IPSET_ATTR_SETNAME, name);
     b.put_str(IPSET_ATTR_TYPENAME, TYPE_HASH_IP);
     b.put_u8(IPSET_ATTR_REVISION, revision);
-    b.put_u8(IPSET_ATTR_FAMILY, libc::AF_INET as u8);
+    b.put_u8(IPSET_ATTR_FAMILY, family_code(family));
     b.begin_nested(IPSET_ATTR_DATA);
     b.put_u32_be(IPSET_ATTR_HASHSIZE, DEFAULT_HASHSIZE);
     b.put_u32_be(IPSET_ATTR_MAXELEM, DEFAULT_MAXELEM);
@@ -264,13 +281,14 @@ pub(crate) fn encode_destroy(seq: u32, name: &str) -> Result<Vec<u8>, IpsetError
     Ok(b.finish())
 }
 
-/// ADD (with `comment`) or DEL (comment `None`) one IPv4 entry. Sent without NLM_F_EXCL, which
-/// the kernel reads as `-exist`: adding an existing entry updates its comment, deleting a
-/// missing one succeeds.
+/// ADD (with `comment`) or DEL (comment `None`) one IPv4 or IPv6 entry (the set must be of the
+/// address's family: the kernel refuses the other with IPSET_ERR_PROTOCOL/EINVAL). Sent without
+/// NLM_F_EXCL, which the kernel reads as `-exist`: adding an existing entry updates its comment,
+/// deleting a missing one succeeds.
 pub(crate) fn encode_adt(
     seq: u32,
     name: &str,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     comment: Option<&str>,
 ) -> Result<Vec<u8>, IpsetError> {
     check_setname(name)?;
@@ -283,7 +301,10 @@ pub(crate) fn encode_adt(
     b.put_str(IPSET_ATTR_SETNAME, name);
     b.begin_nested(IPSET_ATTR_DATA);
     b.begin_nested(IPSET_ATTR_IP);
-    b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &ip.octets());
+    match ip {
+        IpAddr::V4(a) => b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &a.octets()),
+        IpAddr::V6(a) => b.put(IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER, &a.octets()),
+    }
     b.end_nested();
     if let Some(c) = comment {
         check_comment(c)?;
@@ -447,8 +468,8 @@ pub(crate) struct SetChunk {
     pub(crate) typename: Option<String>,
     pub(crate) revision: Option<u8>,
     pub(crate) family: Option<u8>,
-    /// IPv4 entries with their comments ("" when none).
-    pub(crate) entries: Vec<(Ipv4Addr, String)>,
+    /// Entries (IPv4 or IPv6, as the set's family) with their comments ("" when none).
+    pub(crate) entries: Vec<(IpAddr, String)>,
 }
 
 /// Decodes the attributes of one LIST (or HEADER) reply message.
@@ -478,8 +499,8 @@ pub(crate) fn decode_set_msg(attrs: &[u8]) -> Result<SetChunk, IpsetError> {
     Ok(chunk)
 }
 
-/// One DATA entry of an ADT list; `None` for entries without an IPv4 address.
-fn decode_entry(p: &[u8]) -> Result<Option<(Ipv4Addr, String)>, IpsetError> {
+/// One DATA entry of an ADT list; `None` for entries without an address.
+fn decode_entry(p: &[u8]) -> Result<Option<(IpAddr, String)>, IpsetError> {
     let mut ip = None;
     let mut comment = String::new();
     for nla in nlas(p) {
@@ -490,7 +511,11 @@ fn decode_entry(p: &[u8]) -> Result<Option<(Ipv4Addr, String)>, IpsetError> {
                     let (ity, iv) = inner?;
                     if ity == IPSET_ATTR_IPADDR_IPV4 {
                         if let Ok(o) = <[u8; 4]>::try_from(iv) {
-                            ip = Some(Ipv4Addr::from(o));
+                            ip = Some(IpAddr::V4(Ipv4Addr::from(o)));
+                        }
+                    } else if ity == IPSET_ATTR_IPADDR_IPV6 {
+                        if let Ok(o) = <[u8; 16]>::try_from(iv) {
+                            ip = Some(IpAddr::V6(Ipv6Addr::from(o)));
                         }
                     }
                 }
@@ -591,13 +616,13 @@ impl IpsetSocket {
         }
     }
 
-    /// Creates the set (hash:ip, inet, comments). Existing with the same parameters is success.
-    /// Tries the newest revision first and falls back while the kernel does not know it.
-    pub(crate) fn create(&mut self, name: &str) -> Result<u8, IpsetError> {
+    /// Creates the set (hash:ip, inet or inet6, comments). Existing with the same parameters is
+    /// success. Tries the newest revision first and falls back while the kernel does not know it.
+    pub(crate) fn create(&mut self, name: &str, family: Family) -> Result<u8, IpsetError> {
         let mut last = IpsetError::Kernel(IPSET_ERR_FIND_TYPE);
         for rev in HASH_IP_REVISIONS {
             let seq = self.next_seq();
-            let msg = encode_create(seq, name, rev)?;
+            let msg = encode_create(seq, name, rev, family)?;
             match self.transact(&msg, seq, false) {
                 Ok(_) => return Ok(rev),
                 Err(IpsetError::Kernel(IPSET_ERR_FIND_TYPE)) => {
@@ -628,12 +653,7 @@ impl IpsetSocket {
     }
 
     /// Adds (or updates the comment of) one entry.
-    pub(crate) fn add(
-        &mut self,
-        name: &str,
-        ip: Ipv4Addr,
-        comment: &str,
-    ) -> Result<(), IpsetError> {
+    pub(crate) fn add(&mut self, name: &str, ip: IpAddr, comment: &str) -> Result<(), IpsetError> {
         let seq = self.next_seq();
         let msg = encode_adt(seq, name, ip, Some(comment))?;
         self.transact(&msg, seq, false).map(drop)
@@ -648,7 +668,7 @@ impl IpsetSocket {
     pub(crate) fn add_many(
         &mut self,
         name: &str,
-        entries: &[(Ipv4Addr, String)],
+        entries: &[(IpAddr, String)],
     ) -> Vec<Result<(), IpsetError>> {
         let mut out: Vec<Result<(), IpsetError>> = Vec::with_capacity(entries.len());
         let mut req = Vec::with_capacity(ADD_BATCH * 96);
@@ -742,7 +762,7 @@ impl IpsetSocket {
     }
 
     /// Deletes one entry.
-    pub(crate) fn del(&mut self, name: &str, ip: Ipv4Addr) -> Result<(), IpsetError> {
+    pub(crate) fn del(&mut self, name: &str, ip: IpAddr) -> Result<(), IpsetError> {
         let seq = self.next_seq();
         let msg = encode_adt(seq, name, ip, None)?;
         self.transact(&msg, seq, false).map(drop)
@@ -754,7 +774,7 @@ impl IpsetSocket {
     pub(crate) fn list_visit(
         &mut self,
         name: &str,
-        mut f: impl FnMut(Ipv4Addr, &str),
+        mut f: impl FnMut(IpAddr, &str),
     ) -> Result<(), IpsetError> {
         let seq = self.next_seq();
         let msg = encode_list(seq, name)?;
@@ -769,8 +789,8 @@ impl IpsetSocket {
         })
     }
 
-    /// All IPv4 entries with their comments.
-    pub(crate) fn list(&mut self, name: &str) -> Result<BTreeMap<Ipv4Addr, String>, IpsetError> {
+    /// All entries with their comments.
+    pub(crate) fn list(&mut self, name: &str) -> Result<BTreeMap<IpAddr, String>, IpsetError> {
         let seq = self.next_seq();
         let msg = encode_list(seq, name)?;
         let mut out = BTreeMap::new();
@@ -791,7 +811,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Builds a LIST reply message the way the kernel does (for decode tests).
-    fn list_reply(seq: u32, name: &str, entries: &[(Ipv4Addr, Option<&str>)]) -> Vec<u8> {
+    fn list_reply(seq: u32, name: &str, entries: &[(IpAddr, Option<&str>)]) -> Vec<u8> {
         let mut b = MsgBuilder::new(IPSET_CMD_LIST, 2 /* NLM_F_MULTI */, seq);
         b.put_str(IPSET_ATTR_SETNAME, name);
         b.put_str(IPSET_ATTR_TYPENAME, TYPE_HASH_IP);
@@ -804,7 +824,10 @@ mod tests {
         for (ip, c) in entries {
             b.begin_nested(IPSET_ATTR_DATA);
             b.begin_nested(IPSET_ATTR_IP);
-            b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &ip.octets());
+            match ip {
+                IpAddr::V4(a) => b.put(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, &a.octets()),
+                IpAddr::V6(a) => b.put(IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER, &a.octets()),
+            }
             b.end_nested();
             if let Some(c) = c {
                 b.put_str(IPSET_ATTR_COMMENT, c);
@@ -829,7 +852,16 @@ mod tests {
 
     #[test]
     fn create_message_layout() {
-        let m = encode_create(7, "ztunnel-pods-ips", 6).expect("valid");
+        let m6 = encode_create(7, "ztunnel-pods-ips6", 6, Family::V6).expect("valid");
+        let msgs = parse_messages(&m6).expect("parses");
+        let Reply::Data { attrs, .. } = msgs[0].reply else {
+            panic!("not data")
+        };
+        assert_eq!(
+            decode_set_msg(attrs).expect("decodes").family,
+            Some(libc::AF_INET6 as u8)
+        );
+        let m = encode_create(7, "ztunnel-pods-ips", 6, Family::V4).expect("valid");
         assert_eq!(read_u32(&m, 0), Some(m.len() as u32));
         assert_eq!(read_u16(&m, 4), Some((6 << 8) | 2));
         assert_eq!(read_u32(&m, 8), Some(7));
@@ -860,7 +892,8 @@ mod tests {
 
     #[test]
     fn nested_and_byteorder_flags_are_set() {
-        let m = encode_adt(1, "s", Ipv4Addr::new(10, 244, 1, 5), Some("uid")).expect("valid");
+        let m =
+            encode_adt(1, "s", Ipv4Addr::new(10, 244, 1, 5).into(), Some("uid")).expect("valid");
         let body = &m[NLMSG_HDRLEN + NFGENMSG_LEN..];
         let raw: Vec<u16> = {
             let mut v = Vec::new();
@@ -876,7 +909,22 @@ mod tests {
 
     #[test]
     fn adt_round_trip() {
-        let ip = Ipv4Addr::new(10, 244, 1, 5);
+        let v6: IpAddr = "fd00:10:244:1::5".parse().expect("address");
+        let m = encode_adt(3, "set6", v6, Some("pod-uid-6")).expect("valid");
+        let msgs = parse_messages(&m).expect("parses");
+        let Reply::Data { attrs, .. } = msgs[0].reply else {
+            panic!("not data")
+        };
+        let data = nlas(attrs)
+            .flatten()
+            .find(|(t, _)| *t == IPSET_ATTR_DATA)
+            .expect("DATA")
+            .1;
+        assert_eq!(
+            decode_entry(data).expect("ok"),
+            Some((v6, "pod-uid-6".to_string()))
+        );
+        let ip = IpAddr::from(Ipv4Addr::new(10, 244, 1, 5));
         let m = encode_adt(3, "set", ip, Some("pod-uid-1")).expect("valid");
         let msgs = parse_messages(&m).expect("parses");
         let Reply::Data { cmd, attrs } = msgs[0].reply else {
@@ -902,8 +950,8 @@ mod tests {
 
     #[test]
     fn list_reply_decodes_entries_and_comments() {
-        let a = Ipv4Addr::new(10, 0, 0, 1);
-        let b = Ipv4Addr::new(10, 0, 0, 2);
+        let a = IpAddr::from(Ipv4Addr::new(10, 0, 0, 1));
+        let b: IpAddr = "fd00::2".parse().expect("address");
         let mut buf = list_reply(9, "set", &[(a, Some("one")), (b, None)]);
         buf.extend(ack(9, 0)); // stands in for DONE here
         let msgs = parse_messages(&buf).expect("parses");
@@ -934,10 +982,10 @@ mod tests {
 
     #[test]
     fn truncated_buffers_never_panic() {
-        let ips: Vec<(Ipv4Addr, Option<&str>)> = (0..20u8)
+        let ips: Vec<(IpAddr, Option<&str>)> = (0..20u8)
             .map(|i| {
                 (
-                    Ipv4Addr::new(10, 0, 0, i),
+                    Ipv4Addr::new(10, 0, 0, i).into(),
                     if i % 2 == 0 { Some("c") } else { None },
                 )
             })
@@ -979,8 +1027,8 @@ mod tests {
         assert!(encode_destroy(1, "").is_err());
         assert!(encode_destroy(1, &"x".repeat(32)).is_err());
         assert!(encode_destroy(1, &"x".repeat(31)).is_ok());
-        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST, Some(&"c".repeat(256))).is_err());
-        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST, Some("a\0b")).is_err());
+        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST.into(), Some(&"c".repeat(256))).is_err());
+        assert!(encode_adt(1, "s", Ipv4Addr::LOCALHOST.into(), Some("a\0b")).is_err());
     }
 
     proptest! {
@@ -998,13 +1046,13 @@ mod tests {
 
         #[test]
         fn list_round_trip(entries in proptest::collection::btree_map(any::<u32>(), "[a-z0-9-]{0,40}", 0..50)) {
-            let v: Vec<(Ipv4Addr, Option<&str>)> =
-                entries.iter().map(|(ip, c)| (Ipv4Addr::from(*ip), Some(c.as_str()))).collect();
+            let v: Vec<(IpAddr, Option<&str>)> =
+                entries.iter().map(|(ip, c)| (IpAddr::from(Ipv4Addr::from(*ip)), Some(c.as_str()))).collect();
             let buf = list_reply(1, "set", &v);
             let msgs = parse_messages(&buf).expect("parses");
             let Reply::Data { attrs, .. } = msgs[0].reply else { panic!("not data") };
             let c = decode_set_msg(attrs).expect("decodes");
-            let want: Vec<(Ipv4Addr, String)> = entries.iter().map(|(ip, c)| (Ipv4Addr::from(*ip), c.clone())).collect();
+            let want: Vec<(IpAddr, String)> = entries.iter().map(|(ip, c)| (IpAddr::from(Ipv4Addr::from(*ip)), c.clone())).collect();
             prop_assert_eq!(c.entries, want);
         }
     }

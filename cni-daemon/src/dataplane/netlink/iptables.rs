@@ -13,7 +13,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 
-use crate::model::{Chain, IptablesState};
+use crate::model::{Chain, Family, IptablesState};
 
 /// Which iptables variant to drive (configuration).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -73,16 +73,22 @@ impl Backend {
             Backend::Nft => "nft",
         }
     }
-    fn save_bin(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-save",
-            Backend::Nft => "iptables-nft-save",
+    /// The save tool of the variant for a family: IPv6 uses the same variant (chosen once per
+    /// namespace from the IPv4 tables, as kube-proxy does) with its `ip6tables-*` tools.
+    fn save_bin_of(self, f: Family) -> &'static str {
+        match (self, f) {
+            (Backend::Legacy, Family::V4) => "iptables-legacy-save",
+            (Backend::Nft, Family::V4) => "iptables-nft-save",
+            (Backend::Legacy, Family::V6) => "ip6tables-legacy-save",
+            (Backend::Nft, Family::V6) => "ip6tables-nft-save",
         }
     }
-    fn restore_bin(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-restore",
-            Backend::Nft => "iptables-nft-restore",
+    fn restore_bin_of(self, f: Family) -> &'static str {
+        match (self, f) {
+            (Backend::Legacy, Family::V4) => "iptables-legacy-restore",
+            (Backend::Nft, Family::V4) => "iptables-nft-restore",
+            (Backend::Legacy, Family::V6) => "ip6tables-legacy-restore",
+            (Backend::Nft, Family::V6) => "ip6tables-nft-restore",
         }
     }
 }
@@ -156,18 +162,23 @@ fn pick_by_rules(nft: usize, legacy: usize) -> Backend {
 }
 
 fn run_save(b: Backend, table: Option<&str>) -> Result<String, String> {
-    let mut cmd = Command::new(b.save_bin());
+    run_save_of(b, Family::V4, table)
+}
+
+fn run_save_of(b: Backend, f: Family, table: Option<&str>) -> Result<String, String> {
+    let bin = b.save_bin_of(f);
+    let mut cmd = Command::new(bin);
     if let Some(t) = table {
         cmd.args(["-t", t]);
     }
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("{}: {e}", b.save_bin()))?;
+        .map_err(|e| format!("{bin}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{} {}: {}: {}",
-            b.save_bin(),
+            bin,
             table.map(|t| format!("-t {t}")).unwrap_or_default(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -176,8 +187,8 @@ fn run_save(b: Backend, table: Option<&str>) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_restore(b: Backend, input: &str) -> Result<(), String> {
-    let bin = b.restore_bin();
+fn run_restore(b: Backend, f: Family, input: &str) -> Result<(), String> {
+    let bin = b.restore_bin_of(f);
     // `-w 10`: wait up to 10 s for the xtables lock (legacy); nft ignores it.
     let mut child = Command::new(bin)
         .args(["--noflush", "-w", "10"])
@@ -365,7 +376,7 @@ pub(crate) fn render_remove(table: &str, chains: &[&Chain], saved: &SavedTable) 
 }
 
 /// Reads our chains and the jumps to them.
-pub(crate) fn read(b: Backend, chains: &[Chain]) -> Result<IptablesState, String> {
+pub(crate) fn read(b: Backend, f: Family, chains: &[Chain]) -> Result<IptablesState, String> {
     check_chains(chains)?;
     let mut st = IptablesState {
         chains: BTreeMap::new(),
@@ -373,7 +384,7 @@ pub(crate) fn read(b: Backend, chains: &[Chain]) -> Result<IptablesState, String
     };
     // One `*-save` of every table rather than one per table: each is a process start, and a
     // resync reads three tables (acni-bench: 3 saves were 8-20 ms of a resync).
-    let all = run_save(b, None)?;
+    let all = run_save_of(b, f, None)?;
     for table in tables_of(chains) {
         let saved = parse_save(&all, table);
         for c in chains.iter().filter(|c| c.table == table) {
@@ -393,9 +404,9 @@ pub(crate) fn read(b: Backend, chains: &[Chain]) -> Result<IptablesState, String
 
 /// One save of every table and one `--noflush` restore with a section per table: two process
 /// starts instead of two per table (acni-bench: six of them were ~45 ms of a restore).
-pub(crate) fn apply(b: Backend, chains: &[Chain]) -> Result<(), String> {
+pub(crate) fn apply(b: Backend, f: Family, chains: &[Chain]) -> Result<(), String> {
     check_chains(chains)?;
-    let all = run_save(b, None)?;
+    let all = run_save_of(b, f, None)?;
     let mut input = String::new();
     for table in tables_of(chains) {
         let saved = parse_save(&all, table);
@@ -405,17 +416,17 @@ pub(crate) fn apply(b: Backend, chains: &[Chain]) -> Result<(), String> {
     if input.is_empty() {
         return Ok(());
     }
-    run_restore(b, &input)
+    run_restore(b, f, &input)
 }
 
 /// Deletes the jumps, then flushes and deletes the chains; missing ones are fine.
-pub(crate) fn remove(b: Backend, chains: &[Chain]) -> Result<(), String> {
+pub(crate) fn remove(b: Backend, f: Family, chains: &[Chain]) -> Result<(), String> {
     check_chains(chains)?;
     for table in tables_of(chains) {
-        let saved = parse_save(&run_save(b, Some(table))?, table);
+        let saved = parse_save(&run_save_of(b, f, Some(table))?, table);
         let mine: Vec<&Chain> = chains.iter().filter(|c| c.table == table).collect();
         if let Some(input) = render_remove(table, &mine, &saved) {
-            run_restore(b, &input)?;
+            run_restore(b, f, &input)?;
         }
     }
     Ok(())

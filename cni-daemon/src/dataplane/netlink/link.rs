@@ -6,11 +6,10 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkGeneve, LinkUnspec, LinkVeth};
@@ -18,7 +17,7 @@ use rtnetlink::{Handle, LinkGeneve, LinkUnspec, LinkVeth};
 use super::netns::NsWorker;
 use super::{already_done, errno_of, nl_check, nl_error, Intent};
 use crate::dataplane::{DpError, DpResult};
-use crate::model::{Prefix, TunnelLink, TunnelMode, TunnelState, Tunnels};
+use crate::model::{Family, Prefix, TunnelLink, TunnelMode, TunnelState, Tunnels};
 
 /// Linux interface names: 1..=15 bytes, no '/', ':' or whitespace.
 fn check_ifname(name: &str) -> DpResult<()> {
@@ -105,19 +104,44 @@ fn is_up(m: &LinkMessage) -> bool {
     m.header.flags.contains(LinkFlags::Up)
 }
 
-/// Does link `idx` carry `addr` with exactly that prefix length?
+/// Does link `idx` carry `addr` (IPv4 or IPv6) with exactly that prefix length?
 async fn has_addr(h: &Handle, idx: u32, addr: Prefix) -> Result<bool, rtnetlink::Error> {
     let mut req = h.address().get().set_link_index_filter(idx);
     // Kernel-side filters (the connection uses strict checking): family and interface.
-    req.message_mut().header.family = AddressFamily::Inet;
+    req.message_mut().header.family = match addr.family() {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
     req.message_mut().header.index = idx;
     let msgs: Vec<_> = req.execute().try_collect().await?;
+    // IPv6 addresses carry only IFA_ADDRESS on a point-to-point-less link; IPv4 ones IFA_LOCAL.
     Ok(msgs.iter().any(|m| {
         m.header.prefix_len == addr.len
-            && m.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(ip)) if *ip == addr.addr))
+            && m.attributes.iter().any(|a| match a {
+                AddressAttribute::Local(ip) => *ip == addr.addr,
+                AddressAttribute::Address(ip) => addr.family().is_v6() && *ip == addr.addr,
+                _ => false,
+            })
     }))
+}
+
+/// Both addresses of one end of a link: IPv4, and IPv6 when wanted.
+fn addrs_of(v4: Prefix, v6: Option<Prefix>) -> impl Iterator<Item = Prefix> {
+    std::iter::once(v4).chain(v6)
+}
+
+/// Does the link carry every address in `want`?
+async fn has_addrs(
+    h: &Handle,
+    idx: u32,
+    want: impl Iterator<Item = Prefix>,
+) -> Result<bool, rtnetlink::Error> {
+    for a in want {
+        if !has_addr(h, idx, a).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Deletes the link `name` in the namespace of `h` (gone already is fine). Deleting one end of a
@@ -173,9 +197,13 @@ async fn wired(
     let mtu_ok = |m: &LinkMessage| want.mtu == 0 || mtu_of(m) == Some(want.mtu);
     if !is_up(n)
         || !mtu_ok(n)
-        || !has_addr(node.handle(), n.header.index, l.node_addr)
-            .await
-            .map_err(nerr)?
+        || !has_addrs(
+            node.handle(),
+            n.header.index,
+            addrs_of(l.node_addr, l.node_addr6),
+        )
+        .await
+        .map_err(nerr)?
     {
         return Ok(false);
     }
@@ -187,9 +215,13 @@ async fn wired(
     };
     if !is_up(&p)
         || !mtu_ok(&p)
-        || !has_addr(pod.handle(), p.header.index, l.peer_addr)
-            .await
-            .map_err(perr)?
+        || !has_addrs(
+            pod.handle(),
+            p.header.index,
+            addrs_of(l.peer_addr, l.peer_addr6),
+        )
+        .await
+        .map_err(perr)?
     {
         return Ok(false);
     }
@@ -299,12 +331,29 @@ async fn create_veth(
         .execute()
         .await
         .map_err(|e| nl_error(what("rename peer"), &e))?;
-    configure(ph, pidx, l.peer_addr, 0, &what("peer address/up")).await?;
+    let ifname = l.peer_name.clone();
+    configure(
+        pod,
+        pidx,
+        &ifname,
+        addrs_of(l.peer_addr, l.peer_addr6),
+        0,
+        &what("peer address/up"),
+    )
+    .await?;
     let nidx = index_of(nh, &l.node_name)
         .await
         .map_err(|e| nl_error(what("find node end"), &e))?
         .ok_or_else(|| DpError::NoSuchLink(l.node_name.clone()))?;
-    configure(nh, nidx, l.node_addr, want.mtu, &what("node address/up")).await
+    configure(
+        node,
+        nidx,
+        &l.node_name,
+        addrs_of(l.node_addr, l.node_addr6),
+        want.mtu,
+        &what("node address/up"),
+    )
+    .await
 }
 
 async fn create_geneve(
@@ -357,16 +406,54 @@ async fn create_geneve(
         .await
         .map_err(|e| nl_error(what.clone(), &e))?
         .ok_or_else(|| DpError::NoSuchLink(l.peer_name.clone()))?;
-    configure(pod.handle(), pidx, l.peer_addr, 0, &what).await?;
+    configure(
+        pod,
+        pidx,
+        &l.peer_name,
+        addrs_of(l.peer_addr, l.peer_addr6),
+        0,
+        &what,
+    )
+    .await?;
     let nidx = index_of(node.handle(), &l.node_name)
         .await
         .map_err(|e| nl_error(what.clone(), &e))?
         .ok_or_else(|| DpError::NoSuchLink(l.node_name.clone()))?;
-    configure(node.handle(), nidx, l.node_addr, 0, &what).await
+    configure(
+        node,
+        nidx,
+        &l.node_name,
+        addrs_of(l.node_addr, l.node_addr6),
+        0,
+        &what,
+    )
+    .await
 }
 
-/// MTU (when non-zero), address, up.
-async fn configure(h: &Handle, idx: u32, addr: Prefix, mtu: u32, what: &str) -> DpResult<()> {
+/// Lets link `ifname` in `w`'s namespace take IPv6 addresses: a namespace whose
+/// `default/disable_ipv6` is 1 makes new links refuse them (EACCES).
+async fn enable_ipv6(w: &NsWorker, ifname: &str) -> DpResult<()> {
+    let key = format!("net/ipv6/conf/{ifname}/disable_ipv6");
+    w.run(move || match super::sysctl::read(&key)? {
+        Some(v) if v.trim() != "0" => super::sysctl::write(&key, "0"),
+        // No such key: no IPv6 in this kernel; the address add below says so.
+        _ => Ok(()),
+    })
+    .await?
+}
+
+/// MTU (when non-zero), addresses, up. IPv6 addresses are added `nodad`: the two ends are the
+/// only hosts on the link, and duplicate detection would leave them tentative (unusable as next
+/// hop or source) for a second or more after every tunnel (re)creation.
+async fn configure(
+    w: &NsWorker,
+    idx: u32,
+    ifname: &str,
+    addrs: impl Iterator<Item = Prefix>,
+    mtu: u32,
+    what: &str,
+) -> DpResult<()> {
+    let h = w.handle();
     if mtu != 0 {
         h.link()
             .set(LinkUnspec::new_with_index(idx).mtu(mtu).build())
@@ -374,12 +461,18 @@ async fn configure(h: &Handle, idx: u32, addr: Prefix, mtu: u32, what: &str) -> 
             .await
             .map_err(|e| nl_error(what, &e))?;
     }
-    let r = h
-        .address()
-        .add(idx, IpAddr::V4(addr.addr), addr.len)
-        .execute()
-        .await;
-    nl_check(Intent::Create, || what.to_string(), r)?;
+    for addr in addrs {
+        let mut req = h.address().add(idx, addr.addr, addr.len);
+        if addr.family().is_v6() {
+            enable_ipv6(w, ifname).await?;
+            let m = req.message_mut();
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        let r = req.execute().await;
+        nl_check(Intent::Create, || format!("{what}: address {addr}"), r)?;
+    }
     h.link()
         .set(LinkUnspec::new_with_index(idx).up().build())
         .execute()

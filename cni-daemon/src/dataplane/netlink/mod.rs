@@ -15,18 +15,20 @@ mod rule;
 mod sysctl;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::dataplane::{Dataplane, DpError, DpResult};
-use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
+use crate::model::{
+    Chain, Family, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 
 pub use iptables::IptablesBackend;
 use netns::NsWorker;
 
-use crate::config::{DEFAULT_ROUTE_PROTOCOL, IPSET_NAME};
+use crate::config::{DEFAULT_ROUTE_PROTOCOL, IPSET_NAME, IPSET_NAME6};
 
 /// How [`RealDataplane`] is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +43,8 @@ pub struct RealConfig {
     pub iptables_backend: IptablesBackend,
     /// Name of the ipset of enrolled pod IPs (node netns only).
     pub ipset_name: String,
+    /// Name of the ipset of enrolled pod IPv6 addresses (family inet6, node netns only).
+    pub ipset_name6: String,
 }
 
 impl Default for RealConfig {
@@ -50,6 +54,17 @@ impl Default for RealConfig {
             route_protocol: DEFAULT_ROUTE_PROTOCOL,
             iptables_backend: IptablesBackend::Auto,
             ipset_name: IPSET_NAME.to_string(),
+            ipset_name6: IPSET_NAME6.to_string(),
+        }
+    }
+}
+
+impl RealConfig {
+    /// The ipset name of a family.
+    pub fn ipset_name_of(&self, f: Family) -> &str {
+        match f {
+            Family::V4 => &self.ipset_name,
+            Family::V6 => &self.ipset_name6,
         }
     }
 }
@@ -525,9 +540,10 @@ impl RealDataplane {
     #[allow(clippy::type_complexity)]
     async fn node_routes_raw(
         &self,
+        families: &[Family],
         tables: &[u32],
     ) -> DpResult<Option<(Vec<route::RawRoute>, BTreeMap<u32, String>)>> {
-        let Some(raw) = self.routes_dump_raw(tables) else {
+        let Some(raw) = self.routes_dump_raw(families, tables) else {
             return Ok(None);
         };
         let h = self.node.handle();
@@ -551,18 +567,18 @@ impl RealDataplane {
     /// Our routes of `tables` in the node netns from raw dumps on the node's netconf socket,
     /// decoded straight from the datagrams (see [`route::decode_raw`]); `None` when that socket is
     /// not available or a dump fails (then rtnetlink is used).
-    fn routes_dump_raw(&self, tables: &[u32]) -> Option<Vec<route::RawRoute>> {
+    fn routes_dump_raw(&self, families: &[Family], tables: &[u32]) -> Option<Vec<route::RawRoute>> {
         let proto = self.cfg.route_protocol;
         let mut g = self.netconf.lock().unwrap_or_else(|p| p.into_inner());
         let sock = g.as_mut()?;
         let mut out = Vec::new();
         let mut seen = Vec::new();
-        for &t in tables {
-            if seen.contains(&t) {
+        for (f, t) in pairs(families, tables) {
+            if seen.contains(&(f, t)) {
                 continue;
             }
-            seen.push(t);
-            let mut req = route::raw_dump_request(t, proto);
+            seen.push((f, t));
+            let mut req = route::raw_dump_request(f, t, proto);
             let r = sock.dump(&mut req, |ty, body| {
                 if let Some(r) = route::decode_raw(ty, body, t, proto) {
                     out.push(r);
@@ -636,102 +652,20 @@ impl RealDataplane {
     }
 }
 
-fn pod_path(ns: &Ns) -> DpResult<&Path> {
-    match ns {
-        Ns::Pod(p) => Ok(p),
-        Ns::Node => Err(DpError::Netns {
-            path: "node".into(),
-            msg: "the ztunnel namespace must be a pod namespace".into(),
-        }),
-    }
-}
-
-impl Dataplane for RealDataplane {
-    async fn ipset_list(&self) -> DpResult<IpsetState> {
-        let name = self.cfg.ipset_name.clone();
-        let r = self.ipset_op(move |s| s.list(&name)).await?;
-        match r {
-            Ok(m) => Ok(Some(m)),
-            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(None),
-            Err(e) => Err(DpError::Netlink {
-                what: format!("list ipset {}", self.cfg.ipset_name),
-                msg: e.to_string(),
-            }),
-        }
-    }
-
-    async fn ipset_visit<F: FnMut(Ipv4Addr, &str) + Send>(&self, f: F) -> DpResult<bool> {
-        let name = self.cfg.ipset_name.clone();
-        let r = self.ipset_op(move |s| s.list_visit(&name, f)).await?;
-        match r {
-            Ok(()) => Ok(true),
-            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(false),
-            Err(e) => Err(DpError::Netlink {
-                what: format!("list ipset {}", self.cfg.ipset_name),
-                msg: e.to_string(),
-            }),
-        }
-    }
-
-    async fn ipset_create(&self) -> DpResult<()> {
-        let name = self.cfg.ipset_name.clone();
-        let r = self
-            .ipset_op(move |s| match s.create(&name) {
-                Ok(_) => Ok(()),
-                // Only a set with other parameters clashes (same ones are fine without
-                // NLM_F_EXCL): accept it if it is a hash:ip inet set, as a reconcile can use it.
-                Err(ipset::IpsetError::Kernel(libc::EEXIST)) => {
-                    let h = s.header(&name)?;
-                    if h.typename.as_deref() == Some("hash:ip")
-                        && h.family == Some(libc::AF_INET as u8)
-                    {
-                        Ok(())
-                    } else {
-                        Err(ipset::IpsetError::Invalid(format!(
-                            "a set of that name exists with type {:?} family {:?}",
-                            h.typename, h.family
-                        )))
-                    }
-                }
-                Err(e) => Err(e),
-            })
-            .await?;
-        ipset_check(
-            Intent::Other,
-            || format!("create ipset {} hash:ip comment", self.cfg.ipset_name),
-            r,
-        )
-    }
-
-    async fn ipset_destroy(&self) -> DpResult<()> {
-        let name = self.cfg.ipset_name.clone();
-        let r = self.ipset_op(move |s| s.destroy(&name)).await?;
-        ipset_check(
-            Intent::Remove,
-            || format!("destroy ipset {}", self.cfg.ipset_name),
-            r,
-        )
-    }
-
-    async fn ipset_add(&self, ip: Ipv4Addr, owner: &str) -> DpResult<()> {
-        let name = self.cfg.ipset_name.clone();
-        let owner = owner.to_string();
-        let r = self.ipset_op(move |s| s.add(&name, ip, &owner)).await?;
-        ipset_check(
-            Intent::Create,
-            || format!("add {ip} to ipset {}", self.cfg.ipset_name),
-            r,
-        )
-    }
-
-    async fn ipset_add_many(&self, entries: &[(Ipv4Addr, String)]) -> Vec<DpResult<()>> {
-        let name = self.cfg.ipset_name.clone();
+impl RealDataplane {
+    /// [`Dataplane::ipset_add_many`] for entries of one family.
+    async fn ipset_add_family(
+        &self,
+        family: Family,
+        entries: Vec<(IpAddr, String)>,
+    ) -> Vec<DpResult<()>> {
+        let name = self.cfg.ipset_name_of(family).to_string();
         // A bulk repair's adds run on a blocking thread, so that the route adds the reconciler
         // sends alongside (on this thread) go on meanwhile: ~10 ms at 10,000 entries, no longer
         // after the ~40 ms of routes (acni-bench). A few adds stay on this thread.
         let results = if entries.len() >= IPSET_THREAD_MIN {
             let sock = Arc::clone(&self.ipset);
-            let (n, owned, set) = (entries.len(), entries.to_vec(), name.clone());
+            let (n, owned, set) = (entries.len(), entries.clone(), name.clone());
             let job = tokio::task::spawn_blocking(move || {
                 let mut g = sock.lock().unwrap_or_else(|p| p.into_inner());
                 g.add_many(&set, &owned)
@@ -752,44 +686,182 @@ impl Dataplane for RealDataplane {
             }
         } else {
             let mut g = self.ipset.lock().unwrap_or_else(|p| p.into_inner());
-            g.add_many(&name, entries)
+            g.add_many(&name, &entries)
         };
         results
             .into_iter()
-            .zip(entries)
+            .zip(&entries)
             .map(|(r, (ip, _))| {
                 ipset_check(Intent::Create, || format!("add {ip} to ipset {name}"), r)
             })
             .collect()
     }
+}
 
-    async fn ipset_del(&self, ip: Ipv4Addr) -> DpResult<()> {
-        let name = self.cfg.ipset_name.clone();
-        let r = self.ipset_op(move |s| s.del(&name, ip)).await?;
+/// Every (family, table) pair, families first.
+fn pairs(families: &[Family], tables: &[u32]) -> Vec<(Family, u32)> {
+    let mut v = Vec::with_capacity(families.len() * tables.len());
+    for f in families {
+        for t in tables {
+            v.push((*f, *t));
+        }
+    }
+    v
+}
+
+fn pod_path(ns: &Ns) -> DpResult<&Path> {
+    match ns {
+        Ns::Pod(p) => Ok(p),
+        Ns::Node => Err(DpError::Netns {
+            path: "node".into(),
+            msg: "the ztunnel namespace must be a pod namespace".into(),
+        }),
+    }
+}
+
+impl Dataplane for RealDataplane {
+    async fn ipset_list(&self, family: Family) -> DpResult<IpsetState> {
+        let name = self.cfg.ipset_name_of(family).to_string();
+        let r = self.ipset_op(|s| s.list(&name)).await?;
+        match r {
+            Ok(m) => Ok(Some(m)),
+            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(None),
+            Err(e) => Err(DpError::Netlink {
+                what: format!("list ipset {name}"),
+                msg: e.to_string(),
+            }),
+        }
+    }
+
+    async fn ipset_visit<F: FnMut(IpAddr, &str) + Send>(
+        &self,
+        family: Family,
+        f: F,
+    ) -> DpResult<bool> {
+        let name = self.cfg.ipset_name_of(family).to_string();
+        let r = self.ipset_op(|s| s.list_visit(&name, f)).await?;
+        match r {
+            Ok(()) => Ok(true),
+            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(false),
+            Err(e) => Err(DpError::Netlink {
+                what: format!("list ipset {name}"),
+                msg: e.to_string(),
+            }),
+        }
+    }
+
+    async fn ipset_create(&self, family: Family) -> DpResult<()> {
+        let name = self.cfg.ipset_name_of(family).to_string();
+        let want_family = ipset::family_code(family);
+        let r = self
+            .ipset_op(|s| match s.create(&name, family) {
+                Ok(_) => Ok(()),
+                // Only a set with other parameters clashes (same ones are fine without
+                // NLM_F_EXCL): accept it if it is a hash:ip set of the family, as a reconcile
+                // can use it.
+                Err(ipset::IpsetError::Kernel(libc::EEXIST)) => {
+                    let h = s.header(&name)?;
+                    if h.typename.as_deref() == Some("hash:ip") && h.family == Some(want_family) {
+                        Ok(())
+                    } else {
+                        Err(ipset::IpsetError::Invalid(format!(
+                            "a set of that name exists with type {:?} family {:?}",
+                            h.typename, h.family
+                        )))
+                    }
+                }
+                Err(e) => Err(e),
+            })
+            .await?;
+        let fam = if family.is_v6() { "inet6" } else { "inet" };
         ipset_check(
-            Intent::Remove,
-            || format!("delete {ip} from ipset {}", self.cfg.ipset_name),
+            Intent::Other,
+            || format!("create ipset {name} hash:ip family {fam} comment"),
             r,
         )
     }
 
-    async fn rules_list(&self, ns: &Ns, priorities: &[u32]) -> DpResult<Vec<Rule>> {
+    async fn ipset_destroy(&self, family: Family) -> DpResult<()> {
+        let name = self.cfg.ipset_name_of(family).to_string();
+        let r = self.ipset_op(|s| s.destroy(&name)).await?;
+        ipset_check(Intent::Remove, || format!("destroy ipset {name}"), r)
+    }
+
+    async fn ipset_add(&self, ip: IpAddr, owner: &str) -> DpResult<()> {
+        let name = self.cfg.ipset_name_of(Family::of(ip));
+        let r = self.ipset_op(|s| s.add(name, ip, owner)).await?;
+        ipset_check(Intent::Create, || format!("add {ip} to ipset {name}"), r)
+    }
+
+    async fn ipset_add_many(&self, entries: &[(IpAddr, String)]) -> Vec<DpResult<()>> {
+        // One pipelined batch per family (a plan sorts the pods by IP: IPv4 first), results put
+        // back in the order of `entries`.
+        let mut out: Vec<Option<DpResult<()>>> = (0..entries.len()).map(|_| None).collect();
+        for family in Family::ALL {
+            let (idx, part): (Vec<usize>, Vec<(IpAddr, String)>) = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (ip, _))| Family::of(*ip) == family)
+                .map(|(i, e)| (i, e.clone()))
+                .unzip();
+            if part.is_empty() {
+                continue;
+            }
+            let results = self.ipset_add_family(family, part).await;
+            for (i, r) in idx.into_iter().zip(results) {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(r);
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(DpError::Netlink {
+                        what: "add to ipset".into(),
+                        msg: "no result from the batch".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    async fn ipset_del(&self, ip: IpAddr) -> DpResult<()> {
+        let name = self.cfg.ipset_name_of(Family::of(ip));
+        let r = self.ipset_op(|s| s.del(name, ip)).await?;
+        ipset_check(
+            Intent::Remove,
+            || format!("delete {ip} from ipset {name}"),
+            r,
+        )
+    }
+
+    async fn rules_list(
+        &self,
+        ns: &Ns,
+        families: &[Family],
+        priorities: &[u32],
+    ) -> DpResult<Vec<Rule>> {
         let w = self.worker(ns).await?;
-        let msgs = rule::dump(w.handle())
-            .await
-            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| self.is_ours(m) && priorities.contains(&rule::priority_of(m)))
-            .filter_map(rule::decode)
-            .collect())
+        let mut out = Vec::new();
+        for f in families {
+            let msgs = rule::dump(w.handle(), *f)
+                .await
+                .map_err(|e| nl_error(format!("list {f} rules in {ns}"), &e))?;
+            out.extend(
+                msgs.iter()
+                    .filter(|m| self.is_ours(m) && priorities.contains(&rule::priority_of(m)))
+                    .filter_map(rule::decode),
+            );
+        }
+        Ok(out)
     }
 
     async fn rule_add(&self, ns: &Ns, r: &Rule) -> DpResult<()> {
         let w = self.worker(ns).await?;
-        let have = rule::dump(w.handle())
+        let have = rule::dump(w.handle(), r.family)
             .await
-            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
+            .map_err(|e| nl_error(format!("list {} rules in {ns}", r.family), &e))?;
         let ours = have.iter().filter(|m| self.is_ours(m));
         if ours.filter_map(rule::decode).any(|h| h == *r) {
             return Ok(());
@@ -800,9 +872,9 @@ impl Dataplane for RealDataplane {
 
     async fn rule_del(&self, ns: &Ns, r: &Rule) -> DpResult<()> {
         let w = self.worker(ns).await?;
-        let have = rule::dump(w.handle())
+        let have = rule::dump(w.handle(), r.family)
             .await
-            .map_err(|e| nl_error(format!("list rules in {ns}"), &e))?;
+            .map_err(|e| nl_error(format!("list {} rules in {ns}", r.family), &e))?;
         // Send back the kernel's own message of every matching rule, so that the kernel can
         // only match that rule and never a foreign one with extra selectors.
         for m in have
@@ -815,24 +887,29 @@ impl Dataplane for RealDataplane {
         Ok(())
     }
 
-    async fn routes_list(&self, ns: &Ns, tables: &[u32]) -> DpResult<Vec<Route>> {
+    async fn routes_list(
+        &self,
+        ns: &Ns,
+        families: &[Family],
+        tables: &[u32],
+    ) -> DpResult<Vec<Route>> {
         let w = self.worker(ns).await?;
         let h = w.handle();
         if matches!(ns, Ns::Node) {
-            if let Some((raw, names)) = self.node_routes_raw(tables).await? {
+            if let Some((raw, names)) = self.node_routes_raw(families, tables).await? {
                 return Ok(raw.into_iter().map(|r| r.to_route(&names)).collect());
             }
         }
         let mut msgs = Vec::new();
         let mut seen = Vec::new();
-        for &t in tables {
-            if seen.contains(&t) {
+        for (f, t) in pairs(families, tables) {
+            if seen.contains(&(f, t)) {
                 continue;
             }
-            seen.push(t);
-            let part = route::dump(h, Some(t), Some(self.cfg.route_protocol))
+            seen.push((f, t));
+            let part = route::dump(h, f, Some(t), Some(self.cfg.route_protocol))
                 .await
-                .map_err(|e| nl_error(format!("list routes of table {t} in {ns}"), &e))?;
+                .map_err(|e| nl_error(format!("list {f} routes of table {t} in {ns}"), &e))?;
             msgs.extend(part);
         }
         let mut names = BTreeMap::new();
@@ -855,18 +932,19 @@ impl Dataplane for RealDataplane {
     async fn routes_visit<F: FnMut(&Route) + Send>(
         &self,
         ns: &Ns,
+        families: &[Family],
         tables: &[u32],
         mut f: F,
     ) -> DpResult<()> {
         if matches!(ns, Ns::Node) {
-            if let Some((raw, names)) = self.node_routes_raw(tables).await? {
+            if let Some((raw, names)) = self.node_routes_raw(families, tables).await? {
                 for r in raw {
                     f(&r.to_route(&names));
                 }
                 return Ok(());
             }
         }
-        for r in self.routes_list(ns, tables).await? {
+        for r in self.routes_list(ns, families, tables).await? {
             f(&r);
         }
         Ok(())
@@ -916,7 +994,7 @@ impl Dataplane for RealDataplane {
                 msg: "link vanished twice".into(),
             });
         };
-        let same_key = route::dump(h, Some(r.key.table), None)
+        let same_key = route::dump(h, r.key.dst.family(), Some(r.key.table), None)
             .await
             .map_err(|e| nl_error(what(), &e))?
             .into_iter()
@@ -1058,21 +1136,26 @@ impl Dataplane for RealDataplane {
         Ok(present)
     }
 
-    async fn iptables_read(&self, ns: &Ns, chains: &[Chain]) -> DpResult<IptablesState> {
+    async fn iptables_read(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> DpResult<IptablesState> {
         let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::read(b, &chains))
+        self.iptables_job(ns, move |b| iptables::read(b, family, &chains))
             .await
     }
 
-    async fn iptables_apply(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+    async fn iptables_apply(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
         let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::apply(b, &chains))
+        self.iptables_job(ns, move |b| iptables::apply(b, family, &chains))
             .await
     }
 
-    async fn iptables_remove(&self, ns: &Ns, chains: &[Chain]) -> DpResult<()> {
+    async fn iptables_remove(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
         let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::remove(b, &chains))
+        self.iptables_job(ns, move |b| iptables::remove(b, family, &chains))
             .await
     }
 
@@ -1108,10 +1191,10 @@ impl Dataplane for RealDataplane {
         self.in_ns(&w, move || sysctl::write(&k, &v)).await?
     }
 
-    async fn route_dev_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<String>> {
+    async fn route_dev_lookup(&self, ip: IpAddr) -> DpResult<Option<String>> {
         let h = self.node.handle();
         let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
-        let msgs = route::dump(h, Some(main), None)
+        let msgs = route::dump(h, Family::of(ip), Some(main), None)
             .await
             .map_err(|e| nl_error(format!("look up route to {ip}"), &e))?;
         let Some(idx) = route::lpm_main(&msgs, ip) else {

@@ -1,11 +1,16 @@
-//! IPv4 routes in our tables over rtnetlink, all carrying our protocol number.
+//! IPv4 and IPv6 routes in our tables over rtnetlink, all carrying our protocol number.
+//!
+//! IPv6 differs in three ways the model hides: a route added without a metric gets 1024
+//! (IP6_RT_PRIO_USER), so 1024 reads back as our 0 and a delete of metric 0 says 1024 (for IPv6
+//! the kernel matches neither type nor, with 0, metric: it would take the unreachable fallback);
+//! every IPv6 route reports scope universe; and an `unreachable` route reports `dev lo`.
 //!
 //! The protocol number is our ownership mark: dumps are filtered by it, deletes send it so the
 //! kernel cannot match a foreign route, and `replace` refuses to overwrite a foreign route that
 //! happens to have the same key (the kernel's NLM_F_REPLACE would take any protocol).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::route::{
@@ -15,13 +20,49 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use crate::model::{Prefix, Route, RouteKey, RouteKind, Scope};
+use crate::model::{Family, Prefix, Route, RouteKey, RouteKind, Scope};
+
+/// The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER).
+pub(crate) const V6_DEFAULT_METRIC: u32 = 1024;
+
+/// The metric as the model has it: IPv6's default reads as 0, like IPv4's.
+fn model_metric(f: Family, m: u32) -> u32 {
+    if f.is_v6() && m == V6_DEFAULT_METRIC {
+        0
+    } else {
+        m
+    }
+}
+
+/// The metric to say to the kernel: IPv6's 0 is its default 1024.
+fn kernel_metric(f: Family, m: u32) -> u32 {
+    if f.is_v6() && m == 0 {
+        V6_DEFAULT_METRIC
+    } else {
+        m
+    }
+}
+
+fn af(f: Family) -> AddressFamily {
+    match f {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
+
+fn family_of(a: AddressFamily) -> Option<Family> {
+    match a {
+        AddressFamily::Inet => Some(Family::V4),
+        AddressFamily::Inet6 => Some(Family::V6),
+        _ => None,
+    }
+}
 
 /// The connection is opened with NETLINK_GET_STRICT_CHK, so the kernel filters dumps by the
 /// header's table and protocol (and type); zero means "any".
-fn dump_request(table: Option<u32>, protocol: Option<u8>) -> RouteMessage {
+fn dump_request(family: Family, table: Option<u32>, protocol: Option<u8>) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
+    m.header.address_family = af(family);
     m.header.table = RouteHeader::RT_TABLE_UNSPEC;
     m.header.protocol = protocol
         .map(RouteProtocol::from)
@@ -34,22 +75,23 @@ fn dump_request(table: Option<u32>, protocol: Option<u8>) -> RouteMessage {
     m
 }
 
-/// IPv4 routes of `table` (all when `None`) with `protocol` (any when `None`). Filtered again
-/// here, so a kernel that ignores the filter does not change the answer.
+/// Routes of `family` in `table` (all when `None`) with `protocol` (any when `None`). Filtered
+/// again here, so a kernel that ignores the filter does not change the answer.
 pub(crate) async fn dump(
     handle: &Handle,
+    family: Family,
     table: Option<u32>,
     protocol: Option<u8>,
 ) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
     let all: Vec<RouteMessage> = handle
         .route()
-        .get(dump_request(table, protocol))
+        .get(dump_request(family, table, protocol))
         .execute()
         .try_collect()
         .await?;
     Ok(all
         .into_iter()
-        .filter(|m| m.header.address_family == AddressFamily::Inet)
+        .filter(|m| m.header.address_family == af(family))
         .filter(|m| table.is_none_or(|t| table_of(m) == t))
         .filter(|m| protocol.is_none_or(|p| u8::from(m.header.protocol) == p))
         .collect())
@@ -66,23 +108,26 @@ pub(crate) fn table_of(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-fn v4(a: &RouteAddress) -> Option<Ipv4Addr> {
-    match a {
-        RouteAddress::Inet(ip) => Some(*ip),
+/// An address of family `f` (`None` for another family).
+fn addr_of(f: Family, a: &RouteAddress) -> Option<IpAddr> {
+    match (f, a) {
+        (Family::V4, RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        (Family::V6, RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
         _ => None,
     }
 }
 
 /// The key of a kernel route (tos must be 0; we never set it).
 pub(crate) fn key_of(m: &RouteMessage) -> Option<RouteKey> {
-    if m.header.tos != 0 || m.header.destination_prefix_length > 32 {
+    let f = family_of(m.header.address_family)?;
+    if m.header.tos != 0 || m.header.destination_prefix_length > f.host_len() {
         return None;
     }
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst = f.unspecified();
     let mut metric = 0;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(d) => dst = v4(d)?,
+            RouteAttribute::Destination(d) => dst = addr_of(f, d)?,
             RouteAttribute::Priority(p) => metric = *p,
             _ => {}
         }
@@ -93,7 +138,7 @@ pub(crate) fn key_of(m: &RouteMessage) -> Option<RouteKey> {
             addr: dst,
             len: m.header.destination_prefix_length,
         },
-        metric,
+        metric: model_metric(f, metric),
     })
 }
 
@@ -101,6 +146,7 @@ pub(crate) fn key_of(m: &RouteMessage) -> Option<RouteKey> {
 /// model (multipath, other types or scopes, a source prefix).
 pub(crate) fn decode(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<Route> {
     let key = key_of(m)?;
+    let f = key.dst.family();
     if m.header.source_prefix_length != 0 {
         return None;
     }
@@ -124,8 +170,8 @@ pub(crate) fn decode(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<
             RouteAttribute::Oif(i) => {
                 dev = Some(names.get(i).cloned().unwrap_or_else(|| format!("if{i}")))
             }
-            RouteAttribute::Gateway(g) => via = Some(v4(g)?),
-            RouteAttribute::PrefSource(s) => src = Some(v4(s)?),
+            RouteAttribute::Gateway(g) => via = Some(addr_of(f, g)?),
+            RouteAttribute::PrefSource(s) => src = Some(addr_of(f, s)?),
             RouteAttribute::MultiPath(_) | RouteAttribute::Source(_) | RouteAttribute::Via(_) => {
                 return None
             }
@@ -133,6 +179,9 @@ pub(crate) fn decode(m: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<
         }
     }
     let onlink = m.header.flags.contains(RouteFlags::Onlink);
+    if f.is_v6() && kind == RouteKind::Unreachable {
+        dev = None;
+    }
     Some(Route {
         key,
         kind,
@@ -185,8 +234,8 @@ pub(crate) struct RawRoute {
     pub(crate) key: RouteKey,
     pub(crate) kind: RouteKind,
     pub(crate) oif: Option<u32>,
-    pub(crate) via: Option<Ipv4Addr>,
-    pub(crate) src: Option<Ipv4Addr>,
+    pub(crate) via: Option<IpAddr>,
+    pub(crate) src: Option<IpAddr>,
     pub(crate) scope: Scope,
     pub(crate) onlink: bool,
 }
@@ -208,9 +257,17 @@ impl RawRoute {
     }
 }
 
-/// The dump request for IPv4 routes of `table` with `protocol` (the same filter as
+/// The `rtm_family` byte of a family.
+fn af_byte(f: Family) -> u8 {
+    match f {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
+    }
+}
+
+/// The dump request for routes of `family` in `table` with `protocol` (the same filter as
 /// [`dump_request`]; the sequence number is set when sent).
-pub(crate) fn raw_dump_request(table: u32, protocol: u8) -> Vec<u8> {
+pub(crate) fn raw_dump_request(family: Family, table: u32, protocol: u8) -> Vec<u8> {
     let len = 16 + RTMSG_LEN + 8;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -219,7 +276,7 @@ pub(crate) fn raw_dump_request(table: u32, protocol: u8) -> Vec<u8> {
     m.extend_from_slice(&0u32.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
     // family, dst_len, src_len, tos, table (see RTA_TABLE), protocol, scope, type; flags.
-    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0, 0, protocol, 0, 0]);
+    m.extend_from_slice(&[af_byte(family), 0, 0, 0, 0, protocol, 0, 0]);
     m.extend_from_slice(&0u32.to_ne_bytes());
     m.extend_from_slice(&8u16.to_ne_bytes());
     m.extend_from_slice(&RTA_TABLE.to_ne_bytes());
@@ -237,7 +294,8 @@ pub(crate) fn raw_add_request(route: &Route, oif: Option<u32>, protocol: u8) -> 
     const NLM_F_EXCL: u16 = 0x200;
     const NLM_F_CREATE: u16 = 0x400;
     let k = &route.key;
-    let mut m = Vec::with_capacity(16 + RTMSG_LEN + 6 * 8);
+    let fam = k.dst.family();
+    let mut m = Vec::with_capacity(16 + RTMSG_LEN + 6 * 8 + 3 * 12);
     m.extend_from_slice(&0u32.to_ne_bytes()); // length, below
     m.extend_from_slice(&RTM_NEWROUTE.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE).to_ne_bytes());
@@ -255,7 +313,7 @@ pub(crate) fn raw_add_request(route: &Route, oif: Option<u32>, protocol: u8) -> 
         RouteKind::Unreachable => 7,
     };
     m.extend_from_slice(&[
-        libc::AF_INET as u8,
+        af_byte(fam),
         k.dst.len,
         0,
         0,
@@ -266,27 +324,34 @@ pub(crate) fn raw_add_request(route: &Route, oif: Option<u32>, protocol: u8) -> 
     ]);
     let flags = if route.onlink { RTNH_F_ONLINK } else { 0 };
     m.extend_from_slice(&flags.to_ne_bytes());
-    let mut attr = |ty: u16, v: [u8; 4]| {
-        m.extend_from_slice(&8u16.to_ne_bytes());
+    let mut attr = |ty: u16, v: &[u8]| {
+        m.extend_from_slice(&(4 + v.len() as u16).to_ne_bytes());
         m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(&v);
+        m.extend_from_slice(v);
+    };
+    // An address of the other family is written as it is: the kernel refuses it (EINVAL).
+    let ip = |a: IpAddr| -> Vec<u8> {
+        match a {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
     };
     if k.table > 255 {
         // The header byte says "see the attribute" (0).
-        attr(RTA_TABLE, k.table.to_ne_bytes());
+        attr(RTA_TABLE, &k.table.to_ne_bytes());
     }
-    attr(RTA_DST, k.dst.addr.octets());
+    attr(RTA_DST, &ip(k.dst.addr));
     if k.metric != 0 {
-        attr(RTA_PRIORITY, k.metric.to_ne_bytes());
+        attr(RTA_PRIORITY, &k.metric.to_ne_bytes());
     }
     if let Some(i) = oif {
-        attr(RTA_OIF, i.to_ne_bytes());
+        attr(RTA_OIF, &i.to_ne_bytes());
     }
     if let Some(gw) = route.via {
-        attr(RTA_GATEWAY, gw.octets());
+        attr(RTA_GATEWAY, &ip(gw));
     }
     if let Some(src) = route.src {
-        attr(RTA_PREFSRC, src.octets());
+        attr(RTA_PREFSRC, &ip(src));
     }
     let len = (m.len() as u32).to_ne_bytes();
     if let Some(slot) = m.get_mut(..4) {
@@ -295,9 +360,17 @@ pub(crate) fn raw_add_request(route: &Route, oif: Option<u32>, protocol: u8) -> 
     m
 }
 
-fn raw_v4(b: &[u8]) -> Option<Ipv4Addr> {
-    let a: [u8; 4] = b.try_into().ok()?;
-    Some(Ipv4Addr::from(a))
+fn raw_ip(f: Family, b: &[u8]) -> Option<IpAddr> {
+    match f {
+        Family::V4 => {
+            let a: [u8; 4] = b.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(a)))
+        }
+        Family::V6 => {
+            let a: [u8; 16] = b.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+    }
 }
 
 fn raw_u32(b: &[u8]) -> Option<u32> {
@@ -314,7 +387,14 @@ pub(crate) fn decode_raw(ty: u16, body: &[u8], table: u32, protocol: u8) -> Opti
     let (family, dst_len, src_len, tos, htable, proto, scope, rtype) =
         (h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]);
     let flags = raw_u32(&h[8..12])?;
-    if family != libc::AF_INET as u8 || proto != protocol || tos != 0 || dst_len > 32 {
+    let f = if family == libc::AF_INET as u8 {
+        Family::V4
+    } else if family == libc::AF_INET6 as u8 {
+        Family::V6
+    } else {
+        return None;
+    };
+    if proto != protocol || tos != 0 || dst_len > f.host_len() {
         return None;
     }
     if src_len != 0 {
@@ -336,7 +416,7 @@ pub(crate) fn decode_raw(ty: u16, body: &[u8], table: u32, protocol: u8) -> Opti
         key: RouteKey {
             table: u32::from(htable),
             dst: Prefix {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: f.unspecified(),
                 len: dst_len,
             },
             metric: 0,
@@ -357,16 +437,19 @@ pub(crate) fn decode_raw(ty: u16, body: &[u8], table: u32, protocol: u8) -> Opti
         }
         let v = attrs.get(4..alen)?;
         match aty {
-            RTA_DST => r.key.dst.addr = raw_v4(v)?,
-            RTA_PRIORITY => r.key.metric = raw_u32(v)?,
+            RTA_DST => r.key.dst.addr = raw_ip(f, v)?,
+            RTA_PRIORITY => r.key.metric = model_metric(f, raw_u32(v)?),
             RTA_TABLE => r.key.table = raw_u32(v)?,
             RTA_OIF => r.oif = Some(raw_u32(v)?),
-            RTA_GATEWAY => r.via = Some(raw_v4(v)?),
-            RTA_PREFSRC => r.src = Some(raw_v4(v)?),
+            RTA_GATEWAY => r.via = Some(raw_ip(f, v)?),
+            RTA_PREFSRC => r.src = Some(raw_ip(f, v)?),
             RTA_MULTIPATH | RTA_SRC | RTA_VIA => return None,
             _ => {}
         }
         attrs = attrs.get(((alen + 3) & !3).min(attrs.len())..)?;
+    }
+    if f.is_v6() && r.kind == RouteKind::Unreachable {
+        r.oif = None;
     }
     (r.key.table == table).then_some(r)
 }
@@ -382,8 +465,7 @@ fn route_type(kind: RouteKind) -> RouteType {
 /// The message that creates `route` (output interface already resolved to `oif`).
 pub(crate) fn build(route: &Route, oif: Option<u32>, protocol: u8) -> RouteMessage {
     let k = &route.key;
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(k.dst.addr, k.dst.len)
+    let mut b = with_dst(k.dst)
         .table_id(k.table)
         .protocol(RouteProtocol::from(protocol))
         .scope(match route.scope {
@@ -402,16 +484,37 @@ pub(crate) fn build(route: &Route, oif: Option<u32>, protocol: u8) -> RouteMessa
     if let Some(i) = oif {
         b = b.output_interface(i);
     }
+    // An address of the other family is sent as it is: the kernel refuses it (EINVAL).
     if let Some(gw) = route.via {
-        b = b.gateway(gw);
+        b.get_mut()
+            .attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
     }
     if let Some(s) = route.src {
-        b = b.pref_source(s);
+        b.get_mut()
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::from(s)));
     }
     if route.onlink {
         b = b.onlink();
     }
     b.build()
+}
+
+/// A builder for a route to `dst`, of its family.
+fn with_dst(dst: Prefix) -> RouteMessageBuilder<IpAddr> {
+    let mut b = RouteMessageBuilder::<IpAddr>::new();
+    let m = b.get_mut();
+    // `new` leaves what the builder for one family sets: the family and the defaults.
+    m.header.address_family = af(dst.family());
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Static;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.header.destination_prefix_length = dst.len;
+    m.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst.addr)));
+    b
 }
 
 /// Adds the route; fails with EEXIST when a route with its key exists.
@@ -427,8 +530,7 @@ pub(crate) async fn replace(handle: &Handle, m: RouteMessage) -> Result<(), rtne
 /// The delete request for `key` among routes of `protocol` and type `kind`. The kernel matches
 /// table, prefix, protocol and type exactly, and the metric when it is not 0 (0 is a wildcard).
 pub(crate) fn del_request(key: &RouteKey, kind: RouteKind, protocol: u8) -> RouteMessage {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(key.dst.addr, key.dst.len)
+    let mut b = with_dst(key.dst)
         .table_id(key.table)
         .protocol(RouteProtocol::from(protocol))
         // RT_SCOPE_NOWHERE makes the kernel match any scope.
@@ -437,8 +539,10 @@ pub(crate) fn del_request(key: &RouteKey, kind: RouteKind, protocol: u8) -> Rout
     if key.table > 255 {
         b.get_mut().header.table = RouteHeader::RT_TABLE_UNSPEC;
     }
-    if key.metric != 0 {
-        b = b.priority(key.metric);
+    // IPv6 matches no type, so the metric must always be said (0 means 1024 there).
+    let metric = kernel_metric(key.dst.family(), key.metric);
+    if metric != 0 {
+        b = b.priority(metric);
     }
     b.build()
 }
@@ -451,8 +555,15 @@ pub(crate) async fn del(handle: &Handle, m: RouteMessage) -> Result<(), rtnetlin
 /// Longest-prefix match over the main table, as `ip route get` would answer if no policy rule
 /// came first: our own rule 103 (`lookup 100`) would otherwise make every enrolled pod's IP
 /// resolve to the tunnel. Returns the output interface index.
-pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: Ipv4Addr) -> Option<u32> {
-    let ip = u32::from(ip);
+pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: IpAddr) -> Option<u32> {
+    // Both families as 128-bit numbers, IPv4 in the low 32 bits (prefix lengths shifted by 96).
+    let as_bits = |a: IpAddr| -> (u128, u32) {
+        match a {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 96),
+            IpAddr::V6(a) => (u128::from(a), 0),
+        }
+    };
+    let (ipb, shift) = as_bits(ip);
     let mut best: Option<(u8, u32, u32)> = None; // (prefix len, metric, oif)
     for m in msgs {
         if table_of(m) != u32::from(RouteHeader::RT_TABLE_MAIN)
@@ -461,13 +572,18 @@ pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: Ipv4Addr) -> Option<u32> {
             continue;
         }
         let Some(key) = key_of(m) else { continue };
+        if key.dst.family() != Family::of(ip) {
+            continue;
+        }
         let len = key.dst.len;
-        let mask = if len == 0 {
+        let full = u32::from(len) + shift;
+        let mask = if len == 0 || full > 128 {
             0
         } else {
-            u32::MAX << (32 - u32::from(len))
+            u128::MAX << (128 - full)
         };
-        if u32::from(key.dst.addr) & mask != ip & mask {
+        let (db, _) = as_bits(key.dst.addr);
+        if db & mask != ipb & mask {
             continue;
         }
         let oif = m.attributes.iter().find_map(|a| match a {
@@ -511,8 +627,8 @@ mod tests {
             },
             kind,
             dev: Some("istioin".into()),
-            via: Some(Ipv4Addr::new(192, 168, 126, 2)),
-            src: Some(Ipv4Addr::new(10, 244, 1, 1)),
+            via: Some(Ipv4Addr::new(192, 168, 126, 2).into()),
+            src: Some(Ipv4Addr::new(10, 244, 1, 1).into()),
             scope: Scope::Universe,
             onlink: true,
         }
@@ -575,9 +691,77 @@ mod tests {
             assert_eq!(decode_raw(24, &body, 101, 212), None, "other table");
             assert_eq!(decode_raw(24, &body, 100, 4), None, "other protocol");
         }
-        let req = raw_dump_request(100, 212);
+        let req = raw_dump_request(Family::V4, 100, 212);
         assert_eq!(req.len(), 36);
         assert_eq!(req.get(..4), Some(&36u32.to_ne_bytes()[..]));
+    }
+
+    /// An IPv6 route as the kernel dumps it: metric 1024 for "none", `unreachable` via lo.
+    #[test]
+    fn ipv6_routes_round_trip_and_normalise_what_the_kernel_adds() {
+        let names = BTreeMap::from([(9, "istioin".to_string()), (1, "lo".to_string())]);
+        let v6 = |s: &str| -> IpAddr { s.parse().expect("address") };
+        let mut r = route(RouteKind::Unicast, Prefix::host(v6("fd00:10:244:1::5")), 0);
+        r.via = Some(v6("fd69:7374:696f:7e::2"));
+        r.src = Some(v6("fd00:10:244:1::1"));
+        r.onlink = false;
+        let mut m = build(&r, Some(9), 212);
+        assert_eq!(m.header.address_family, AddressFamily::Inet6);
+        // What the kernel reports back: the default metric.
+        m.attributes
+            .push(RouteAttribute::Priority(V6_DEFAULT_METRIC));
+        assert_eq!(decode(&m, &names), Some(r.clone()));
+        let raw = decode_raw(24, &raw_body(&m), 100, 212).expect("decodes");
+        assert_eq!(raw.to_route(&names), r);
+        let ours = raw_add_request(&r, Some(9), 212);
+        let dec = decode_raw(24, ours.get(16..).unwrap_or(&[]), 100, 212).expect("decodes");
+        assert_eq!(dec.to_route(&names), r);
+        // An unreachable fallback reads back without `dev lo`.
+        let mut u = route(
+            RouteKind::Unreachable,
+            Prefix::default_of(Family::V6),
+            0xffff_fff0,
+        );
+        u.dev = None;
+        u.via = None;
+        u.src = None;
+        u.onlink = false;
+        let um = build(&u, Some(1), 212);
+        assert_eq!(decode(&um, &names), Some(u.clone()));
+        assert_eq!(
+            decode_raw(24, &raw_body(&um), 100, 212).map(|x| x.to_route(&names)),
+            Some(u)
+        );
+        // Deleting the metric-0 route says 1024, so it can never take the fallback.
+        let d = del_request(&r.key, r.kind, 212);
+        assert!(d
+            .attributes
+            .contains(&RouteAttribute::Priority(V6_DEFAULT_METRIC)));
+        assert_eq!(
+            raw_dump_request(Family::V6, 100, 212)[16],
+            libc::AF_INET6 as u8
+        );
+    }
+
+    #[test]
+    fn lpm_matches_ipv6_only_against_ipv6_routes() {
+        let mk = |dst: Prefix, oif: u32| {
+            let mut r = route(RouteKind::Unicast, dst, 0);
+            r.key.table = 254;
+            r.via = None;
+            r.src = None;
+            build(&r, Some(oif), 3)
+        };
+        let v6 = |s: &str| -> IpAddr { s.parse().expect("address") };
+        let msgs = vec![
+            mk(Prefix::new(v6("fd00:10:244:1::"), 64), 2),
+            mk(Prefix::host(v6("fd00:10:244:1::5")), 3),
+            mk(Prefix::new(Ipv4Addr::UNSPECIFIED, 0), 4),
+        ];
+        assert_eq!(lpm_main(&msgs, v6("fd00:10:244:1::5")), Some(3));
+        assert_eq!(lpm_main(&msgs, v6("fd00:10:244:1::9")), Some(2));
+        assert_eq!(lpm_main(&msgs, v6("2001:db8::1")), None);
+        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(8, 8, 8, 8).into()), Some(4));
     }
 
     #[test]
@@ -664,7 +848,7 @@ mod tests {
             mk(Prefix::DEFAULT, 0, 1),
             mk(
                 Prefix {
-                    addr: Ipv4Addr::new(10, 244, 0, 0),
+                    addr: Ipv4Addr::new(10, 244, 0, 0).into(),
                     len: 16,
                 },
                 0,
@@ -673,9 +857,15 @@ mod tests {
             mk(Prefix::host(Ipv4Addr::new(10, 244, 1, 5)), 10, 3),
             mk(Prefix::host(Ipv4Addr::new(10, 244, 1, 5)), 5, 4),
         ];
-        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(10, 244, 1, 5)), Some(4));
-        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(10, 244, 9, 9)), Some(2));
-        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(8, 8, 8, 8)), Some(1));
-        assert_eq!(lpm_main(&msgs[1..], Ipv4Addr::new(8, 8, 8, 8)), None);
+        assert_eq!(
+            lpm_main(&msgs, Ipv4Addr::new(10, 244, 1, 5).into()),
+            Some(4)
+        );
+        assert_eq!(
+            lpm_main(&msgs, Ipv4Addr::new(10, 244, 9, 9).into()),
+            Some(2)
+        );
+        assert_eq!(lpm_main(&msgs, Ipv4Addr::new(8, 8, 8, 8).into()), Some(1));
+        assert_eq!(lpm_main(&msgs[1..], Ipv4Addr::new(8, 8, 8, 8).into()), None);
     }
 }

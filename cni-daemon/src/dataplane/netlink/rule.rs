@@ -1,4 +1,4 @@
-//! IPv4 policy-routing rules over rtnetlink.
+//! IPv4 and IPv6 policy-routing rules over rtnetlink (`ip rule`, `ip -6 rule`: separate lists).
 //!
 //! Traps handled here (crates.md §3): the add request starts with `RuleAction::Unspec`, which the
 //! kernel accepts but routes with EINVAL, so the action is always set; `.replace()` does not
@@ -10,16 +10,18 @@ use netlink_packet_route::rule::{RuleAction as NlAction, RuleAttribute, RuleFlag
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion};
 
-use crate::model::{Rule, RuleAction};
+use crate::model::{Family, Rule, RuleAction};
 
-/// All IPv4 rules of the namespace.
-pub(crate) async fn dump(handle: &Handle) -> Result<Vec<RuleMessage>, rtnetlink::Error> {
-    handle
-        .rule()
-        .get(IpVersion::V4)
-        .execute()
-        .try_collect()
-        .await
+/// All rules of one family in the namespace.
+pub(crate) async fn dump(
+    handle: &Handle,
+    family: Family,
+) -> Result<Vec<RuleMessage>, rtnetlink::Error> {
+    let v = match family {
+        Family::V4 => IpVersion::V4,
+        Family::V6 => IpVersion::V6,
+    };
+    handle.rule().get(v).execute().try_collect().await
 }
 
 /// The rule's priority (0 when the attribute is missing, as the kernel means it).
@@ -48,7 +50,12 @@ pub(crate) fn protocol_of(m: &RuleMessage) -> u8 {
 /// selector besides fwmark, an inverted match, an action other than lookup/goto).
 pub(crate) fn decode(m: &RuleMessage) -> Option<Rule> {
     let h = &m.header;
-    if h.family != AddressFamily::Inet || h.dst_len != 0 || h.src_len != 0 || h.tos != 0 {
+    let family = match h.family {
+        AddressFamily::Inet => Family::V4,
+        AddressFamily::Inet6 => Family::V6,
+        _ => return None,
+    };
+    if h.dst_len != 0 || h.src_len != 0 || h.tos != 0 {
         return None;
     }
     if h.flags.contains(RuleFlags::Invert) {
@@ -88,6 +95,7 @@ pub(crate) fn decode(m: &RuleMessage) -> Option<Rule> {
         _ => return None,
     };
     Some(Rule {
+        family,
         priority,
         fwmark,
         action,
@@ -100,12 +108,30 @@ pub(crate) async fn add(
     rule: &Rule,
     protocol: u8,
 ) -> Result<(), rtnetlink::Error> {
-    let mut req = handle.rule().add().v4().priority(rule.priority);
-    req = match rule.action {
-        RuleAction::Lookup(t) => req.table_id(t).action(NlAction::ToTable),
-        RuleAction::Goto(_) => req.action(NlAction::Goto),
-    };
-    let msg = req.message_mut();
+    match rule.family {
+        Family::V4 => {
+            let mut req = handle.rule().add().v4().priority(rule.priority);
+            req = match rule.action {
+                RuleAction::Lookup(t) => req.table_id(t).action(NlAction::ToTable),
+                RuleAction::Goto(_) => req.action(NlAction::Goto),
+            };
+            fill(req.message_mut(), rule, protocol);
+            req.execute().await
+        }
+        Family::V6 => {
+            let mut req = handle.rule().add().v6().priority(rule.priority);
+            req = match rule.action {
+                RuleAction::Lookup(t) => req.table_id(t).action(NlAction::ToTable),
+                RuleAction::Goto(_) => req.action(NlAction::Goto),
+            };
+            fill(req.message_mut(), rule, protocol);
+            req.execute().await
+        }
+    }
+}
+
+/// The attributes both families' add requests carry besides priority, table and action.
+fn fill(msg: &mut RuleMessage, rule: &Rule, protocol: u8) {
     if let RuleAction::Goto(target) = rule.action {
         // A goto rule has no table (iproute2 sends RT_TABLE_UNSPEC too).
         msg.header.table = 0;
@@ -117,7 +143,6 @@ pub(crate) async fn add(
     }
     msg.attributes
         .push(RuleAttribute::Protocol(protocol.into()));
-    req.execute().await
 }
 
 /// Deletes exactly this kernel rule (a message from [`dump`]).
@@ -155,11 +180,15 @@ mod tests {
         assert_eq!(
             decode(&m),
             Some(Rule {
+                family: Family::V4,
                 priority: 101,
                 fwmark: Some((0x100, 0x100)),
                 action: RuleAction::Lookup(101)
             })
         );
+        let mut m6 = m.clone();
+        m6.header.family = AddressFamily::Inet6;
+        assert_eq!(decode(&m6).map(|r| r.family), Some(Family::V6));
     }
 
     #[test]
@@ -172,6 +201,7 @@ mod tests {
         assert_eq!(
             decode(&m),
             Some(Rule {
+                family: Family::V4,
                 priority: 100,
                 fwmark: None,
                 action: RuleAction::Goto(32766)
