@@ -551,6 +551,9 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
     if family.has_v6() {
         w.net.enable_ipv6("twin")?;
         w.net.enable_ipv6("twinpeer")?;
+        // As in the node: an IPv6 router has subnet-router anycast routes.
+        w.net
+            .exec_ok("twin", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
     }
     w.net.veth("twin", "eth1", "twinpeer", "eth0")?;
     if family.has_v4() {
