@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: a node, a remote host, a ztunnel and two pods, all in throw-away network namespaces
 # (never linked to the machine's own), pods made through libcni (our cnitool driver) with Debian's
-# ptp + host-local + ambient-cni, the daemon running inside the node namespace. Prints, step by
-# step, what is captured where, and the kernel state the daemon made. Removes everything on exit.
+# ptp + host-local + ambient-cni, the daemon running inside the node namespace. Everything is dual
+# stack (IPv4 and IPv6 ULA addresses; IPv6 without DAD inside our namespaces only). Prints, step by
+# step, what is captured where on both families, and the kernel state the daemon made. Removes
+# everything on exit.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${AMBIENT_CNI_BIN_DIR:-$root/target/release}
@@ -34,7 +36,12 @@ show() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@" 2>&1 | sed 's/^/  /' || true;
 in_ns() { ip netns exec "$@"; }
 
 bold "1. A node and a remote host (network namespaces $NODE and $REMOTE)"
-for ns in $NODE $REMOTE $ZT $APP $OTHER; do ip netns add "$ns"; done
+for ns in $NODE $REMOTE $ZT $APP $OTHER; do
+  ip netns add "$ns"
+  # IPv6 on, no duplicate address detection: inside our namespaces only, never the root one.
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+    net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+done
 in_ns $NODE ip link set lo up
 in_ns $REMOTE ip link set lo up
 # Created inside the node namespace, the peer straight in the remote one: never in the root netns.
@@ -44,15 +51,20 @@ in_ns $REMOTE ip addr add 198.51.100.2/24 dev eth0
 in_ns $NODE ip link set eth1 up
 in_ns $REMOTE ip link set eth0 up
 in_ns $REMOTE ip route add 10.244.1.0/24 via 198.51.100.1
-in_ns $NODE sysctl -qw net.ipv4.ip_forward=1
+in_ns $NODE ip -6 addr add fd00:198:51:100::1/64 dev eth1 nodad
+in_ns $REMOTE ip -6 addr add fd00:198:51:100::2/64 dev eth0 nodad
+in_ns $REMOTE ip -6 route add fd10:244:1::/64 via fd00:198:51:100::1
+in_ns $NODE sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 # Strict reverse-path filtering, as on many real nodes.
 in_ns $NODE sysctl -qw net.ipv4.conf.all.rp_filter=1
-echo "  node eth1 198.51.100.1  <->  remote eth0 198.51.100.2; pods will be 10.244.1.0/24"
+echo "  node eth1 198.51.100.1 fd00:198:51:100::1  <->  remote eth0 198.51.100.2 fd00:198:51:100::2"
+echo "  pods will be dual stack: 10.244.1.0/24 and fd10:244:1::/64"
 
 bold "2. Install the plugin (the DaemonSet's installer) and start the node daemon inside the node namespace"
 mkdir -p "$TMP/bin" "$TMP/net.d" "$TMP/cache" "$TMP/ipam"
 for p in ptp host-local loopback; do ln -s /usr/lib/cni/$p "$TMP/bin/$p"; done
-# The node's primary CNI config, as kind's kindnet writes it (ptp + host-local).
+# The node's primary CNI config, as kind's kindnet writes it for a dual-stack cluster (ptp +
+# host-local, one range set per family).
 cat > "$TMP/net.d/10-demo.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
@@ -60,8 +72,9 @@ cat > "$TMP/net.d/10-demo.conflist" <<JSON
   "plugins": [
     {"type": "ptp", "ipMasq": false,
      "ipam": {"type": "host-local", "dataDir": "$TMP/ipam",
-              "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}]],
-              "routes": [{"dst": "0.0.0.0/0"}]}}
+              "ranges": [[{"subnet": "10.244.1.0/24", "gateway": "10.244.1.1"}],
+                         [{"subnet": "fd10:244:1::/64", "gateway": "fd10:244:1::1"}]],
+              "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}}
   ]
 }
 JSON
@@ -83,12 +96,13 @@ cni() { # cni VERB NETNS NAMESPACE NAME
     "$CNITOOL" "$1" demo-net "/var/run/netns/$2"
 }
 pod_ip() { in_ns "$1" ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1; }
+pod_ip6() { in_ns "$1" ip -6 -o addr show eth0 scope global | awk '{print $4}' | cut -d/ -f1; }
 
 bold "3. Pods through libcni: 'app' in ambient namespace 'default', 'other' in 'legacy'"
 show cni add $APP default app
 cni add $OTHER legacy other >/dev/null
-APP_IP=$(pod_ip $APP) OTHER_IP=$(pod_ip $OTHER)
-echo "  app=$APP_IP (enrolled before any ztunnel exists)  other=$OTHER_IP"
+APP_IP=$(pod_ip $APP) OTHER_IP=$(pod_ip $OTHER) APP_IP6=$(pod_ip6 $APP) OTHER_IP6=$(pod_ip6 $OTHER)
+echo "  app=$APP_IP $APP_IP6 (enrolled before any ztunnel exists)  other=$OTHER_IP $OTHER_IP6"
 in_ns $APP "$BIN/acni-probe" echo 8080 app >/dev/null & PIDS+=($!)
 in_ns $OTHER "$BIN/acni-probe" echo 8080 other >/dev/null & PIDS+=($!)
 in_ns $REMOTE "$BIN/acni-probe" echo 8080 remote >/dev/null & PIDS+=($!)
@@ -96,13 +110,15 @@ sleep 0.3
 
 bold "4. No ztunnel yet: the enrolled pod's TCP is held closed (no bypass)"
 show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080 --timeout-ms 1000 || true
+show in_ns $APP "$BIN/acni-probe" connect [fd00:198:51:100::2]:8080 --timeout-ms 1000 || true
 
 bold "5. The ztunnel pod arrives (istio-system/ztunnel-demo); the daemon builds its tunnels"
 cni add $ZT istio-system ztunnel-demo >/dev/null
-ZT_IP=$(pod_ip $ZT)
+ZT_IP=$(pod_ip $ZT) ZT_IP6=$(pod_ip6 $ZT)
 in_ns $ZT "$BIN/acni-probe" tproxy >/dev/null & PIDS+=($!)
 sleep 0.3
-echo "  ztunnel=$ZT_IP, a TPROXY listener on 15001/15006/15008 that answers with the port it caught"
+echo "  ztunnel=$ZT_IP $ZT_IP6, TPROXY listeners on 15001/15006/15008 (127.0.0.1 and [::]) that"
+echo "  answer with the port they caught the connection on"
 
 bold "6. Traffic"
 echo "  enrolled app -> remote:8080 (egress is captured to 15001, original destination kept):"
@@ -117,6 +133,15 @@ echo "  ztunnel -> app:8080 directly (no loop back into ztunnel):"
 show in_ns $ZT "$BIN/acni-probe" connect $APP_IP:8080
 echo "  ztunnel -> app:8080 spoofing the remote client's address (transparent socket, as ztunnel does):"
 show in_ns $ZT "$BIN/acni-probe" connect $APP_IP:8080 --src 198.51.100.2
+echo "  IPv6, the same dual-stack pod: app -> [remote]:8080 (captured to 15001, original destination kept):"
+show in_ns $APP "$BIN/acni-probe" connect [fd00:198:51:100::2]:8080
+echo "  IPv6: not enrolled other -> [remote]:8080 (goes direct):"
+show in_ns $OTHER "$BIN/acni-probe" connect [fd00:198:51:100::2]:8080
+echo "  IPv6: remote -> [app]:8080 (captured to 15006) and [app]:15008 (captured to 15008):"
+show in_ns $REMOTE "$BIN/acni-probe" connect [$APP_IP6]:8080
+show in_ns $REMOTE "$BIN/acni-probe" connect [$APP_IP6]:15008
+echo "  IPv6: ztunnel -> [app]:8080 spoofing the remote client's address:"
+show in_ns $ZT "$BIN/acni-probe" connect [$APP_IP6]:8080 --src fd00:198:51:100::2
 
 bold "7. What the daemon programmed"
 show in_ns $NODE ipset list ztunnel-pods-ips
@@ -128,6 +153,14 @@ show in_ns $NODE iptables-save -t filter
 show in_ns $ZT iptables-save -t mangle
 show in_ns $ZT ip rule
 show in_ns $ZT ip route show table 100
+echo "  ... and their IPv6 mirrors:"
+show in_ns $NODE ipset list ztunnel-pods-ips6
+show in_ns $NODE ip -6 rule
+for t in 100 101 102; do show in_ns $NODE ip -6 route show table $t; done
+show in_ns $NODE ip6tables-save -t mangle
+show in_ns $ZT ip6tables-save -t mangle
+show in_ns $ZT ip -6 rule
+show in_ns $ZT ip -6 route show table 100
 show in_ns $NODE "$BIN/ambient-cnid" status --socket "$TMP/run/cni.sock"
 
 bold "8. Drift: someone flushes the ipset; the daemon repairs it within its resync period"
@@ -136,11 +169,14 @@ sleep 2.5
 show in_ns $NODE ipset list ztunnel-pods-ips -terse
 show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080
 
-bold "9. DEL of app: its entries go, and its IP is no longer steered into ztunnel"
+bold "9. DEL of app: its entries of both families go, and its IPs are no longer steered into ztunnel"
 show cni del $APP default app
 show in_ns $NODE ipset list ztunnel-pods-ips
+show in_ns $NODE ipset list ztunnel-pods-ips6
 show in_ns $NODE ip route show table 100
+show in_ns $NODE ip -6 route show table 100
 show in_ns $NODE ip route get $APP_IP from 198.51.100.2 iif eth1
+show in_ns $NODE ip -6 route get $APP_IP6 from fd00:198:51:100::2 iif eth1
 
 bold "10. The daemon's trace"
 show in_ns $NODE "$BIN/ambient-cnid" trace --socket "$TMP/run/cni.sock" --limit 40
@@ -149,6 +185,7 @@ bold "11. cleanup removes every object of ours"
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
 show in_ns $NODE "$BIN/ambient-cnid" cleanup --state-dir "$TMP/state"
 show in_ns $NODE ip rule
+show in_ns $NODE ip -6 rule
 show in_ns $NODE ipset list -n
 echo
 echo "Done. Daemon log: shown below (last 15 lines)."

@@ -5,7 +5,8 @@
 //! when the test fails or panics.
 //!
 //! - [`require_root`]: skip unless root; panics when `CI` is set (no silent skips in CI).
-//! - [`TestNet`]: namespaces `acni-<pid>-<n>-<name>`, commands inside them, tracked processes.
+//! - [`TestNet`]: namespaces `acni-<pid>-<n>-<name>`, commands inside them, tracked processes;
+//!   [`TestNet::enable_ipv6`] turns IPv6 on without DAD inside one of them.
 //! - [`workspace_bin`], [`cnitool`]: the built binaries (built once per test process).
 //! - [`CniEnv`]: a conf dir + plugin dir + libcni cache, and `cnitool add|check|del` in a
 //!   namespace; [`ptp_conflist`] / [`ambient_entry`] build the usual chain.
@@ -542,6 +543,59 @@ impl TestNet {
                 let mut c = children.swap_remove(i);
                 stop_child(&mut c, Duration::from_secs(3));
             }
+        }
+    }
+
+    /// Turns IPv6 on in namespace `name` (one of ours, never the root namespace) without
+    /// duplicate address detection: `all` and `default` `disable_ipv6=0` and `accept_dad=0`, so
+    /// the links made afterwards in it (or moved into it) use their addresses at once instead
+    /// of after a DAD second. A link made before needs [`TestNet::no_dad`] too: the kernel runs
+    /// DAD unless both `all` and the link's own `accept_dad` are 0.
+    pub fn enable_ipv6(&self, name: &str) -> Result<()> {
+        self.exec_ok(
+            name,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// `accept_dad=0` and `disable_ipv6=0` on link `ifname` of namespace `name`.
+    pub fn no_dad(&self, name: &str, ifname: &str) -> Result<()> {
+        self.exec_ok(
+            name,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{ifname}.disable_ipv6=0"),
+                &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Waits (up to 5 s) until namespace `name` has no tentative IPv6 address (one still in
+    /// DAD cannot be a source or a gateway yet); an error listing them if some stay.
+    pub fn wait_no_tentative(&self, name: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = self.exec_ok(name, &["ip", "-6", "-o", "addr", "show", "tentative"])?;
+            if t.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tentative IPv6 addresses in {} after 5 s:\n{t}",
+                    self.full_name(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

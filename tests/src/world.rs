@@ -2,7 +2,14 @@
 //! running the daemon, a remote host behind a veth, pods made through libcni (our cnitool driver,
 //! Debian ptp + host-local + ambient-cni), a ztunnel stand-in with TPROXY listeners, and echo
 //! servers. Everything lives in the [`TestNet`]'s namespaces and goes with it.
+//!
+//! A world is of one [`Family`]: IPv4 ([`World::new`], as the other suites use it), IPv6 only or
+//! dual stack ([`World::with_family`]). An IPv6 world turns IPv6 on without duplicate address
+//! detection in each of its namespaces (never in the root namespace), gives the node↔remote link
+//! ULA addresses ([`NODE_IP6`], [`REMOTE_IP6`]), forwards IPv6 in the node and hands the pods
+//! addresses of [`POD_CIDR6`] through host-local (a second range set when dual stack).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,10 +33,51 @@ pub const REMOTE_IP: &str = "198.51.100.2";
 pub const POD_CIDR: &str = "10.244.1.0/24";
 /// Gateway of the pods (ptp puts it on every host veth).
 pub const POD_GW: &str = "10.244.1.1";
+/// Node side of the node↔remote link, IPv6 (a ULA: never routed outside the namespaces).
+pub const NODE_IP6: &str = "fd00:198:51:100::1";
+/// The remote host, IPv6.
+pub const REMOTE_IP6: &str = "fd00:198:51:100::2";
+/// IPv6 pod CIDR of the node.
+pub const POD_CIDR6: &str = "fd10:244:1::/64";
+/// IPv6 gateway of the pods (host-local's default: the range's first address; ptp puts it on
+/// every host veth).
+pub const POD_GW6: &str = "fd10:244:1::1";
 /// The namespace whose pods are enrolled.
 pub const AMBIENT_NS: &str = "default";
 /// The CNI network name.
 pub const NETWORK: &str = "acni-net";
+
+/// The address families of a world's node, remote host and pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 only (the default world).
+    V4,
+    /// IPv6 only: no IPv4 address on the node↔remote link, pods get IPv6 addresses only.
+    V6,
+    /// Dual stack: both, every pod gets one address of each family.
+    Dual,
+}
+
+impl Family {
+    /// IPv4 addresses exist.
+    pub fn has_v4(self) -> bool {
+        self != Family::V6
+    }
+
+    /// IPv6 addresses exist.
+    pub fn has_v6(self) -> bool {
+        self != Family::V4
+    }
+}
+
+/// `ip:port`, or `[ip]:port` for an IPv6 address (what `acni-probe connect` and the answers use).
+pub fn hostport(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
 
 /// One pod made through libcni.
 #[derive(Clone, Debug)]
@@ -40,10 +88,60 @@ pub struct Pod {
     pub k8s_ns: String,
     /// Pod name.
     pub name: String,
-    /// Its IPv4 address.
+    /// Its first address in the ADD result: IPv4 in IPv4 and dual-stack worlds, IPv6 in an
+    /// IPv6-only world. [`Pod::ip4`] and [`Pod::ip6`] give each family's.
     pub ip: String,
     /// The ADD result.
     pub result: Value,
+}
+
+impl Pod {
+    /// Every address of the ADD result, in its order.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        result_ips(&self.result)
+    }
+
+    /// Its IPv4 address, if it has one.
+    pub fn ip4(&self) -> Option<String> {
+        self.ips()
+            .into_iter()
+            .find(IpAddr::is_ipv4)
+            .map(|a| a.to_string())
+    }
+
+    /// Its IPv6 address, if it has one.
+    pub fn ip6(&self) -> Option<String> {
+        self.ips()
+            .into_iter()
+            .find(IpAddr::is_ipv6)
+            .map(|a| a.to_string())
+    }
+
+    /// Its IPv6 address, or an error naming the pod (for tests of IPv6 paths).
+    pub fn need_ip6(&self) -> Result<String> {
+        self.ip6()
+            .with_context(|| format!("pod {} has no IPv6 address: {}", self.name, self.result))
+    }
+
+    /// Its IPv4 address, or an error naming the pod.
+    pub fn need_ip4(&self) -> Result<String> {
+        self.ip4()
+            .with_context(|| format!("pod {} has no IPv4 address: {}", self.name, self.result))
+    }
+}
+
+/// The addresses (`ips[].address`, prefix dropped) of a CNI result.
+pub fn result_ips(result: &Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|i| i["address"].as_str())
+                .filter_map(|a| a.split('/').next())
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The world.
@@ -59,35 +157,72 @@ pub struct World {
     /// Extra daemon arguments.
     pub daemon_args: Vec<String>,
     probe: PathBuf,
+    family: Family,
 }
 
 impl World {
     /// Builds node + remote, starts the daemon with `daemon_args` (plus the ambient namespace and
-    /// a fast resync), writes the conflist, starts the remote echo server on 8080.
+    /// a fast resync), writes the conflist, starts the remote echo server on 8080. IPv4 only.
     pub fn new(tag: &str, daemon_args: &[&str]) -> Result<World> {
+        World::with_family(tag, Family::V4, daemon_args)
+    }
+
+    /// [`World::new`] for a family: IPv6 only or dual stack (see the module doc).
+    pub fn with_family(tag: &str, family: Family, daemon_args: &[&str]) -> Result<World> {
         let net = TestNet::new(tag);
-        net.add_ns("node")?;
-        net.add_ns("remote")?;
+        for ns in ["node", "remote"] {
+            net.add_ns(ns)?;
+            if family.has_v6() {
+                net.enable_ipv6(ns)?;
+            }
+        }
         net.veth("node", "eth1", "remote", "eth0")?;
-        net.exec_ok(
-            "node",
-            &["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth1"],
-        )?;
-        net.exec_ok(
-            "remote",
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{REMOTE_IP}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        net.exec_ok("remote", &["ip", "route", "add", POD_CIDR, "via", NODE_IP])?;
+        if family.has_v4() {
+            net.exec_ok(
+                "node",
+                &["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth1"],
+            )?;
+            net.exec_ok(
+                "remote",
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{REMOTE_IP}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            net.exec_ok("remote", &["ip", "route", "add", POD_CIDR, "via", NODE_IP])?;
+        }
         net.exec_ok("node", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         // Strict reverse-path filtering, as on many real nodes: the path must work with it.
         net.exec_ok("node", &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])?;
+        if family.has_v6() {
+            net.no_dad("node", "eth1")?;
+            net.no_dad("remote", "eth0")?;
+            for (ns, dev, addr) in [("node", "eth1", NODE_IP6), ("remote", "eth0", REMOTE_IP6)] {
+                net.exec_ok(
+                    ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{addr}/64"),
+                        "dev",
+                        dev,
+                        "nodad",
+                    ],
+                )?;
+            }
+            net.exec_ok(
+                "remote",
+                &["ip", "-6", "route", "add", POD_CIDR6, "via", NODE_IP6],
+            )?;
+            // Inside the node netns only (ptp also turns it on there for IPv6 pods).
+            net.exec_ok("node", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
         let cni = CniEnv::new(&net, "node")?;
         let daemon_dir = net.dir().join("daemon");
         let mut args: Vec<String> = vec![
@@ -105,19 +240,31 @@ impl World {
             daemon_dir,
             daemon_args: args,
             probe,
+            family,
         };
         w.start_daemon()?;
         let d = w.daemon()?;
         // The node's primary config (ptp + host-local, as kind's kindnet), then our installer
         // appends our entry and copies the plugin, as the DaemonSet does.
+        // Dual stack: one range set per family, as kind's dual-stack config does.
+        let mut ranges = Vec::new();
+        let mut routes = Vec::new();
+        if family.has_v4() {
+            ranges.push(json!([{"subnet": POD_CIDR, "gateway": POD_GW}]));
+            routes.push(json!({"dst": "0.0.0.0/0"}));
+        }
+        if family.has_v6() {
+            ranges.push(json!([{"subnet": POD_CIDR6, "gateway": POD_GW6}]));
+            routes.push(json!({"dst": "::/0"}));
+        }
         let primary = json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
             "plugins": [
                 {"type": "ptp", "ipMasq": false,
                  "ipam": {"type": "host-local", "dataDir": w.cni.ipam_dir(),
-                          "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GW}]],
-                          "routes": [{"dst": "0.0.0.0/0"}]}},
+                          "ranges": ranges,
+                          "routes": routes}},
             ]
         });
         let conf = w.cni.write_conflist(&primary)?;
@@ -158,6 +305,11 @@ impl World {
         Ok(())
     }
 
+    /// The families of this world.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
     /// The running daemon.
     pub fn daemon(&self) -> Result<&Daemon> {
         self.daemon.as_ref().context("the daemon is not running")
@@ -195,16 +347,27 @@ impl World {
     /// Creates a pod netns and ADDs it through libcni; starts an echo server on 8080 in it.
     pub fn pod(&self, netns: &str, k8s_ns: &str, name: &str) -> Result<Pod> {
         self.net.add_ns(netns)?;
+        if self.family.has_v6() {
+            // Before the ADD: ptp creates eth0 here, with this namespace's defaults.
+            self.net.enable_ipv6(netns)?;
+        }
         let out = self.cnitool("add", netns, k8s_ns, name);
         if !out.success() {
             bail!("cnitool add {name}: {out}");
         }
         let result = out.json()?;
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .context("no IP in the ADD result")?
-            .to_string();
+        let ips = result_ips(&result);
+        let ip = ips.first().context("no IP in the ADD result")?.to_string();
+        if self.family.has_v4() && !ips.iter().any(IpAddr::is_ipv4) {
+            bail!("cnitool add {name}: no IPv4 address in the result: {result}");
+        }
+        if self.family.has_v6() && !ips.iter().any(IpAddr::is_ipv6) {
+            bail!("cnitool add {name}: no IPv6 address in the result: {result}");
+        }
+        if self.family.has_v6() {
+            self.net.no_dad(netns, "eth0")?;
+            self.net.wait_no_tentative(netns)?;
+        }
         self.spawn(netns, &["echo", "8080", name])?;
         Ok(Pod {
             netns: netns.into(),
@@ -268,13 +431,23 @@ impl World {
     /// The node's kernel state, as a person would look at it (for comparisons and messages).
     pub fn node_state(&self, ns: &str) -> Result<String> {
         let mut s = String::new();
-        for argv in [
+        let mut cmds: Vec<&[&str]> = vec![
             &["iptables-save"][..],
             &["ipset", "list", "-n"],
             &["ip", "rule"],
             &["ip", "-4", "route", "show", "table", "all"],
             &["ip", "-o", "link"],
-        ] {
+        ];
+        // IPv6 worlds: the IPv6 tables, rules and routes too (IPv4 worlds read what they always
+        // did, so the other suites' snapshots are unchanged).
+        if self.family.has_v6() {
+            cmds.extend_from_slice(&[
+                &["ip6tables-save"][..],
+                &["ip", "-6", "rule"],
+                &["ip", "-6", "route", "show", "table", "all"],
+            ]);
+        }
+        for argv in cmds {
             let out = self.net.exec(ns, argv);
             s.push_str(&format!(
                 "$ {}\n{}\n",
@@ -323,6 +496,22 @@ fn normalize(s: &str) -> String {
                 _ => l.to_string(),
             }
         })
+        // IPv6 link-local addresses come from random MACs: the same route in two worlds.
+        .map(|l| mask_link_local(&l))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `fe80::<anything>` → `fe80::*` (a /64 route `fe80::/64` stays as it is).
+fn mask_link_local(l: &str) -> String {
+    l.split(' ')
+        .map(|w| {
+            if w.starts_with("fe80::") && w != "fe80::/64" {
+                "fe80::*"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -1,14 +1,20 @@
-//! Real TCP through the redirection the daemon programs (issue 4), in namespaces only.
+//! Real TCP through the redirection the daemon programs (issue 4), in namespaces only, for IPv4,
+//! IPv6 (issue 11: tests named `*ipv6*`) and dual-stack pods (`dual_stack*`).
 //!
 //! Each test builds a [`World`]: node netns with the daemon, a remote host, pods through libcni.
 //! The ztunnel stand-in answers `ztunnel port=<listener> orig_dst=<ip:port> peer=<ip:port>`; echo
-//! servers answer `<name> peer=<ip:port>`.
+//! servers answer `<name> peer=<ip:port>` (IPv6 addresses as `[addr]:port`).
+//!
+//! Every path is written once, for a [`Fam`], and run for each family a test covers: the IPv6
+//! tests prove exactly what the IPv4 ones do.
 
 use std::time::Duration;
 
 use ambient_cni_tests::require_root;
-use ambient_cni_tests::world::{World, POD_GW, REMOTE_IP};
-use anyhow::Result;
+use ambient_cni_tests::world::{
+    hostport, Family, Pod, World, POD_GW, POD_GW6, REMOTE_IP, REMOTE_IP6,
+};
+use anyhow::{bail, Context, Result};
 
 fn assert_has(answer: &str, want: &str, what: &str) {
     assert!(
@@ -17,97 +23,239 @@ fn assert_has(answer: &str, want: &str, what: &str) {
     );
 }
 
-#[test]
-fn every_path_is_captured_where_the_design_says() -> Result<()> {
-    if !require_root() {
-        return Ok(());
+/// One address family of a world: its addresses, and the names of its kernel objects.
+#[derive(Clone, Copy, Debug)]
+struct Fam {
+    v6: bool,
+}
+
+const V4: Fam = Fam { v6: false };
+const V6: Fam = Fam { v6: true };
+
+impl Fam {
+    fn name(self) -> &'static str {
+        if self.v6 {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
     }
-    let w = World::new("paths", &[])?;
-    let zt = w.ztunnel("zt", "a")?;
-    let app = w.pod("app", "default", "app")?;
-    let other = w.pod("other", "legacy", "other")?;
-    let remote = format!("{REMOTE_IP}:8080");
+
+    /// The remote host's address.
+    fn remote(self) -> &'static str {
+        if self.v6 {
+            REMOTE_IP6
+        } else {
+            REMOTE_IP
+        }
+    }
+
+    /// The pods' gateway (the node's address on every host veth, the kubelet probe's source).
+    fn gw(self) -> &'static str {
+        if self.v6 {
+            POD_GW6
+        } else {
+            POD_GW
+        }
+    }
+
+    /// The pod's address of this family.
+    fn ip(self, p: &Pod) -> Result<String> {
+        if self.v6 {
+            p.need_ip6()
+        } else {
+            p.need_ip4()
+        }
+    }
+
+    /// The ipset of enrolled pod addresses.
+    fn set(self) -> &'static str {
+        if self.v6 {
+            "ztunnel-pods-ips6"
+        } else {
+            "ztunnel-pods-ips"
+        }
+    }
+
+    /// `ip`'s family flag.
+    fn flag(self) -> &'static str {
+        if self.v6 {
+            "-6"
+        } else {
+            "-4"
+        }
+    }
+}
+
+/// The families of a world.
+fn fams(family: Family) -> Vec<Fam> {
+    let mut v = Vec::new();
+    if family.has_v4() {
+        v.push(V4);
+    }
+    if family.has_v6() {
+        v.push(V6);
+    }
+    v
+}
+
+/// The start of a `peer=` or `orig_dst=` value for `ip` (`ip:` or `[ip]:`).
+fn at(ip: &str) -> String {
+    let hp = hostport(ip, 0);
+    hp.strip_suffix('0').unwrap_or(&hp).to_string()
+}
+
+/// Members of ipset `set` in namespace `ns` (none if the set does not exist).
+fn set_members(w: &World, ns: &str, set: &str) -> Result<Vec<String>> {
+    let out = w.net.exec(ns, &["ipset", "list", set]);
+    if !out.success() {
+        if out.stderr.contains("does not exist") {
+            return Ok(Vec::new());
+        }
+        bail!("ipset list {set}: {out}");
+    }
+    Ok(out
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Members:"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Destinations of the routes of table 100 (one per enrolled pod) of a family.
+fn table100(w: &World, f: Fam) -> Result<Vec<String>> {
+    let out = w
+        .net
+        .exec_ok("node", &["ip", f.flag(), "route", "show", "table", "100"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|d| {
+            d.trim_end_matches("/32")
+                .trim_end_matches("/128")
+                .to_string()
+        })
+        .collect())
+}
+
+/// Asserts that `ip` is (or is not) enrolled in the node: its ipset entry and its table-100 route.
+fn assert_enrolled(w: &World, f: Fam, ip: &str, want: bool, what: &str) -> Result<()> {
+    let set = set_members(w, "node", f.set())?;
+    assert_eq!(
+        set.iter().any(|m| m == ip),
+        want,
+        "{what}: {ip} in {} must be {want}: {set:?}",
+        f.set()
+    );
+    let routes = table100(w, f)?;
+    assert_eq!(
+        routes.iter().any(|r| r == ip),
+        want,
+        "{what}: {} route to {ip} in table 100 must be {want}: {routes:?}",
+        f.name()
+    );
+    Ok(())
+}
+
+/// Every path of the design for family `f`: enrolled `app`, not enrolled `other`, ztunnel `zt`.
+fn every_path(w: &World, f: Fam, zt: &Pod, app: &Pod, other: &Pod) -> Result<()> {
+    let fam = f.name();
+    let (zt_ip, app_ip, other_ip) = (f.ip(zt)?, f.ip(app)?, f.ip(other)?);
+    let rem = f.remote();
+    let remote = hostport(rem, 8080);
+    println!("{fam}: app {app_ip}, other {other_ip}, ztunnel {zt_ip}, remote {rem}");
 
     // Egress of an enrolled pod arrives at 15001 with the original destination intact.
     let a = w.answer("app", &remote, None)?;
     assert_has(
         &a,
-        &format!("ztunnel port=15001 orig_dst={remote} peer={}:", app.ip),
-        "enrolled egress",
+        &format!("ztunnel port=15001 orig_dst={remote} peer={}", at(&app_ip)),
+        &format!("{fam} enrolled egress"),
     );
     // A pod that is not enrolled reaches the remote host directly.
     let a = w.answer("other", &remote, None)?;
     assert_has(
         &a,
-        &format!("remote peer={}:", other.ip),
-        "non-enrolled egress",
+        &format!("remote peer={}", at(&other_ip)),
+        &format!("{fam} non-enrolled egress"),
     );
     // Inbound to an enrolled pod: 15006; to its port 15008: 15008.
-    let a = w.answer("remote", &format!("{}:8080", app.ip), None)?;
+    let a = w.answer("remote", &hostport(&app_ip, 8080), None)?;
     assert_has(
         &a,
         &format!(
-            "ztunnel port=15006 orig_dst={}:8080 peer={REMOTE_IP}:",
-            app.ip
+            "ztunnel port=15006 orig_dst={} peer={}",
+            hostport(&app_ip, 8080),
+            at(rem)
         ),
-        "inbound",
+        &format!("{fam} inbound"),
     );
-    let a = w.answer("remote", &format!("{}:15008", app.ip), None)?;
+    let a = w.answer("remote", &hostport(&app_ip, 15008), None)?;
     assert_has(
         &a,
-        &format!("ztunnel port=15008 orig_dst={}:15008", app.ip),
-        "HBONE",
+        &format!("ztunnel port=15008 orig_dst={}", hostport(&app_ip, 15008)),
+        &format!("{fam} HBONE"),
     );
     // Inbound to a pod that is not enrolled is not captured.
-    let a = w.answer("remote", &format!("{}:8080", other.ip), None)?;
+    let a = w.answer("remote", &hostport(&other_ip, 8080), None)?;
     assert_has(
         &a,
-        &format!("other peer={REMOTE_IP}:"),
-        "inbound to non-enrolled",
+        &format!("other peer={}", at(rem)),
+        &format!("{fam} inbound to non-enrolled"),
     );
     // Same node: enrolled → not enrolled is egress (15001); not enrolled → enrolled is inbound (15006).
-    let a = w.answer("app", &format!("{}:8080", other.ip), None)?;
+    let a = w.answer("app", &hostport(&other_ip, 8080), None)?;
     assert_has(
         &a,
-        &format!("ztunnel port=15001 orig_dst={}:8080", other.ip),
-        "pod to pod egress",
+        &format!("ztunnel port=15001 orig_dst={}", hostport(&other_ip, 8080)),
+        &format!("{fam} pod to pod egress"),
     );
-    let a = w.answer("other", &format!("{}:8080", app.ip), None)?;
+    let a = w.answer("other", &hostport(&app_ip, 8080), None)?;
     assert_has(
         &a,
         &format!(
-            "ztunnel port=15006 orig_dst={}:8080 peer={}:",
-            app.ip, other.ip
+            "ztunnel port=15006 orig_dst={} peer={}",
+            hostport(&app_ip, 8080),
+            at(&other_ip)
         ),
-        "pod to pod inbound",
+        &format!("{fam} pod to pod inbound"),
     );
     // ztunnel reaches the enrolled pod directly (no loop back into itself) ...
-    let a = w.answer("zt", &format!("{}:8080", app.ip), None)?;
-    assert_has(&a, &format!("app peer={}:", zt.ip), "ztunnel to pod");
+    let a = w.answer("zt", &hostport(&app_ip, 8080), None)?;
+    assert_has(
+        &a,
+        &format!("app peer={}", at(&zt_ip)),
+        &format!("{fam} ztunnel to pod"),
+    );
     // ... also with the remote client's address as source (transparent socket): the reply comes
     // back to ztunnel through connmark 0x210 → mark 0x040 → table 102 → its veth → 0x4d3 → local.
-    let a = w.answer("zt", &format!("{}:8080", app.ip), Some(REMOTE_IP))?;
+    let a = w.answer("zt", &hostport(&app_ip, 8080), Some(rem))?;
     assert_has(
         &a,
-        &format!("app peer={REMOTE_IP}:"),
-        "ztunnel to pod, spoofed",
+        &format!("app peer={}", at(rem)),
+        &format!("{fam} ztunnel to pod, spoofed"),
     );
     // ... and to the remote host, spoofing the enrolled pod (what ztunnel does for egress).
-    let a = w.answer("zt", &remote, Some(&app.ip))?;
+    let a = w.answer("zt", &remote, Some(&app_ip))?;
     assert_has(
         &a,
-        &format!("remote peer={}:", app.ip),
-        "ztunnel to remote, spoofed",
+        &format!("remote peer={}", at(&app_ip)),
+        &format!("{fam} ztunnel to remote, spoofed"),
     );
     // A kubelet probe (the node, from the pods' gateway address) reaches the pod directly.
-    let a = w.answer("node", &format!("{}:8080", app.ip), None)?;
+    let a = w.answer("node", &hostport(&app_ip, 8080), None)?;
     assert_has(
         &a,
-        &format!("app peer={POD_GW}:"),
-        "node to pod (probe skip)",
+        &format!("app peer={}", at(f.gw())),
+        &format!("{fam} node to pod (probe skip)"),
     );
+    Ok(())
+}
 
-    // The kernel the daemon reads back matches what it wants: a resync changes nothing.
+/// The kernel the daemon reads back matches what it wants: a resync changes nothing.
+fn settled(w: &World) -> Result<()> {
     let d = w.daemon()?;
     std::thread::sleep(Duration::from_millis(1200));
     let dump = d.dump_json()?;
@@ -123,6 +271,122 @@ fn every_path_is_captured_where_the_design_says() -> Result<()> {
     Ok(())
 }
 
+fn paths_world(tag: &str, family: Family) -> Result<(World, Pod, Pod, Pod)> {
+    let w = World::with_family(tag, family, &[])?;
+    let zt = w.ztunnel("zt", "a")?;
+    let app = w.pod("app", "default", "app")?;
+    let other = w.pod("other", "legacy", "other")?;
+    Ok((w, zt, app, other))
+}
+
+#[test]
+fn every_path_is_captured_where_the_design_says() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (w, zt, app, other) = paths_world("paths", Family::V4)?;
+    every_path(&w, V4, &zt, &app, &other)?;
+    settled(&w)
+}
+
+#[test]
+fn every_path_is_captured_where_the_design_says_ipv6() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (w, zt, app, other) = paths_world("paths6", Family::V6)?;
+    assert!(app.ip4().is_none(), "IPv6-only pod with an IPv4 address");
+    every_path(&w, V6, &zt, &app, &other)?;
+    settled(&w)
+}
+
+#[test]
+fn dual_stack_pods_are_captured_on_both_families_at_once() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (w, zt, app, other) = paths_world("pathsds", Family::Dual)?;
+    // Both families of one pod at the same time: egress and inbound, in parallel.
+    let (app4, app6) = (V4.ip(&app)?, V6.ip(&app)?);
+    let answers = std::thread::scope(|s| {
+        let jobs: Vec<_> = [
+            ("app", hostport(REMOTE_IP, 8080)),
+            ("app", hostport(REMOTE_IP6, 8080)),
+            ("remote", hostport(&app4, 8080)),
+            ("remote", hostport(&app6, 8080)),
+        ]
+        .into_iter()
+        .map(|(ns, dst)| {
+            let w = &w;
+            s.spawn(move || w.answer(ns, &dst, None))
+        })
+        .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| bail!("connect thread panicked"))
+            })
+            .collect::<Result<Vec<String>>>()
+    })?;
+    let want = [
+        format!(
+            "ztunnel port=15001 orig_dst={} peer={}",
+            hostport(REMOTE_IP, 8080),
+            at(&app4)
+        ),
+        format!(
+            "ztunnel port=15001 orig_dst={} peer={}",
+            hostport(REMOTE_IP6, 8080),
+            at(&app6)
+        ),
+        format!("ztunnel port=15006 orig_dst={}", hostport(&app4, 8080)),
+        format!("ztunnel port=15006 orig_dst={}", hostport(&app6, 8080)),
+    ];
+    for (a, w) in answers.iter().zip(&want) {
+        assert_has(a, w, "dual stack, both families at once");
+    }
+    // Then every path, on each family.
+    every_path(&w, V4, &zt, &app, &other)?;
+    every_path(&w, V6, &zt, &app, &other)?;
+    settled(&w)
+}
+
+/// DEL of `app` (enrolled next to `keep`) removes its entries of every family `fams`, and its
+/// addresses are no longer captured; `keep` still is.
+fn del_removes_the_pod(w: &World, fams: &[Fam], app: &Pod, keep: &Pod) -> Result<()> {
+    for &f in fams {
+        assert_enrolled(w, f, &f.ip(app)?, true, "before DEL")?;
+        assert_enrolled(w, f, &f.ip(keep)?, true, "before DEL")?;
+    }
+    let out = w.del(app);
+    assert!(out.success(), "{out}");
+    for &f in fams {
+        let (ip, keep_ip) = (f.ip(app)?, f.ip(keep)?);
+        assert_enrolled(w, f, &ip, false, "after DEL")?;
+        assert_enrolled(w, f, &keep_ip, true, "the other pod after DEL")?;
+        // Its IP now routes like any address the node does not own: not into istioin.
+        let get = w.net.exec(
+            "node",
+            &[
+                "ip",
+                f.flag(),
+                "route",
+                "get",
+                &ip,
+                "from",
+                f.remote(),
+                "iif",
+                "eth1",
+            ],
+        );
+        assert!(!get.stdout.contains("istioin"), "{}: {get}", f.name());
+        // The other pod is still captured.
+        let a = w.answer("remote", &hostport(&keep_ip, 8080), None)?;
+        assert!(a.contains("ztunnel port=15006"), "{}: {a}", f.name());
+    }
+    Ok(())
+}
+
 #[test]
 fn del_removes_everything_of_the_pod_and_its_ip_is_no_longer_captured() -> Result<()> {
     if !require_root() {
@@ -132,40 +396,91 @@ fn del_removes_everything_of_the_pod_and_its_ip_is_no_longer_captured() -> Resul
     w.ztunnel("zt", "a")?;
     let app = w.pod("app", "default", "app")?;
     let keep = w.pod("keep", "default", "keep")?;
-    let before = w
-        .net
-        .exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
-    assert!(
-        before.contains(&app.ip) && before.contains(&keep.ip),
-        "{before}"
-    );
-    let out = w.del(&app);
-    assert!(out.success(), "{out}");
-    let set = w
-        .net
-        .exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
-    assert!(
-        !set.contains(&format!("{} ", app.ip)) && !set.lines().any(|l| l.starts_with(&app.ip)),
-        "{set}"
-    );
-    assert!(set.contains(&keep.ip));
-    let t100 = w
-        .net
-        .exec_ok("node", &["ip", "route", "show", "table", "100"])?;
-    assert!(!t100.contains(&app.ip), "{t100}");
-    assert!(t100.contains(&keep.ip), "{t100}");
-    // Its IP now routes like any address the node does not own: not into istioin.
-    let get = w.net.exec(
-        "node",
-        &[
-            "ip", "route", "get", &app.ip, "from", REMOTE_IP, "iif", "eth1",
-        ],
-    );
-    assert!(!get.stdout.contains("istioin"), "{get}");
-    // The other pod is still captured.
-    let a = w.answer("remote", &format!("{}:8080", keep.ip), None)?;
-    assert!(a.contains("ztunnel port=15006"), "{a}");
+    del_removes_the_pod(&w, &[V4], &app, &keep)
+}
+
+#[test]
+fn del_removes_everything_of_the_pod_ipv6() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let w = World::with_family("del6", Family::V6, &[])?;
+    w.ztunnel("zt", "a")?;
+    let app = w.pod("app", "default", "app")?;
+    let keep = w.pod("keep", "default", "keep")?;
+    del_removes_the_pod(&w, &[V6], &app, &keep)
+}
+
+#[test]
+fn dual_stack_del_removes_both_families() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let w = World::with_family("delds", Family::Dual, &[])?;
+    w.ztunnel("zt", "a")?;
+    let app = w.pod("app", "default", "app")?;
+    let keep = w.pod("keep", "default", "keep")?;
+    del_removes_the_pod(&w, &[V4, V6], &app, &keep)?;
+    // Nothing of the deleted pod is left in the daemon either.
+    let dump = w.daemon()?.dump_json()?.to_string();
+    for ip in app.ips() {
+        assert!(
+            !dump.contains(&format!("\"{ip}")),
+            "{ip} still in the dump: {dump}"
+        );
+    }
     Ok(())
+}
+
+/// No ztunnel, a ztunnel, its DEL, a replacement, its netns vanishing, another replacement, a
+/// late DEL of the first: held closed whenever no ztunnel is there, captured otherwise.
+fn held_closed_then_captured(family: Family, f: Fam, tag: &str) -> Result<()> {
+    let w = World::with_family(tag, family, &[])?;
+    let app = w.pod("app", "default", "app")?;
+    let remote = hostport(f.remote(), 8080);
+    let inbound = hostport(&f.ip(&app)?, 8080);
+    let closed = |when: &str| {
+        let out = w.connect("app", &remote, None);
+        assert!(
+            !out.success(),
+            "{when}: egress must not bypass ztunnel: {out}"
+        );
+        let out = w.connect("remote", &inbound, None);
+        assert!(
+            !out.success(),
+            "{when}: inbound must not bypass ztunnel: {out}"
+        );
+    };
+    let captured = |when: &str| -> Result<()> {
+        let a = w.answer("app", &remote, None).context(when.to_string())?;
+        assert_has(&a, "ztunnel port=15001", when);
+        let a = w
+            .answer("remote", &inbound, None)
+            .context(when.to_string())?;
+        assert_has(&a, "ztunnel port=15006", when);
+        Ok(())
+    };
+    // No ztunnel on the node yet: held closed in both directions (no bypass).
+    closed("before any ztunnel");
+    // The first ztunnel arrives: the pod enrolled before it is captured.
+    let z1 = w.ztunnel("zt1", "one")?;
+    captured("first ztunnel")?;
+    // ztunnel DEL: held closed again until the replacement's ADD.
+    assert!(w.del(&z1).success());
+    closed("after the ztunnel's DEL");
+    let _z2 = w.ztunnel("zt2", "two")?;
+    captured("replacement ztunnel")?;
+    // The ztunnel's netns vanishes without a DEL: the kernel deletes the veths and every route
+    // through them; the fallbacks keep it closed.
+    w.net.del_ns("zt2")?;
+    closed("after the ztunnel's netns vanished");
+    // A replacement in a new netns captures again, with fresh tunnels.
+    let _z3 = w.ztunnel("zt3", "three")?;
+    captured("third ztunnel")?;
+    // A late DEL of the old ztunnel does not tear down the new one's tunnels.
+    let late = w.cnitool("del", "zt1", "istio-system", "ztunnel-one");
+    assert!(late.success(), "{late}");
+    captured("after a late DEL of the first ztunnel")
 }
 
 #[test]
@@ -173,57 +488,39 @@ fn pod_before_ztunnel_is_held_closed_then_captured_and_replacements_capture() ->
     if !require_root() {
         return Ok(());
     }
-    let w = World::new("ztlife", &[])?;
+    held_closed_then_captured(Family::V4, V4, "ztlife")
+}
+
+#[test]
+fn pod_before_ztunnel_is_held_closed_then_captured_and_replacements_capture_ipv6() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    held_closed_then_captured(Family::V6, V6, "ztlife6")
+}
+
+fn fail_open(family: Family, f: Fam, tag: &str) -> Result<()> {
+    let w = World::with_family(tag, family, &["--fail-open"])?;
     let app = w.pod("app", "default", "app")?;
-    let remote = format!("{REMOTE_IP}:8080");
-    let inbound = format!("{}:8080", app.ip);
-    // No ztunnel on the node yet: held closed in both directions (no bypass).
-    assert!(
-        !w.connect("app", &remote, None).success(),
-        "egress must not bypass ztunnel"
+    let app_ip = f.ip(&app)?;
+    let remote = hostport(f.remote(), 8080);
+    let a = w.answer("app", &remote, None)?;
+    assert_has(
+        &a,
+        &format!("remote peer={}", at(&app_ip)),
+        "fail-open egress",
     );
-    assert!(
-        !w.connect("remote", &inbound, None).success(),
-        "inbound must not bypass ztunnel"
+    let a = w.answer("remote", &hostport(&app_ip, 8080), None)?;
+    assert_has(
+        &a,
+        &format!("app peer={}", at(f.remote())),
+        "fail-open inbound",
     );
-    // The first ztunnel arrives: the pod enrolled before it is captured.
-    let z1 = w.ztunnel("zt1", "one")?;
-    assert!(w
-        .answer("app", &remote, None)?
-        .contains("ztunnel port=15001"));
-    assert!(w
-        .answer("remote", &inbound, None)?
-        .contains("ztunnel port=15006"));
-    // ztunnel DEL: held closed again until the replacement's ADD.
-    assert!(w.del(&z1).success());
-    assert!(!w.connect("app", &remote, None).success());
-    assert!(!w.connect("remote", &inbound, None).success());
-    let _z2 = w.ztunnel("zt2", "two")?;
-    assert!(w
-        .answer("app", &remote, None)?
-        .contains("ztunnel port=15001"));
-    assert!(w
-        .answer("remote", &inbound, None)?
-        .contains("ztunnel port=15006"));
-    // The ztunnel's netns vanishes without a DEL: the kernel deletes the veths and every route
-    // through them; the fallbacks keep it closed.
-    w.net.del_ns("zt2")?;
-    assert!(!w.connect("app", &remote, None).success());
-    assert!(!w.connect("remote", &inbound, None).success());
-    // A replacement in a new netns captures again, with fresh tunnels.
-    let _z3 = w.ztunnel("zt3", "three")?;
-    assert!(w
-        .answer("app", &remote, None)?
-        .contains("ztunnel port=15001"));
-    assert!(w
-        .answer("remote", &inbound, None)?
-        .contains("ztunnel port=15006"));
-    // A late DEL of the old ztunnel does not tear down the new one's tunnels.
-    let late = w.cnitool("del", "zt1", "istio-system", "ztunnel-one");
-    assert!(late.success(), "{late}");
-    assert!(w
-        .answer("app", &remote, None)?
-        .contains("ztunnel port=15001"));
+    w.ztunnel("zt", "a")?;
+    let a = w.answer("app", &remote, None)?;
+    assert_has(&a, "ztunnel port=15001", "fail-open, ztunnel up");
+    let a = w.answer("remote", &hostport(&app_ip, 8080), None)?;
+    assert_has(&a, "ztunnel port=15006", "fail-open, ztunnel up");
     Ok(())
 }
 
@@ -232,40 +529,61 @@ fn fail_open_lets_traffic_flow_without_ztunnel() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let w = World::new("failopen", &["--fail-open"])?;
-    let app = w.pod("app", "default", "app")?;
-    let a = w.answer("app", &format!("{REMOTE_IP}:8080"), None)?;
-    assert!(a.contains(&format!("remote peer={}:", app.ip)), "{a}");
-    let a = w.answer("remote", &format!("{}:8080", app.ip), None)?;
-    assert!(a.contains("app peer="), "{a}");
-    w.ztunnel("zt", "a")?;
-    assert!(w
-        .answer("app", &format!("{REMOTE_IP}:8080"), None)?
-        .contains("ztunnel port=15001"));
-    Ok(())
+    fail_open(Family::V4, V4, "failopen")
 }
 
 #[test]
-fn cleanup_leaves_no_object_of_ours() -> Result<()> {
+fn fail_open_lets_traffic_flow_without_ztunnel_ipv6() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let mut w = World::new("cleanup", &[])?;
+    fail_open(Family::V6, V6, "failopen6")
+}
+
+/// The daemon programs a world of `family`, captures, then `cleanup` leaves the node as a twin
+/// that never ran it, and nothing of ours in the ztunnel netns.
+fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
+    let mut w = World::with_family(tag, family, &[])?;
     // The daemon is already running (its start-up reconcile made the base state); take the
     // "before" picture in a twin node namespace built the same way, without a daemon.
     w.net.add_ns("twin")?;
     w.net.add_ns("twinpeer")?;
+    if family.has_v6() {
+        w.net.enable_ipv6("twin")?;
+        w.net.enable_ipv6("twinpeer")?;
+        // As in the node: an IPv6 router has subnet-router anycast routes.
+        w.net
+            .exec_ok("twin", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    }
     w.net.veth("twin", "eth1", "twinpeer", "eth0")?;
-    w.net.exec_ok(
-        "twin",
-        &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"],
-    )?;
+    if family.has_v4() {
+        w.net.exec_ok(
+            "twin",
+            &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"],
+        )?;
+    }
+    if family.has_v6() {
+        w.net.exec_ok(
+            "twin",
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "fd00:198:51:100::1/64",
+                "dev",
+                "eth1",
+                "nodad",
+            ],
+        )?;
+    }
     let before = w.node_state("twin")?;
     let zt = w.ztunnel("zt", "a")?;
     let app = w.pod("app", "default", "app")?;
-    assert!(w
-        .answer("app", &format!("{REMOTE_IP}:8080"), None)?
-        .contains("ztunnel port=15001"));
+    for f in fams(family) {
+        let a = w.answer("app", &hostport(f.remote(), 8080), None)?;
+        assert_has(&a, "ztunnel port=15001", f.name());
+    }
     if let Some(mut d) = w.daemon.take() {
         d.stop();
     }
@@ -292,9 +610,46 @@ fn cleanup_leaves_no_object_of_ours() -> Result<()> {
     );
     let zs = w.net.exec_ok("zt", &["iptables-save"])?;
     assert!(!zs.contains("ztunnel"), "{zs}");
-    let zr = w.net.exec_ok("zt", &["ip", "rule"])?;
-    assert!(!zr.contains("20000") && !zr.contains("20003"), "{zr}");
     let zl = w.net.exec_ok("zt", &["ip", "-o", "link"])?;
     assert!(!zl.contains("pistio"), "{zl}");
+    let mut rules = vec![w.net.exec_ok("zt", &["ip", "rule"])?];
+    if family.has_v6() {
+        let zs6 = w.net.exec_ok("zt", &["ip6tables-save"])?;
+        assert!(!zs6.contains("ztunnel"), "{zs6}");
+        rules.push(w.net.exec_ok("zt", &["ip", "-6", "rule"])?);
+        let zr6 = w
+            .net
+            .exec_ok("zt", &["ip", "-6", "route", "show", "table", "all"])?;
+        assert!(!zr6.contains("proto 212"), "{zr6}");
+        let sets = w.net.exec_ok("node", &["ipset", "list", "-n"])?;
+        assert!(!sets.contains("ztunnel-pods-ips6"), "{sets}");
+    }
+    for zr in rules {
+        assert!(!zr.contains("20000") && !zr.contains("20003"), "{zr}");
+    }
     Ok(())
+}
+
+#[test]
+fn cleanup_leaves_no_object_of_ours() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    cleanup_leaves_nothing(Family::V4, "cleanup")
+}
+
+#[test]
+fn cleanup_leaves_no_object_of_ours_dual_stack() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    cleanup_leaves_nothing(Family::Dual, "cleanupds")
+}
+
+#[test]
+fn cleanup_leaves_no_object_of_ours_ipv6() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    cleanup_leaves_nothing(Family::V6, "cleanup6")
 }

@@ -23,7 +23,11 @@
 //! - throughput with 1, 4 and 16 parallel callers (while the node fills from 1,000 to 10,000);
 //! - reconcile: a no-change resync and the restore after the ipset, our mangle chain and table 100
 //!   were flushed (`last_resync` of `ambient-cnid dump`);
-//! - daemon RSS idle and at 10,000 pods.
+//! - daemon RSS idle and at 10,000 pods;
+//! - dual stack: at the first level, each round also ADDs and DELs a dual-stack pod (an IPv4 and
+//!   an IPv6 address in its prevResult, as ptp + host-local with two range sets hand it; the
+//!   ztunnel is dual-stack too, so both families are programmed): its ADD p50 ÷ the IPv4 pod's
+//!   ADD p50 of the same rounds.
 //!
 //! Rounds interleave floor, baseline and plugin so that the machine's noise hits them alike.
 //!
@@ -49,6 +53,10 @@ const AMBIENT_NS: &str = "default";
 const GW: &str = "10.244.0.1";
 /// The ztunnel pod.
 const ZT_IP: &str = "10.244.0.2";
+/// The node's IPv6 address: gateway of the dual-stack pods (a ULA, as the tests use).
+const GW6: &str = "fd10:244::1";
+/// The ztunnel pod's IPv6 address.
+const ZT_IP6: &str = "fd10:244::2";
 /// Host interfaces shared by the latency samples (each sample is a new pod).
 const SAMPLE_IFS: usize = 8;
 /// Samples run before each level's timed rounds (page cache, daemon allocations).
@@ -231,6 +239,8 @@ struct PodSpec {
     uid: String,
     k8s_ns: String,
     ip: String,
+    /// The IPv6 address of a dual-stack pod.
+    ip6: Option<String>,
     host_if: String,
 }
 
@@ -243,6 +253,7 @@ impl PodSpec {
             uid: format!("uid-p{i}"),
             k8s_ns: AMBIENT_NS.into(),
             ip: addr(201, i),
+            ip6: None,
             host_if: format!("bp{i}"),
         }
     }
@@ -255,6 +266,20 @@ impl PodSpec {
             uid: format!("uid-s{k}"),
             k8s_ns: AMBIENT_NS.into(),
             ip: addr(202, k),
+            ip6: None,
+            host_if: format!("bs{}", k % SAMPLE_IFS),
+        }
+    }
+
+    /// Dual-stack latency sample `k`: 10.203.0.0/16 and fd10:203::/64, a shared interface.
+    fn sample_dual(k: usize) -> PodSpec {
+        PodSpec {
+            cid: format!("dual{k:08}"),
+            name: format!("d{k}"),
+            uid: format!("uid-d{k}"),
+            k8s_ns: AMBIENT_NS.into(),
+            ip: addr(203, k),
+            ip6: Some(format!("fd10:203::{:x}", k + 1)),
             host_if: format!("bs{}", k % SAMPLE_IFS),
         }
     }
@@ -266,6 +291,7 @@ impl PodSpec {
             uid: "uid-ztunnel".into(),
             k8s_ns: "istio-system".into(),
             ip: ZT_IP.into(),
+            ip6: Some(ZT_IP6.into()),
             host_if: "vzt".into(),
         }
     }
@@ -424,9 +450,11 @@ impl Bench {
         let net = TestNet::new("bench");
         // Declared after `net`, so dropped before it, also when set-up fails half-way.
         let home = HomeNs(File::open("/proc/thread-self/ns/net").context("open own netns")?);
-        net.add_ns("node")?;
-        net.add_ns("pods")?;
-        net.add_ns("zt")?;
+        for ns in ["node", "pods", "zt"] {
+            net.add_ns(ns)?;
+            // The tunnels' IPv6 addresses must not wait for DAD (never the root namespace).
+            net.enable_ipv6(ns)?;
+        }
         // From here on this process (and every child it starts) lives in the bench's node netns.
         enter_netns(&net.ns_path("node"))?;
 
@@ -437,6 +465,39 @@ impl Bench {
         net.exec_ok(
             "zt",
             &["ip", "addr", "add", &format!("{ZT_IP}/24"), "dev", "eth0"],
+        )?;
+        // Dual stack: the ztunnel's and the gateway's IPv6 addresses, as ptp sets them.
+        sh_ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{GW6}/128"),
+            "dev",
+            "vzt",
+            "nodad",
+        ])?;
+        sh_ok(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{ZT_IP6}/128"),
+            "dev",
+            "vzt",
+        ])?;
+        net.exec_ok(
+            "zt",
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ZT_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
         )?;
 
         // One host interface per pod of the population, plus the samples'.
@@ -500,6 +561,13 @@ impl Bench {
     }
 
     fn conf(&self, p: &PodSpec, netns: &str) -> Vec<u8> {
+        let mut ips =
+            vec![json!({"address": format!("{}/16", p.ip), "gateway": GW, "interface": 1})];
+        let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": GW})];
+        if let Some(ip6) = &p.ip6 {
+            ips.push(json!({"address": format!("{ip6}/64"), "gateway": GW6, "interface": 1}));
+            routes.push(json!({"dst": "::/0", "gw": GW6}));
+        }
         let doc = json!({
             "cniVersion": "1.0.0",
             "name": "acni-bench",
@@ -512,8 +580,8 @@ impl Bench {
                     {"name": p.host_if, "mac": "0a:58:0a:f4:00:01"},
                     {"name": "eth0", "mac": "0a:58:0a:f4:00:02", "sandbox": netns}
                 ],
-                "ips": [{"address": format!("{}/16", p.ip), "gateway": GW, "interface": 1}],
-                "routes": [{"dst": "0.0.0.0/0", "gw": GW}],
+                "ips": ips,
+                "routes": routes,
                 "dns": {}
             }
         });
@@ -547,7 +615,11 @@ impl Bench {
             let v: Value = serde_json::from_slice(&r.stdout).with_context(|| {
                 format!("{cmd} {}: stdout is not JSON: {}", p.name, r.describe())
             })?;
-            if v["ips"][0]["address"].as_str() != Some(&format!("{}/16", p.ip)) {
+            let v6_ok = match &p.ip6 {
+                Some(ip6) => v["ips"][1]["address"].as_str() == Some(&format!("{ip6}/64")),
+                None => true,
+            };
+            if v["ips"][0]["address"].as_str() != Some(&format!("{}/16", p.ip)) || !v6_ok {
                 bail!(
                     "{cmd} {}: result is not the prevResult: {}",
                     p.name,
@@ -730,6 +802,22 @@ impl Bench {
             .context("no entry count in `ipset list -t`")
     }
 
+    /// The dual-stack figure times real work: the pod's IPv6 address has its table-100 route.
+    fn check_dual_programmed(&self, p: &PodSpec) -> Result<()> {
+        let ip6 = p.ip6.as_deref().context("not a dual-stack pod")?;
+        let routes = sh_ok(&["ip", "-6", "route", "show", "table", "100"])?;
+        if !routes
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ip6))
+        {
+            bail!(
+                "dual-stack pod {}: no IPv6 table-100 route for {ip6} after its ADD (does the daemon handle IPv6?):\n{routes}",
+                p.name
+            );
+        }
+        Ok(())
+    }
+
     /// The iptables binary of the variant holding our node chains.
     fn iptables_bin(&self) -> Result<&'static str> {
         for (save, bin) in [
@@ -772,6 +860,9 @@ struct Results {
     /// How many complete restores the median is of.
     restores: usize,
     nochange: Option<u64>,
+    /// ADD of a dual-stack pod, and of the IPv4 pod of the same rounds (first level).
+    dual_add: Pct,
+    dual_v4_add: Pct,
     rss_idle_kib: u64,
     rss_full_kib: u64,
     max_pods: usize,
@@ -789,7 +880,12 @@ struct Pool {
     sdel: Vec<Duration>,
 }
 
-fn rounds(b: &mut Bench, n: usize, pool: &mut Pool) -> Result<Level> {
+fn rounds(
+    b: &mut Bench,
+    n: usize,
+    pool: &mut Pool,
+    mut dual: Option<&mut Vec<Duration>>,
+) -> Result<Level> {
     let mut add = Vec::with_capacity(n);
     let mut del = Vec::with_capacity(n);
     let first = pool.floor.len();
@@ -803,6 +899,21 @@ fn rounds(b: &mut Bench, n: usize, pool: &mut Pool) -> Result<Level> {
         let a = b.call(&b.plugin, "ADD", &p, &b.pod_netns)?;
         let d = b.call(&b.plugin, "DEL", &p, &b.pod_netns)?;
         let sd = b.call(&b.shell, "DEL", &p, &b.pod_netns)?;
+        // A dual-stack pod in the same round, right after the IPv4 one.
+        let dual_add = if dual.is_some() {
+            let q = PodSpec::sample_dual(b.samples);
+            let a = b.call(&b.plugin, "ADD", &q, &b.pod_netns)?;
+            if r == 0 {
+                b.check_dual_programmed(&q)?;
+            }
+            b.call(&b.plugin, "DEL", &q, &b.pod_netns)?;
+            Some(a)
+        } else {
+            None
+        };
+        if let (true, Some(v), Some(a)) = (r >= WARMUP, dual.as_deref_mut(), dual_add) {
+            v.push(a);
+        }
         if r >= WARMUP {
             pool.floor.push(f);
             pool.version.push(v);
@@ -919,7 +1030,26 @@ fn run(opts: &Opts) -> Result<Results> {
             let took = b.add_pods(missing, 4)?;
             log(format!("filled to {} pods in {took:?}", b.pods));
         }
-        let lv = rounds(&mut b, opts.samples, &mut pool)?;
+        // The dual-stack figure at the first level only (a small node, like the floor ratio).
+        let mut dual = Vec::new();
+        let first_level = r.levels.is_empty();
+        let lv = rounds(
+            &mut b,
+            opts.samples,
+            &mut pool,
+            first_level.then_some(&mut dual),
+        )?;
+        if first_level {
+            r.dual_add = pct(&dual);
+            r.dual_v4_add = lv.add;
+            log(format!(
+                "{} pods: dual-stack ADD p50 {} ms p99 {} ms (IPv4 ADD p50 {} ms in the same rounds)",
+                lv.pods,
+                ms(r.dual_add.p50),
+                ms(r.dual_add.p99),
+                ms(lv.add.p50)
+            ));
+        }
         log(format!(
             "{} pods: ADD p50 {} ms p99 {} ms, DEL p50 {} ms p99 {} ms",
             lv.pods,
@@ -1107,6 +1237,29 @@ fn table(r: &Results, opts: &Opts) -> String {
             format!("{x_scale:.2}×"),
             "≤ 1.1×",
             verdict(x_scale <= 1.1),
+        );
+    }
+    if let Some(f) = first {
+        row(
+            &mut t,
+            &format!(
+                "dual-stack pod (IPv4 + IPv6) ADD at {} pods, p50 / p99",
+                f.pods
+            ),
+            p(r.dual_add),
+            "",
+            "",
+        );
+        let x_dual = r.dual_add.p50.as_secs_f64() / r.dual_v4_add.p50.as_secs_f64().max(1e-9);
+        row(
+            &mut t,
+            &format!(
+                "dual-stack ADD p50 ÷ IPv4 ADD p50 at {} pods (same rounds)",
+                f.pods
+            ),
+            format!("{x_dual:.2}×"),
+            "≤ 1.3×",
+            verdict(x_dual <= 1.3),
         );
     }
     for (callers, n, took, before, after) in &r.throughput {
