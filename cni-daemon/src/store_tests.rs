@@ -296,17 +296,17 @@ fn other_boot_is_discarded() {
     assert!(reg.is_empty());
 }
 
-    /// A journal line written by the IPv4-only version (`ips` as IPv4 strings, no `gateway6`)
-    /// still loads.
-    #[test]
-    fn a_journal_line_of_the_ipv4_only_version_loads() {
-        let line = r#"{"op":"put","rec":{"container_id":"c1","ifname":"eth0","netns":"/var/run/netns/c1","namespace":"default","name":"app","uid":"u1","network":"k8s","ips":["10.244.1.5"],"gateway":"10.244.1.1","host_if":"veth1","enrolled":true,"ztunnel":false,"seq":7}}"#;
-        let Entry::Put { rec } = serde_json::from_str::<Entry>(line).expect("loads") else {
-            panic!("not a put");
-        };
-        assert_eq!(
-            rec.ips,
-            vec![std::net::IpAddr::from(Ipv4Addr::new(10, 244, 1, 5))]
-        );
-        assert_eq!(rec.gateway6, None);
-    }
+/// A journal line written by the IPv4-only version (`ips` as IPv4 strings, no `gateway6`)
+/// still loads.
+#[test]
+fn a_journal_line_of_the_ipv4_only_version_loads() {
+    let line = r#"{"op":"put","rec":{"container_id":"c1","ifname":"eth0","netns":"/var/run/netns/c1","namespace":"default","name":"app","uid":"u1","network":"k8s","ips":["10.244.1.5"],"gateway":"10.244.1.1","host_if":"veth1","enrolled":true,"ztunnel":false,"seq":7}}"#;
+    let Entry::Put { rec } = serde_json::from_str::<Entry>(line).expect("loads") else {
+        panic!("not a put");
+    };
+    assert_eq!(
+        rec.ips,
+        vec![std::net::IpAddr::from(Ipv4Addr::new(10, 244, 1, 5))]
+    );
+    assert_eq!(rec.gateway6, None);
+}

@@ -638,6 +638,11 @@ mod tests {
                         return;
                     }
                     while !forever.is_empty() && s.write_all(&forever).is_ok() {}
+                    // Close only once the client has: closing first could reset the connection
+                    // while the client is still writing its request (EPIPE instead of the
+                    // protocol error under test).
+                    let mut sink = [0u8; 4096];
+                    while matches!(std::io::Read::read(&mut s, &mut sink), Ok(n) if n > 0) {}
                 });
             }
         });

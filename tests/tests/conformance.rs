@@ -655,7 +655,14 @@ fn daemon_down_or_hung() {
         j["msg"],
         format!("ambient-cnid at {} did not answer in time", sock.display())
     );
-    assert_eq!(j["details"], "deadline of 1000 ms exceeded");
+    // The call gets what is left of timeoutMs counted from exec (reading stdin came first).
+    let details = j["details"].as_str().unwrap_or_default();
+    let budget: u64 = details
+        .strip_prefix("deadline of ")
+        .and_then(|d| d.strip_suffix(" ms exceeded"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("details {details:?}"));
+    assert!((900..=1000).contains(&budget), "{out}");
     assert!(
         out.elapsed >= Duration::from_millis(900) && out.elapsed < Duration::from_millis(2500),
         "{out}"
