@@ -10,7 +10,7 @@ use ambient_cni_proto::CONTRACT_VERSION;
 use prost::Message;
 use tracing::warn;
 
-use crate::daemon::{Daemon, PodEvent, RequestError};
+use crate::daemon::{Daemon, PodEvent, RequestError, RunningPod};
 use crate::dataplane::Dataplane;
 
 /// The `:path` prefix of our service's methods.
@@ -179,9 +179,11 @@ pub async fn call<D: Dataplane>(
                 enrolled_pods: s.enrolled as u32,
                 ztunnel_present: s.ztunnel.is_some(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                running_not_enrolled: s.not_enrolled as u32,
             }
             .encode_to_vec()
         }
+        "Enroll" => enroll(daemon, decode(msg)?).await?.encode_to_vec(),
         "Dump" => {
             let _: DumpRequest = decode(msg)?;
             let v = daemon.dump().await;
@@ -212,6 +214,36 @@ pub async fn call<D: Dataplane>(
         }
     };
     Ok(reply)
+}
+
+/// `ambient-cnid enroll` (and `--release`): a running pod enrolled without a CNI ADD.
+async fn enroll<D: Dataplane>(daemon: &Daemon<D>, r: EnrollRequest) -> Result<EnrollReply, Status> {
+    check_version(r.contract_version)?;
+    let out = if r.release {
+        daemon.release_running(&r.pod_uid).await
+    } else {
+        let mut ips = Vec::with_capacity(r.ips.len());
+        for a in &r.ips {
+            let ip = a.parse().map_err(|_| {
+                Status::new(Code::InvalidArgument, format!("not an IP address: {a:?}"))
+            })?;
+            ips.push(ip);
+        }
+        daemon
+            .enroll_running(RunningPod {
+                namespace: r.pod_namespace,
+                name: r.pod_name,
+                uid: r.pod_uid,
+                ips,
+                host_network: false,
+            })
+            .await
+    }
+    .map_err(to_status)?;
+    Ok(EnrollReply {
+        enrolled: out.enrolled,
+        detail: out.detail,
+    })
 }
 
 /// Bind the socket: its directory 0700, the socket 0600, a stale socket file removed first.

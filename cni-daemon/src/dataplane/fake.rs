@@ -12,7 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{Dataplane, DpError, DpResult};
 use crate::model::{
-    Chain, IpsetState, IptablesState, Ns, Route, RouteKey, Rule, TunnelState, Tunnels,
+    Chain, IpsetState, IptablesState, Ns, Prefix, Route, RouteKey, RouteKind, Rule, Scope,
+    TunnelState, Tunnels,
 };
 
 /// One namespace's objects.
@@ -48,6 +49,9 @@ pub struct FakeKernel {
     pub dead: BTreeSet<PathBuf>,
     /// Main-table routes of the node: pod IP → host interface.
     pub host_routes: BTreeMap<Ipv4Addr, String>,
+    /// More main-table routes (subnets, gateways) for `main_route_lookup`; `host_routes` count
+    /// as `/32 dev X scope link` routes on top of these.
+    pub main_routes: Vec<Route>,
     /// Number of write operations performed.
     pub writes: usize,
 }
@@ -393,6 +397,34 @@ impl Dataplane for FakeDataplane {
     }
     async fn route_dev_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<String>> {
         Ok(self.kernel().host_routes.get(&ip).cloned())
+    }
+    async fn main_route_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<Route>> {
+        let k = self.kernel();
+        if let Some(dev) = k.host_routes.get(&ip) {
+            return Ok(Some(Route {
+                key: RouteKey {
+                    table: 254,
+                    dst: Prefix::host(ip),
+                    metric: 0,
+                },
+                kind: RouteKind::Unicast,
+                dev: Some(dev.clone()),
+                via: None,
+                src: None,
+                scope: Scope::Link,
+                onlink: false,
+            }));
+        }
+        let covers = |r: &&Route| {
+            let len = u32::from(r.key.dst.len.min(32));
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            u32::from(r.key.dst.addr) & mask == u32::from(ip) & mask
+        };
+        Ok(k.main_routes
+            .iter()
+            .filter(covers)
+            .max_by_key(|r| (r.key.dst.len, std::cmp::Reverse(r.key.metric)))
+            .cloned())
     }
     fn netns_alive(&self, path: &Path) -> bool {
         !self.kernel().dead.contains(path)

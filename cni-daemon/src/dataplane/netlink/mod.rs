@@ -1123,6 +1123,29 @@ impl Dataplane for RealDataplane {
         Ok(l.as_ref().and_then(link::name_of))
     }
 
+    async fn main_route_lookup(&self, ip: Ipv4Addr) -> DpResult<Option<Route>> {
+        let h = self.node.handle();
+        let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
+        let msgs = route::dump(h, Some(main), None)
+            .await
+            .map_err(|e| nl_error(format!("look up the main route to {ip}"), &e))?;
+        let Some(m) = route::lpm_main_msg(&msgs, ip) else {
+            return Ok(None);
+        };
+        let mut names = BTreeMap::new();
+        for idx in route::oifs(std::slice::from_ref(m)) {
+            if let Some(l) = link::get_by_index(h, idx)
+                .await
+                .map_err(|e| nl_error(format!("get link {idx}"), &e))?
+            {
+                if let Some(n) = link::name_of(&l) {
+                    names.insert(idx, n);
+                }
+            }
+        }
+        Ok(route::decode(m, &names))
+    }
+
     fn netns_alive(&self, path: &Path) -> bool {
         let alive = netns::is_netns(path);
         if !alive {
