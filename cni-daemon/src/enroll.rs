@@ -592,3 +592,7 @@ impl<D: Dataplane> Daemon<D> {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "enroll_tests.rs"]
+mod tests;

@@ -542,5 +542,11 @@ pub async fn run<D: Dataplane>(
 }
 
 #[cfg(test)]
+#[path = "k8s_fake_api.rs"]
+mod fake_api;
+#[cfg(test)]
 #[path = "k8s_tests.rs"]
 mod tests;
+#[cfg(test)]
+#[path = "k8s_running_tests.rs"]
+mod running_tests;
