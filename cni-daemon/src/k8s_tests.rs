@@ -320,9 +320,15 @@ async fn unchanged_policy_is_not_sent_again() {
     ))));
     l.ns(Ok(Event::Apply(namespace("shop", &[]))));
     l.ns(Ok(Event::Apply(namespace("shop", &[AMBIENT]))));
-    l.pod(Ok(Event::Apply(pod("other", "x", false, &[]))));
     l.settle().await;
     assert_eq!(l.calls().len(), 1);
+    // A new running pod is a change of the view (the daemon may have to enroll it), not of
+    // the policy: one call, with the same policy.
+    l.pod(Ok(Event::Apply(pod("other", "x", false, &[]))));
+    l.settle().await;
+    let calls = l.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0], calls[1]);
 }
 
 #[tokio::test(start_paused = true)]
