@@ -175,15 +175,12 @@ enum Verdict {
     Ignore,
 }
 
-fn judge(
-    cfg: &crate::config::Config,
-    policy: &super::Policy,
-    pod: &RunningPod,
-) -> Verdict {
+fn judge(cfg: &crate::config::Config, policy: &super::Policy, pod: &RunningPod) -> Verdict {
     let ns_enrolled = cfg.ambient_namespaces.contains(&pod.namespace)
         || policy.namespaces.contains(&pod.namespace);
     let v4 = pod.ipv4();
-    let (enrolled, ztunnel, reason) = decide(cfg, policy, &pod.namespace, &pod.name, !v4.is_empty());
+    let (enrolled, ztunnel, reason) =
+        decide(cfg, policy, &pod.namespace, &pod.name, !v4.is_empty());
     if ztunnel || !ns_enrolled {
         return Verdict::Ignore;
     }
@@ -250,7 +247,12 @@ impl<D: Dataplane> Daemon<D> {
         }
         self.event(
             "release",
-            format!("{} {} {:?}: {why}", rec.display_name(), rec.owner(), rec.ips),
+            format!(
+                "{} {} {:?}: {why}",
+                rec.display_name(),
+                rec.owner(),
+                rec.ips
+            ),
         );
         rec.ips.clone()
     }
@@ -271,11 +273,7 @@ impl<D: Dataplane> Daemon<D> {
             Upsert::Replaced(old) => touched.extend(old.ips.iter().copied()),
             Upsert::New => {}
         }
-        let stored = inner
-            .reg
-            .records()
-            .find(|r| r.key() == key)
-            .cloned();
+        let stored = inner.reg.records().find(|r| r.key() == key).cloned();
         if let Some(rec) = stored {
             if let Err(e) = self.persist(inner, Entry::Put { rec }) {
                 warn!(error = %e, "persisting an enrollment");
@@ -285,7 +283,11 @@ impl<D: Dataplane> Daemon<D> {
         touched
     }
 
-    async fn apply_pods(&self, inner: &mut Inner, ips: BTreeSet<Ipv4Addr>) -> (ApplyReport, String) {
+    async fn apply_pods(
+        &self,
+        inner: &mut Inner,
+        ips: BTreeSet<Ipv4Addr>,
+    ) -> (ApplyReport, String) {
         if ips.is_empty() {
             return (ApplyReport::default(), String::new());
         }
@@ -316,7 +318,11 @@ impl<D: Dataplane> Daemon<D> {
         let mut out = Vec::new();
         for rec in &stale {
             info!(pod = %rec.display_name(), uid = %rec.owner(), "released: its IP now belongs to another pod's sandbox");
-            out.extend(self.drop_running(inner, rec, "its IP was taken by a CNI ADD of another pod"));
+            out.extend(self.drop_running(
+                inner,
+                rec,
+                "its IP was taken by a CNI ADD of another pod",
+            ));
         }
         out
     }
@@ -441,8 +447,7 @@ impl<D: Dataplane> Daemon<D> {
     /// and keeps the list for `status`.
     fn log_not_enrolled(&self, inner: &mut Inner, now: &[NotEnrolled]) {
         let first = inner.not_enrolled.is_none();
-        let before: BTreeSet<&NotEnrolled> =
-            inner.not_enrolled.iter().flatten().collect();
+        let before: BTreeSet<&NotEnrolled> = inner.not_enrolled.iter().flatten().collect();
         for n in now.iter().filter(|n| !before.contains(n)) {
             warn!(pod = %n.pod, uid = %n.uid, reason = %n.reason, "enrollment: running pod of an enrolled namespace not enrolled");
             self.event("skip", format!("{} {}: {}", n.pod, n.uid, n.reason));
@@ -515,7 +520,9 @@ impl<D: Dataplane> Daemon<D> {
             }
         };
         if let Some(holder) = inner.reg.records().find(|r| {
-            Origin::of(r).is_none() && r.owner() != pod.uid && r.ips.iter().any(|ip| v4.contains(ip))
+            Origin::of(r).is_none()
+                && r.owner() != pod.uid
+                && r.ips.iter().any(|ip| v4.contains(ip))
         }) {
             return Err(RequestError::Precondition(format!(
                 "{} not enrolled: one of {:?} is held by the sandbox of {} ({}), from its CNI ADD",
@@ -528,10 +535,9 @@ impl<D: Dataplane> Daemon<D> {
         let Some(first) = v4.first().copied() else {
             return Err(RequestError::Invalid("no IPv4 address".into()));
         };
-        let host_if = self
-            .running_host_if(first)
-            .await
-            .map_err(|r| RequestError::Precondition(format!("{} not enrolled: {r}", pod.display())))?;
+        let host_if = self.running_host_if(first).await.map_err(|r| {
+            RequestError::Precondition(format!("{} not enrolled: {r}", pod.display()))
+        })?;
         // Records made without an ADD for another pod with these IPs are stale: the IP moved.
         let mut touched: BTreeSet<Ipv4Addr> = self
             .drop_displaced(&mut inner, &v4, &pod.uid)
@@ -564,10 +570,17 @@ impl<D: Dataplane> Daemon<D> {
             return Err(RequestError::Invalid(format!("invalid pod UID {uid:?}")));
         }
         let mut inner = self.inner.lock().await;
-        let Some(rec) = inner.reg.records().find(|r| r.key() == key_of_uid(uid)).cloned() else {
+        let Some(rec) = inner
+            .reg
+            .records()
+            .find(|r| r.key() == key_of_uid(uid))
+            .cloned()
+        else {
             return Ok(EnrollOutcome {
                 enrolled: false,
-                detail: format!("no pod with UID {uid} is enrolled without a CNI ADD: nothing to do"),
+                detail: format!(
+                    "no pod with UID {uid} is enrolled without a CNI ADD: nothing to do"
+                ),
             });
         };
         if Origin::of(&rec).is_none() {

@@ -130,7 +130,8 @@ fn the_host_interface_comes_only_from_a_direct_route() {
     );
     let no_route = host_if_of(a, None).expect_err("no route");
     assert!(no_route.contains("no route to 10.244.1.5"), "{no_route}");
-    let default = host_if_of(a, Some(&route(0, Some("10.0.0.1"), Some("eth0")))).expect_err("default");
+    let default =
+        host_if_of(a, Some(&route(0, Some("10.0.0.1"), Some("eth0")))).expect_err("default");
     assert!(default.contains("only the default route"), "{default}");
     let gw = host_if_of(a, Some(&route(24, Some("10.0.0.7"), Some("eth0")))).expect_err("gateway");
     assert!(gw.contains("through gateway 10.0.0.7"), "{gw}");
@@ -141,11 +142,10 @@ fn the_host_interface_comes_only_from_a_direct_route() {
 #[tokio::test]
 async fn enroll_by_hand_programs_the_pod_and_release_undoes_it() {
     let w = World::new().await;
-    let out = w
-        .d
-        .enroll_running(pod("default", "app", &["10.244.1.5", "fd00::5"]))
-        .await
-        .expect("enrolled");
+    let out =
+        w.d.enroll_running(pod("default", "app", &["10.244.1.5", "fd00::5"]))
+            .await
+            .expect("enrolled");
     assert!(out.enrolled, "{}", out.detail);
     assert!(out.detail.contains("vetha"), "{}", out.detail);
     assert_eq!(w.ipset(), vec![(ip("10.244.1.5"), "uid-app".to_string())]);
@@ -184,7 +184,10 @@ async fn enroll_by_hand_refuses_what_it_cannot_do_safely() {
     };
     let m = refused(w.d.enroll_running(pod("plain", "p", &["10.244.1.5"])).await);
     assert!(m.contains("namespace plain is not ambient"), "{m}");
-    let m = refused(w.d.enroll_running(pod("default", "q", &["10.244.1.7"])).await);
+    let m = refused(
+        w.d.enroll_running(pod("default", "q", &["10.244.1.7"]))
+            .await,
+    );
     assert!(m.contains("host interface not found"), "{m}");
     // A gateway route covering the pod is not its host interface: never guessed from.
     w.dp.kernel().main_routes.push(crate::model::Route {
@@ -200,7 +203,10 @@ async fn enroll_by_hand_refuses_what_it_cannot_do_safely() {
         scope: Scope::Universe,
         onlink: false,
     });
-    let m = refused(w.d.enroll_running(pod("default", "q", &["10.244.1.7"])).await);
+    let m = refused(
+        w.d.enroll_running(pod("default", "q", &["10.244.1.7"]))
+            .await,
+    );
     assert!(m.contains("only the default route"), "{m}");
     let m = refused(w.d.enroll_running(pod("default", "v6", &["fd00::7"])).await);
     assert!(m.contains("IPv6"), "{m}");
@@ -222,7 +228,10 @@ async fn enroll_by_hand_refuses_what_it_cannot_do_safely() {
         pod("default", "x", &[]),
     ] {
         assert!(
-            matches!(w.d.enroll_running(bad.clone()).await, Err(RequestError::Invalid(_))),
+            matches!(
+                w.d.enroll_running(bad.clone()).await,
+                Err(RequestError::Invalid(_))
+            ),
             "{bad:?}"
         );
     }
@@ -230,7 +239,10 @@ async fn enroll_by_hand_refuses_what_it_cannot_do_safely() {
     w.d.add(test_event("c1", "default", "b", "10.244.1.6", "vethb"))
         .await
         .expect("ADD");
-    let m = refused(w.d.enroll_running(pod("default", "app", &["10.244.1.6"])).await);
+    let m = refused(
+        w.d.enroll_running(pod("default", "app", &["10.244.1.6"]))
+            .await,
+    );
     assert!(m.contains("held by the sandbox of default/b"), "{m}");
     // A pod known from its CNI ADD: enroll leaves it alone, release refuses.
     let known = RunningPod {
@@ -238,11 +250,19 @@ async fn enroll_by_hand_refuses_what_it_cannot_do_safely() {
         ..pod("default", "b", &["10.244.1.6"])
     };
     let out = w.d.enroll_running(known).await.expect("known");
-    assert!(out.enrolled && out.detail.contains("CNI ADD"), "{}", out.detail);
+    assert!(
+        out.enrolled && out.detail.contains("CNI ADD"),
+        "{}",
+        out.detail
+    );
     let m = refused(w.d.release_running("uid-c1").await);
     assert!(m.contains("its DEL releases it"), "{m}");
     assert_eq!(w.ipset(), vec![(ip("10.244.1.6"), "uid-c1".to_string())]);
-    assert_eq!(w.records().await.len(), 1, "nothing recorded by the refusals");
+    assert_eq!(
+        w.records().await.len(),
+        1,
+        "nothing recorded by the refusals"
+    );
 }
 
 #[tokio::test]
@@ -280,8 +300,5 @@ async fn a_cni_add_of_another_pod_with_the_ip_releases_the_stale_record() {
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["container_id"], "new1");
     let trace = w.d.trace("uid-old", 10);
-    assert!(
-        trace.iter().any(|e| e.kind == "release"),
-        "{trace:?}"
-    );
+    assert!(trace.iter().any(|e| e.kind == "release"), "{trace:?}");
 }

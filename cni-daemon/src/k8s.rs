@@ -226,7 +226,9 @@ impl PodFacts {
             match ip.parse::<IpAddr>() {
                 Ok(a) if !ips.contains(&a) => ips.push(a),
                 Ok(_) => {}
-                Err(_) => debug!(pod = %format!("{}/{}", key.0, key.1), ip, "enrollment: unparsable pod IP skipped"),
+                Err(_) => {
+                    debug!(pod = %format!("{}/{}", key.0, key.1), ip, "enrollment: unparsable pod IP skipped")
+                }
             }
         }
         Some((
@@ -545,8 +547,8 @@ pub async fn run<D: Dataplane>(
 #[path = "k8s_fake_api.rs"]
 mod fake_api;
 #[cfg(test)]
-#[path = "k8s_tests.rs"]
-mod tests;
-#[cfg(test)]
 #[path = "k8s_running_tests.rs"]
 mod running_tests;
+#[cfg(test)]
+#[path = "k8s_tests.rs"]
+mod tests;

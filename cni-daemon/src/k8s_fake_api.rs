@@ -173,7 +173,10 @@ impl FakeApi {
         kube::Client::new(svc, "default")
     }
 
-    pub(super) fn respond(code: u16, rx: mpsc::UnboundedReceiver<Chunk>) -> http::Response<FakeBody> {
+    pub(super) fn respond(
+        code: u16,
+        rx: mpsc::UnboundedReceiver<Chunk>,
+    ) -> http::Response<FakeBody> {
         http::Response::builder()
             .status(code)
             .header("content-type", "application/json")
@@ -334,7 +337,6 @@ impl FakeApi {
     }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // End to end: fake API -> watcher -> Daemon::set_policy -> fake dataplane.
 
@@ -442,4 +444,3 @@ impl Drop for Node {
 pub(super) fn set(v: &[&str]) -> BTreeSet<Ipv4Addr> {
     v.iter().map(|s| ip(s)).collect()
 }
-

@@ -81,7 +81,9 @@ fn running(ns: &str, name: &str, ips: &[&str]) -> serde_json::Value {
 }
 
 fn pairs(v: &[(&str, &str)]) -> BTreeSet<(String, String)> {
-    v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -90,7 +92,11 @@ async fn running_pods_are_enrolled_when_their_namespace_is_and_released_when_not
     api.put_ns("shop", &[]);
     // Pods that ran before the plugin was in the chain: no CNI ADD will ever come for them.
     api.put_pod_json("shop", "a", running("shop", "a", &["10.244.1.5"]));
-    api.put_pod_json("shop", "b", running("shop", "b", &["10.244.1.6", "fd00::6"]));
+    api.put_pod_json(
+        "shop",
+        "b",
+        running("shop", "b", &["10.244.1.6", "fd00::6"]),
+    );
     api.put_pod_json(
         "shop",
         "far",
@@ -238,7 +244,11 @@ async fn pods_that_cannot_be_enrolled_are_reported_with_the_reason() {
         running_pod_json("shop", "optout", NODE, false, &[DISABLED], &["10.244.1.8"]),
     );
     // No route of its own: only a route through a gateway covers it. Never guessed from.
-    api.put_pod_json("shop", "nohost", running("shop", "nohost", &["10.244.1.10"]));
+    api.put_pod_json(
+        "shop",
+        "nohost",
+        running("shop", "nohost", &["10.244.1.10"]),
+    );
     // Not in an enrolled namespace: not reported.
     api.put_pod_json("plain", "p", running("plain", "p", &["10.244.1.11"]));
     let mut pending = running("shop", "pending", &["10.244.1.12"]);
@@ -294,7 +304,14 @@ async fn pods_that_cannot_be_enrolled_are_reported_with_the_reason() {
     api.put_pod_json(
         "shop",
         "nohost",
-        running_pod_json("shop", "nohost", NODE, false, &[("r", "1")], &["10.244.1.10"]),
+        running_pod_json(
+            "shop",
+            "nohost",
+            NODE,
+            false,
+            &[("r", "1")],
+            &["10.244.1.10"],
+        ),
     );
     api.put_pod_json("shop", "noip", running("shop", "noip", &["10.244.1.13"]));
     n.host_route("10.244.1.13", "vethe");
@@ -322,7 +339,11 @@ async fn restart_keeps_api_enrolled_pods_without_a_gap() {
             .await;
     }
     let mut n = Node::boot(Config::default(), dp, Some(state.path())).await;
-    assert_eq!(n.captured(), set(&["10.244.1.5"]), "restored before any list");
+    assert_eq!(
+        n.captured(),
+        set(&["10.244.1.5"]),
+        "restored before any list"
+    );
     let writes = n.dp.kernel().writes;
     n.watch(&api);
     n.until("in sync", |n| !n.policies().is_empty()).await;

@@ -301,7 +301,10 @@ pub fn status_readiness(original: &Value, patched: &mut Value, our_type: &str, o
         return;
     };
     let Some(from) = from else { return };
-    top.insert("cniVersion".into(), Value::String(STATUS_CNI_VERSION.into()));
+    top.insert(
+        "cniVersion".into(),
+        Value::String(STATUS_CNI_VERSION.into()),
+    );
     if let Some(Value::Object(ours)) = top
         .get_mut("plugins")
         .and_then(Value::as_array_mut)

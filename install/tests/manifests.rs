@@ -523,14 +523,29 @@ fn uninstall_daemonset_touches_the_cni_dirs_and_cleans_the_kernel() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(inits, ["uninstall-cni", "cleanup-kernel"], "entry first, then the kernel");
+    assert_eq!(
+        inits,
+        ["uninstall-cni", "cleanup-kernel"],
+        "entry first, then the kernel"
+    );
     let cl = container(pod.init_containers.as_ref(), "cleanup-kernel");
     assert_eq!(
         cl.command.as_deref().unwrap(),
-        ["ambient-cnid", "cleanup", "--state-dir", "/run/ambient-cni/state"]
+        [
+            "ambient-cnid",
+            "cleanup",
+            "--state-dir",
+            "/run/ambient-cni/state"
+        ]
     );
-    assert_eq!(host_path_of(pod, mount(cl, "/run/ambient-cni")), "/run/ambient-cni");
-    assert_eq!(host_path_of(pod, mount(cl, "/var/run/netns")), "/var/run/netns");
+    assert_eq!(
+        host_path_of(pod, mount(cl, "/run/ambient-cni")),
+        "/run/ambient-cni"
+    );
+    assert_eq!(
+        host_path_of(pod, mount(cl, "/var/run/netns")),
+        "/var/run/netns"
+    );
     assert_eq!(host_path_of(pod, mount(cl, "/host/proc")), "/proc");
     assert!(caps(cl).1.contains(&"NET_ADMIN".to_string()));
     passes_escalation_rule(cl);

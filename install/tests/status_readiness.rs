@@ -20,11 +20,17 @@ fn status_readiness_raises_the_version_and_uninstall_puts_it_back() {
     cfg.status_readiness = true;
     install(&cfg).unwrap();
     let v = read_json(&p);
-    assert_eq!(v["cniVersion"], "1.1.0", "runtimes ask STATUS from 1.1.0 on");
+    assert_eq!(
+        v["cniVersion"], "1.1.0",
+        "runtimes ask STATUS from 1.1.0 on"
+    );
     let ours = v["plugins"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(ours["type"], PLUGIN_TYPE);
     assert_eq!(ours[READINESS_FROM_KEY], "0.3.1");
-    assert_eq!(v["plugins"][0], orig["plugins"][0], "the primary's plugins untouched");
+    assert_eq!(
+        v["plugins"][0], orig["plugins"][0],
+        "the primary's plugins untouched"
+    );
     assert!(check(&cfg).unwrap().is_ready());
 
     // Again: the same bytes, the mtime stays.
@@ -35,11 +41,20 @@ fn status_readiness_raises_the_version_and_uninstall_puts_it_back() {
 
     // The option turned off: the version goes back, the entry stays.
     let off = node.cfg();
-    assert!(!check(&off).unwrap().is_ready(), "the file is not what `off` writes");
+    assert!(
+        !check(&off).unwrap().is_ready(),
+        "the file is not what `off` writes"
+    );
     install(&off).unwrap();
     let v = read_json(&p);
     assert_eq!(v["cniVersion"], "0.3.1");
-    assert!(v["plugins"].as_array().unwrap().last().unwrap().get(READINESS_FROM_KEY).is_none());
+    assert!(v["plugins"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .get(READINESS_FROM_KEY)
+        .is_none());
 
     // On again, then uninstall: the primary's own file as it was, version included.
     install(&cfg).unwrap();
@@ -61,7 +76,10 @@ fn a_config_already_at_1_1_0_is_left_at_its_version() {
         let v = read_json(&p);
         assert_eq!(v["cniVersion"], "1.1.0");
         let ours = v["plugins"].as_array().unwrap().last().unwrap();
-        assert!(ours.get(READINESS_FROM_KEY).is_none(), "nothing to put back: {ours}");
+        assert!(
+            ours.get(READINESS_FROM_KEY).is_none(),
+            "nothing to put back: {ours}"
+        );
     }
 }
 
@@ -83,5 +101,8 @@ fn a_single_conf_is_raised_in_its_new_conflist() {
     assert_eq!(v["cniVersion"], "1.1.0");
     assert_eq!(v["plugins"][1][READINESS_FROM_KEY], "0.4.0");
     uninstall(&cfg, false).unwrap();
-    assert_eq!(read_json(&node.conf("10-ptp.conflist"))["cniVersion"], "0.4.0");
+    assert_eq!(
+        read_json(&node.conf("10-ptp.conflist"))["cniVersion"],
+        "0.4.0"
+    );
 }

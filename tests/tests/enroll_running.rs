@@ -62,7 +62,11 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
     let to_app = format!("{}:8080", app.ip);
 
     // Made without our plugin: the daemon never heard of them, their traffic is direct.
-    assert_has(&w.answer("app", &remote, None)?, &format!("remote peer={}:", app.ip), "before");
+    assert_has(
+        &w.answer("app", &remote, None)?,
+        &format!("remote peer={}:", app.ip),
+        "before",
+    );
     assert_has(
         &w.answer("remote", &to_app, None)?,
         &format!("app peer={REMOTE_IP}:"),
@@ -72,7 +76,17 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
     // Enrolled by hand: captured both ways, with the pod UID as the ipset entry's owner.
     let out = cnid(
         &w,
-        &["enroll", "--namespace", AMBIENT_NS, "--pod", "app", "--uid", "uid-app", "--ip", &app.ip],
+        &[
+            "enroll",
+            "--namespace",
+            AMBIENT_NS,
+            "--pod",
+            "app",
+            "--uid",
+            "uid-app",
+            "--ip",
+            &app.ip,
+        ],
     )?;
     assert!(out.success(), "enroll: {out}");
     println!("enroll: {}", out.stdout.trim());
@@ -91,12 +105,27 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
         &format!("remote peer={}:", other.ip),
         "the other pod stays direct",
     );
-    let set = w.net.exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
-    assert_has(&set, &format!("{} comment \"uid-app\"", app.ip), "ipset owner");
+    let set = w
+        .net
+        .exec_ok("node", &["ipset", "list", "ztunnel-pods-ips"])?;
+    assert_has(
+        &set,
+        &format!("{} comment \"uid-app\"", app.ip),
+        "ipset owner",
+    );
     // The host interface is the one of ptp's main-table route to the pod.
     let hif = w.net.exec_ok(
         "node",
-        &["ip", "-o", "route", "show", "table", "main", "exact", &format!("{}/32", app.ip)],
+        &[
+            "ip",
+            "-o",
+            "route",
+            "show",
+            "table",
+            "main",
+            "exact",
+            &format!("{}/32", app.ip),
+        ],
     )?;
     let dev = hif
         .split_whitespace()
@@ -104,19 +133,46 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
         .nth(1)
         .context("dev of the pod route")?
         .to_string();
-    let rp = w.net.exec_ok("node", &["sysctl", "-n", &format!("net.ipv4.conf.{dev}.rp_filter")])?;
-    assert_eq!(rp.trim(), "2", "rp_filter on the pod's host interface {dev}");
+    let rp = w.net.exec_ok(
+        "node",
+        &["sysctl", "-n", &format!("net.ipv4.conf.{dev}.rp_filter")],
+    )?;
+    assert_eq!(
+        rp.trim(),
+        "2",
+        "rp_filter on the pod's host interface {dev}"
+    );
 
     // Refusals say why, and change nothing.
     let out = cnid(
         &w,
-        &["enroll", "--namespace", AMBIENT_NS, "--pod", "ghost", "--uid", "uid-ghost", "--ip", "10.244.9.9"],
+        &[
+            "enroll",
+            "--namespace",
+            AMBIENT_NS,
+            "--pod",
+            "ghost",
+            "--uid",
+            "uid-ghost",
+            "--ip",
+            "10.244.9.9",
+        ],
     )?;
     assert!(!out.success(), "a pod without a route: {out}");
     assert_has(&out.stderr, "host interface not found", "no route");
     let out = cnid(
         &w,
-        &["enroll", "--namespace", "legacy", "--pod", "other", "--uid", "uid-other", "--ip", &other.ip],
+        &[
+            "enroll",
+            "--namespace",
+            "legacy",
+            "--pod",
+            "other",
+            "--uid",
+            "uid-other",
+            "--ip",
+            &other.ip,
+        ],
     )?;
     assert!(!out.success(), "a namespace that is not ambient: {out}");
     assert_has(&out.stderr, "not ambient", "namespace");
@@ -124,7 +180,11 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
     // Released: direct again.
     let out = cnid(&w, &["enroll", "--release", "--uid", "uid-app"])?;
     assert!(out.success(), "release: {out}");
-    assert_has(&w.answer("app", &remote, None)?, &format!("remote peer={}:", app.ip), "released");
+    assert_has(
+        &w.answer("app", &remote, None)?,
+        &format!("remote peer={}:", app.ip),
+        "released",
+    );
     assert_has(
         &w.answer("remote", &to_app, None)?,
         &format!("app peer={REMOTE_IP}:"),
@@ -134,7 +194,17 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
     // Enrolled again, survives a daemon restart (state dir), then the uninstall sequence.
     let out = cnid(
         &w,
-        &["enroll", "--namespace", AMBIENT_NS, "--pod", "app", "--uid", "uid-app", "--ip", &app.ip],
+        &[
+            "enroll",
+            "--namespace",
+            AMBIENT_NS,
+            "--pod",
+            "app",
+            "--uid",
+            "uid-app",
+            "--ip",
+            &app.ip,
+        ],
     )?;
     assert!(out.success(), "enroll again: {out}");
     if let Some(mut d) = w.daemon.take() {
@@ -173,7 +243,12 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
     let state = w.daemon_dir.join("state");
     let out = w.net.exec(
         "node",
-        &[bin, "cleanup", "--state-dir", state.to_str().context("state dir")?],
+        &[
+            bin,
+            "cleanup",
+            "--state-dir",
+            state.to_str().context("state dir")?,
+        ],
     );
     assert!(out.success(), "cleanup: {out}");
     assert_has(
@@ -187,6 +262,9 @@ fn running_pods_without_the_plugin_are_enrolled_by_hand_released_and_direct_afte
         "inbound direct after uninstall",
     );
     let state = w.node_state("node")?;
-    assert!(!state.contains("ztunnel"), "objects left after uninstall:\n{state}");
+    assert!(
+        !state.contains("ztunnel"),
+        "objects left after uninstall:\n{state}"
+    );
     Ok(())
 }
