@@ -4,7 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ambient_cni_proto::v1::cni_node_client::CniNodeClient;
-use ambient_cni_proto::v1::{DumpRequest, StatusRequest, TraceRequest};
+use ambient_cni_proto::v1::{DumpRequest, EnrollRequest, StatusRequest, TraceRequest};
+use ambient_cni_proto::CONTRACT_VERSION;
 use anyhow::{bail, Context};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -39,7 +40,7 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "ztunnelIps": s.ztunnel_ips, "ipFamilies": s.ip_families, "version": s.version})
+            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "ztunnelIps": s.ztunnel_ips, "ipFamilies": s.ip_families, "version": s.version, "runningNotEnrolled": s.running_not_enrolled})
         );
     } else {
         println!(
@@ -52,6 +53,12 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             }
         );
         println!("pods:       {} ({} enrolled)", s.pods, s.enrolled_pods);
+        if s.running_not_enrolled > 0 {
+            println!(
+                "not enrolled: {} running pods of enrolled namespaces (see the log or `trace --filter skip`)",
+                s.running_not_enrolled
+            );
+        }
         println!(
             "ztunnel:    {}",
             if s.ztunnel_present {
@@ -123,5 +130,47 @@ pub async fn dump(socket: &Path) -> anyhow::Result<()> {
         .context("dump")?
         .into_inner();
     println!("{}", d.json);
+    Ok(())
+}
+
+/// What `ambient-cnid enroll` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct EnrollArgs {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Pod addresses, either family.
+    pub ips: Vec<std::net::IpAddr>,
+    /// Release the pod with `uid` instead.
+    pub release: bool,
+}
+
+/// `ambient-cnid enroll` / `enroll --release`: fails when the daemon refuses (the message says why).
+pub async fn enroll(socket: &Path, a: EnrollArgs, json: bool) -> anyhow::Result<()> {
+    let r = connect(socket)
+        .await?
+        .enroll(EnrollRequest {
+            contract_version: CONTRACT_VERSION,
+            pod_namespace: a.namespace,
+            pod_name: a.pod,
+            pod_uid: a.uid,
+            ips: a.ips.iter().map(ToString::to_string).collect(),
+            release: a.release,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+        .context(if a.release { "release" } else { "enroll" })?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"enrolled": r.enrolled, "detail": r.detail})
+        );
+    } else {
+        println!("{}", r.detail);
+    }
     Ok(())
 }

@@ -19,6 +19,13 @@ use crate::reconcile::{self, desired, ApplyReport, Op, Ztunnel};
 use crate::registry::{PodRecord, Registry, Upsert};
 use crate::store::{Entry, Store};
 
+#[path = "enroll.rs"]
+mod enroll;
+pub use enroll::{
+    host_if_of, EnrollOutcome, NotEnrolled, Origin, RunningPod, RunningReport, API_PREFIX,
+    MANUAL_PREFIX,
+};
+
 /// Operations (and errors) of one apply that are logged one by one; the rest are counted.
 const LOG_EACH: usize = 32;
 
@@ -247,6 +254,8 @@ struct Inner {
     /// Ztunnel the last full reconcile built the tunnels for.
     zt_applied: Option<Ztunnel>,
     resyncs: u64,
+    /// Running pods of enrolled namespaces the last API list could not enroll (None before it).
+    not_enrolled: Option<Vec<NotEnrolled>>,
 }
 
 /// The daemon.
@@ -293,6 +302,15 @@ pub fn valid_k8s_token(s: &str) -> bool {
         && s.len() <= 253
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// The owner a CNI ADD's record gets (its UID, else its container ID), as [`PodRecord::owner`].
+fn rec_owner(ev: &PodEvent) -> &str {
+    if ev.uid.is_empty() {
+        &ev.container_id
+    } else {
+        &ev.uid
+    }
 }
 
 /// The address of a CIDR (`10.244.1.5/24`, `fd00::5/64`) or of a plain address.
@@ -369,6 +387,7 @@ impl<D: Dataplane> Daemon<D> {
                 last_resync: None,
                 zt_applied: None,
                 resyncs: 0,
+                not_enrolled: None,
             }),
             trace: Mutex::new(VecDeque::with_capacity(1024)),
             ready: AtomicBool::new(false),
@@ -583,6 +602,7 @@ impl<D: Dataplane> Daemon<D> {
             touched.extend(old.ips.iter().copied());
             was_ztunnel = old.ztunnel;
         }
+        touched.extend(self.drop_displaced(&mut inner, &ips, rec_owner(&ev)));
         if up != Upsert::Same {
             if let Some(rec) = inner.reg.find(&ev.container_id, &ev.ifname).cloned() {
                 // Durable first, kernel after: nothing below has touched the kernel yet, so when
@@ -979,6 +999,7 @@ impl<D: Dataplane> Daemon<D> {
                 .iter()
                 .map(|f| f.name().to_string())
                 .collect(),
+            not_enrolled: inner.not_enrolled.as_ref().map_or(0, Vec::len),
         }
     }
 
@@ -1039,6 +1060,8 @@ pub struct StatusView {
     pub resyncs: u64,
     /// The families captured (`IPv4`, `IPv6`).
     pub ip_families: Vec<String>,
+    /// Running pods of enrolled namespaces the API lists that could not be enrolled.
+    pub not_enrolled: usize,
 }
 
 impl StatusView {

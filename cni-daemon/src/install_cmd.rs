@@ -37,6 +37,11 @@ pub struct InstallArgs {
     /// The plugin's `timeoutMs`.
     #[arg(long, env = "AMBIENT_CNI_PLUGIN_TIMEOUT_MS")]
     pub plugin_timeout_ms: Option<u64>,
+    /// Readiness through CNI STATUS: raise the patched conflist to cniVersion 1.1.0, so that the
+    /// runtime holds pod creation while the daemon is not ready. Only when every plugin of the
+    /// chain implements 1.1.0 (the node's network is NotReady while the daemon is down).
+    #[arg(long, env = "AMBIENT_CNI_STATUS_READINESS")]
+    pub status_readiness: bool,
 }
 
 /// `install` flags.
@@ -80,6 +85,7 @@ fn config(a: &InstallArgs) -> anyhow::Result<InstallConfig> {
     };
     let mut cfg = InstallConfig::new(bin_src, a.bin_dirs.clone(), &a.conf_dir, entry.to_value());
     cfg.conf_override = a.conf_override.clone().filter(|s| !s.is_empty());
+    cfg.status_readiness = a.status_readiness;
     cfg.validate().context("install settings")?;
     Ok(cfg)
 }

@@ -18,12 +18,17 @@
 //! - **Debounced.** The first change arms a timer ([`WatchConfig::debounce`]); everything that
 //!   arrives before it fires goes into one `set_policy`. A policy equal to the last one applied is
 //!   not sent again, so pod status updates cost nothing.
+//! - **Running pods.** The same pod list (phase, UID, `status.podIPs`) gives the pods that run on
+//!   this node; [`Daemon::sync_running`] enrolls those of enrolled namespaces that no CNI ADD told
+//!   the daemon about (pods older than the plugin, or started while it was away), and releases
+//!   them when they stop being listed or enrolled.
 //! - **Kernel errors are not retried here.** `set_policy` records the decision in the registry
 //!   even when a kernel write fails, and the daemon's periodic resync repairs the kernel from it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
@@ -40,7 +45,7 @@ use kube::{Api, Client};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::daemon::{Daemon, Policy};
+use crate::daemon::{Daemon, Policy, RunningPod};
 use crate::dataplane::Dataplane;
 use crate::reconcile::ApplyReport;
 
@@ -176,12 +181,18 @@ impl NamespaceFacts {
 }
 
 /// What enrollment needs from a Pod.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodFacts {
     /// `spec.hostNetwork`: it shares the node's netns, nothing to redirect.
     pub host_network: bool,
     /// Annotated `ambient.istio.io/redirection: disabled`.
     pub redirection_disabled: bool,
+    /// `status.phase` is `Running`.
+    pub running: bool,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `status.podIPs` (else `status.podIP`), both families; unparsable entries are skipped.
+    pub ips: Vec<IpAddr>,
 }
 
 impl PodFacts {
@@ -199,11 +210,35 @@ impl PodFacts {
             .as_ref()
             .and_then(|a| a.get(REDIRECTION_ANNOTATION))
             .is_some_and(|v| v == REDIRECTION_DISABLED);
+        let status = pod.status.as_ref();
+        let running = status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Running");
+        let mut listed: Vec<&str> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|v| v.iter().map(|p| p.ip.as_str()).collect())
+            .unwrap_or_default();
+        if listed.is_empty() {
+            listed.extend(status.and_then(|s| s.pod_ip.as_deref()));
+        }
+        let mut ips = Vec::new();
+        for ip in listed {
+            match ip.parse::<IpAddr>() {
+                Ok(a) if !ips.contains(&a) => ips.push(a),
+                Ok(_) => {}
+                Err(_) => {
+                    debug!(pod = %format!("{}/{}", key.0, key.1), ip, "enrollment: unparsable pod IP skipped")
+                }
+            }
+        }
         Some((
             key,
             PodFacts {
                 host_network,
                 redirection_disabled,
+                running,
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                ips,
             },
         ))
     }
@@ -236,6 +271,39 @@ pub fn policy_from(namespaces: &Namespaces, pods: &Pods) -> Policy {
             .map(|(k, _)| k.clone())
             .collect(),
     }
+}
+
+/// This node's running pods as the daemon takes them (sorted by namespace and name). Pure.
+pub fn running_from(pods: &Pods) -> Vec<RunningPod> {
+    pods.iter()
+        .filter(|(_, f)| f.running)
+        .map(|((namespace, name), f)| RunningPod {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: f.uid.clone(),
+            ips: f.ips.clone(),
+            host_network: f.host_network,
+        })
+        .collect()
+}
+
+/// What the API state asks of the daemon: the policy, and the running pods to enroll from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// Labelled namespaces and opted-out pods.
+    pub policy: Policy,
+    /// This node's running pods.
+    pub running: Vec<RunningPod>,
+}
+
+/// Hand `view` to the daemon: the policy first (re-decides every known pod), then the running
+/// pods (enrolls the ones no CNI ADD told it about, with that policy).
+pub async fn apply_view<D: Dataplane>(daemon: &Daemon<D>, view: View) -> ApplyReport {
+    let mut report = daemon.set_policy(view.policy).await;
+    let running = daemon.sync_running(&view.running).await;
+    report.applied.extend(running.kernel.applied);
+    report.errors.extend(running.kernel.errors);
+    report
 }
 
 /// One watched kind reduced to facts, following kube-runtime's watcher events. A relist
@@ -300,7 +368,7 @@ impl<K: Ord, V: PartialEq> Cache<K, V> {
 struct Watch {
     namespaces: Cache<String, NamespaceFacts>,
     pods: Cache<(String, String), PodFacts>,
-    applied: Option<Policy>,
+    applied: Option<View>,
 }
 
 impl Watch {
@@ -308,10 +376,10 @@ impl Watch {
         self.namespaces.synced && self.pods.synced
     }
 
-    /// Hand the current policy to `apply` if both lists are in and it changed.
+    /// Hand the current view to `apply` if both lists are in and it changed.
     async fn flush<F, Fut>(&mut self, apply: &mut F)
     where
-        F: FnMut(Policy) -> Fut,
+        F: FnMut(View) -> Fut,
         Fut: Future<Output = ApplyReport>,
     {
         if !self.synced() {
@@ -322,32 +390,36 @@ impl Watch {
             );
             return;
         }
-        let policy = policy_from(&self.namespaces.live, &self.pods.live);
-        if self.applied.as_ref() == Some(&policy) {
+        let view = View {
+            policy: policy_from(&self.namespaces.live, &self.pods.live),
+            running: running_from(&self.pods.live),
+        };
+        if self.applied.as_ref() == Some(&view) {
             return;
         }
         let first = self.applied.is_none();
-        self.log_changes(&policy);
+        self.log_changes(&view.policy);
         if first {
             info!(
-                namespaces = policy.namespaces.len(),
-                excluded_pods = policy.excluded_pods.len(),
+                namespaces = view.policy.namespaces.len(),
+                excluded_pods = view.policy.excluded_pods.len(),
+                running_pods = view.running.len(),
                 "enrollment: in sync with the API server"
             );
         }
-        let report = apply(policy.clone()).await;
+        let report = apply(view.clone()).await;
         if !report.ok() {
             warn!(
                 errors = %report.errors.join("; "),
                 "enrollment: applying the policy failed in part; the periodic resync repairs the kernel"
             );
         }
-        self.applied = Some(policy);
+        self.applied = Some(view);
     }
 
     fn log_changes(&self, new: &Policy) {
         let empty = Policy::default();
-        let old = self.applied.as_ref().unwrap_or(&empty);
+        let old = self.applied.as_ref().map_or(&empty, |v| &v.policy);
         for ns in new.namespaces.difference(&old.namespaces) {
             info!(namespace = %ns, "enrollment: namespace joins ambient ({DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT})");
         }
@@ -387,7 +459,7 @@ async fn drive<NS, PS, F, Fut>(
 ) where
     NS: Stream<Item = watcher::Result<Event<Namespace>>> + Unpin,
     PS: Stream<Item = watcher::Result<Event<Pod>>> + Unpin,
-    F: FnMut(Policy) -> Fut,
+    F: FnMut(View) -> Fut,
     Fut: Future<Output = ApplyReport>,
 {
     let mut flush_at: Option<Instant> = None;
@@ -422,14 +494,14 @@ async fn drive<NS, PS, F, Fut>(
     w.flush(apply).await;
 }
 
-/// Watch the API and call `apply` with each new policy; returns only on a config error.
+/// Watch the API and call `apply` with each new view; returns only on a config error.
 async fn watch_with<F, Fut>(
     client: Client,
     cfg: WatchConfig,
     mut apply: F,
 ) -> Result<Infallible, Error>
 where
-    F: FnMut(Policy) -> Fut,
+    F: FnMut(View) -> Fut,
     Fut: Future<Output = ApplyReport>,
 {
     cfg.validate()?;
@@ -455,7 +527,8 @@ where
 }
 
 /// Keep `daemon`'s enrollment policy in step with the API server: namespaces labelled
-/// `istio.io/dataplane-mode=ambient`, and this node's pods that opt out. Runs until the task is
+/// `istio.io/dataplane-mode=ambient`, this node's pods that opt out, and this node's running pods
+/// (enrolled even without a CNI ADD). Runs until the task is
 /// dropped; returns only when `cfg` is invalid. Never calls `set_policy` before the first full
 /// list of both namespaces and pods (see the module docs).
 pub async fn run<D: Dataplane>(
@@ -463,13 +536,19 @@ pub async fn run<D: Dataplane>(
     client: Client,
     cfg: WatchConfig,
 ) -> Result<Infallible, Error> {
-    watch_with(client, cfg, move |policy| {
+    watch_with(client, cfg, move |view| {
         let d = daemon.clone();
-        async move { d.set_policy(policy).await }
+        async move { apply_view(&d, view).await }
     })
     .await
 }
 
+#[cfg(test)]
+#[path = "k8s_fake_api.rs"]
+mod fake_api;
+#[cfg(test)]
+#[path = "k8s_running_tests.rs"]
+mod running_tests;
 #[cfg(test)]
 #[path = "k8s_tests.rs"]
 mod tests;

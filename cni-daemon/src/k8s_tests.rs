@@ -3,76 +3,22 @@
 //! (list, watch, field selector, injected errors), feeding the daemon on the fake dataplane.
 //! Everything runs on paused tokio time, so backoff and debounce cost no wall time.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::convert::Infallible;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::Frame;
-use http_body_util::StreamBody;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::watcher::{self, Event};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::*;
 use crate::config::Config;
-use crate::daemon::{Daemon, Policy};
+use crate::daemon::Policy;
 use crate::dataplane::fake::FakeDataplane;
 use crate::reconcile::ApplyReport;
-use crate::registry::Registry;
 
-const NODE: &str = "node-1";
-const AMBIENT: (&str, &str) = (DATAPLANE_MODE_LABEL, DATAPLANE_MODE_AMBIENT);
-const DISABLED: (&str, &str) = (REDIRECTION_ANNOTATION, REDIRECTION_DISABLED);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn map(kv: &[(&str, &str)]) -> Value {
-    Value::Object(kv.iter().map(|(k, v)| (k.to_string(), json!(v))).collect())
-}
-
-fn ns_json(name: &str, labels: &[(&str, &str)]) -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": map(labels)}})
-}
-
-fn pod_json(
-    ns: &str,
-    name: &str,
-    node: &str,
-    host_network: bool,
-    annotations: &[(&str, &str)],
-) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "annotations": map(annotations)},
-        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": [{"name": "app", "image": "app"}]},
-        "status": {"phase": "Running"}
-    })
-}
-
-fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
-    serde_json::from_value(ns_json(name, labels)).expect("namespace JSON")
-}
-
-fn pod(ns: &str, name: &str, host_network: bool, annotations: &[(&str, &str)]) -> Pod {
-    serde_json::from_value(pod_json(ns, name, NODE, host_network, annotations)).expect("pod JSON")
-}
-
-fn names(v: &[&str]) -> BTreeSet<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn keys(v: &[(&str, &str)]) -> BTreeSet<(String, String)> {
-    v.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
+use super::fake_api::*;
 
 // ---------------------------------------------------------------------------------------------
 // Pure parts.
@@ -217,8 +163,8 @@ impl Loop {
         let rec = calls.clone();
         let task = tokio::spawn(async move {
             let mut w = Watch::default();
-            let mut apply = move |p: Policy| {
-                lock(&rec).push(p);
+            let mut apply = move |v: View| {
+                lock(&rec).push(v.policy);
                 async { ApplyReport::default() }
             };
             let (ns, pods) = (
@@ -373,9 +319,15 @@ async fn unchanged_policy_is_not_sent_again() {
     ))));
     l.ns(Ok(Event::Apply(namespace("shop", &[]))));
     l.ns(Ok(Event::Apply(namespace("shop", &[AMBIENT]))));
-    l.pod(Ok(Event::Apply(pod("other", "x", false, &[]))));
     l.settle().await;
     assert_eq!(l.calls().len(), 1);
+    // A new running pod is a change of the view (the daemon may have to enroll it), not of
+    // the policy: one call, with the same policy.
+    l.pod(Ok(Event::Apply(pod("other", "x", false, &[]))));
+    l.settle().await;
+    let calls = l.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0], calls[1]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -424,354 +376,11 @@ async fn a_pending_change_is_applied_when_a_stream_ends() {
     assert!(l.calls().is_empty(), "still debouncing");
     l.ns = None;
     let w = (&mut l.task).await.expect("loop ends without panicking");
-    assert_eq!(w.applied.map(|p| p.namespaces), Some(names(&["shop"])));
+    assert_eq!(
+        w.applied.map(|v| v.policy.namespaces),
+        Some(names(&["shop"]))
+    );
     assert_eq!(l.calls().len(), 1);
-}
-
-// ---------------------------------------------------------------------------------------------
-// A fake API server: namespaces and pods, list and watch (newline-delimited JSON on a streaming
-// body), field selector on spec.nodeName, resourceVersions, injected failures.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Namespace,
-    Pod,
-}
-
-type Chunk = Result<Frame<Bytes>, Infallible>;
-type FakeBody = StreamBody<UnboundedReceiverStream<Chunk>>;
-
-struct Change {
-    rv: u64,
-    kind: Kind,
-    ty: &'static str,
-    obj: Value,
-}
-
-struct Watcher {
-    kind: Kind,
-    node: Option<String>,
-    tx: mpsc::UnboundedSender<Chunk>,
-}
-
-#[derive(Default)]
-struct ApiState {
-    rv: u64,
-    objects: BTreeMap<(Kind, String), Value>,
-    history: Vec<Change>,
-    watches: Vec<Watcher>,
-    fail: VecDeque<(Kind, bool, u16)>,
-    requests: Vec<String>,
-}
-
-#[derive(Clone, Default)]
-struct FakeApi(Arc<Mutex<ApiState>>);
-
-fn selected(kind: Kind, node: &Option<String>, obj: &Value) -> bool {
-    kind == Kind::Namespace
-        || node
-            .as_ref()
-            .is_none_or(|n| obj["spec"]["nodeName"] == n.as_str())
-}
-
-fn frame(v: &Value) -> Chunk {
-    Ok(Frame::data(Bytes::from(format!("{v}\n"))))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(c)) => {
-                out.push(c);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-impl FakeApi {
-    fn st(&self) -> MutexGuard<'_, ApiState> {
-        lock(&self.0)
-    }
-
-    fn client(&self) -> kube::Client {
-        let api = self.clone();
-        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(api.serve(&req)) }
-        });
-        kube::Client::new(svc, "default")
-    }
-
-    fn respond(code: u16, rx: mpsc::UnboundedReceiver<Chunk>) -> http::Response<FakeBody> {
-        http::Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(StreamBody::new(UnboundedReceiverStream::new(rx)))
-            .expect("response")
-    }
-
-    fn serve<B>(&self, req: &http::Request<B>) -> http::Response<FakeBody> {
-        let mut st = self.st();
-        let uri = req.uri();
-        st.requests.push(percent_decode(&uri.to_string()));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let kind = match uri.path() {
-            "/api/v1/namespaces" => Kind::Namespace,
-            "/api/v1/pods" => Kind::Pod,
-            _ => {
-                let _ = tx.send(frame(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not here"})));
-                return Self::respond(404, rx);
-            }
-        };
-        let q: BTreeMap<String, String> = uri
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), percent_decode(v)))
-            .collect();
-        let watch = q.get("watch").is_some_and(|v| v == "true");
-        if let Some(i) = st
-            .fail
-            .iter()
-            .position(|(k, w, _)| *k == kind && *w == watch)
-        {
-            let (_, _, code) = st.fail.remove(i).expect("index from position");
-            let _ = tx.send(frame(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": "InternalError", "message": "injected failure"})));
-            return Self::respond(code, rx);
-        }
-        let node = q.get("fieldSelector").map(|s| {
-            s.strip_prefix("spec.nodeName=")
-                .expect("only a nodeName selector")
-                .to_string()
-        });
-        if watch {
-            let since: u64 = q
-                .get("resourceVersion")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            for c in st
-                .history
-                .iter()
-                .filter(|c| c.rv > since && c.kind == kind && selected(kind, &node, &c.obj))
-            {
-                let _ = tx.send(frame(&json!({"type": c.ty, "object": c.obj})));
-            }
-            st.watches.push(Watcher { kind, node, tx });
-        } else {
-            let items: Vec<&Value> = st
-                .objects
-                .iter()
-                .filter(|((k, _), o)| *k == kind && selected(kind, &node, o))
-                .map(|(_, o)| o)
-                .collect();
-            let list_kind = if kind == Kind::Pod {
-                "PodList"
-            } else {
-                "NamespaceList"
-            };
-            let _ = tx.send(frame(&json!({"apiVersion": "v1", "kind": list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})));
-        }
-        Self::respond(200, rx)
-    }
-
-    fn change(&self, kind: Kind, key: String, obj: Option<Value>) {
-        let mut st = self.st();
-        st.rv += 1;
-        let rv = st.rv;
-        let (ty, mut obj) = match obj {
-            Some(o) => (
-                if st.objects.contains_key(&(kind, key.clone())) {
-                    "MODIFIED"
-                } else {
-                    "ADDED"
-                },
-                o,
-            ),
-            None => (
-                "DELETED",
-                st.objects
-                    .remove(&(kind, key.clone()))
-                    .expect("deleting an object that exists"),
-            ),
-        };
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if ty != "DELETED" {
-            st.objects.insert((kind, key), obj.clone());
-        }
-        for w in st
-            .watches
-            .iter()
-            .filter(|w| w.kind == kind && selected(kind, &w.node, &obj))
-        {
-            let _ = w.tx.send(frame(&json!({"type": ty, "object": obj})));
-        }
-        st.watches.retain(|w| !w.tx.is_closed());
-        st.history.push(Change { rv, kind, ty, obj });
-    }
-
-    fn put_ns(&self, name: &str, labels: &[(&str, &str)]) {
-        self.change(Kind::Namespace, name.into(), Some(ns_json(name, labels)));
-    }
-
-    fn del_ns(&self, name: &str) {
-        self.change(Kind::Namespace, name.into(), None);
-    }
-
-    fn put_pod(
-        &self,
-        ns: &str,
-        name: &str,
-        node: &str,
-        host_network: bool,
-        annotations: &[(&str, &str)],
-    ) {
-        self.change(
-            Kind::Pod,
-            format!("{ns}/{name}"),
-            Some(pod_json(ns, name, node, host_network, annotations)),
-        );
-    }
-
-    /// Fail the next list (or watch) of `kind` with `code`.
-    fn fail_next(&self, kind: Kind, watch: bool, code: u16) {
-        self.st().fail.push_back((kind, watch, code));
-    }
-
-    /// Close every open watch, as an API server restart or a load balancer would.
-    fn break_watches(&self) {
-        self.st().watches.clear();
-    }
-
-    fn requests(&self, path: &str, watch: bool) -> Vec<String> {
-        self.st()
-            .requests
-            .iter()
-            .filter(|r| r.starts_with(&format!("{path}?")) && r.contains("watch=true") == watch)
-            .cloned()
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// End to end: fake API -> watcher -> Daemon::set_policy -> fake dataplane.
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test IP")
-}
-
-/// A node: the daemon on the fake dataplane, pods added through the CNI path.
-struct Node {
-    dp: Arc<FakeDataplane>,
-    daemon: Arc<Daemon<FakeDataplane>>,
-    policies: Arc<Mutex<Vec<Policy>>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Node {
-    async fn new(cfg: Config) -> Node {
-        Node::boot(cfg, Arc::new(FakeDataplane::new()), None).await
-    }
-
-    /// A daemon on `dp`, with its registry persisted in `state_dir` (restored if there is one).
-    async fn boot(
-        cfg: Config,
-        dp: Arc<FakeDataplane>,
-        state_dir: Option<&std::path::Path>,
-    ) -> Node {
-        for l in ["vetha", "vethb", "vethc"] {
-            dp.kernel().add_host_link(l);
-        }
-        let (store, reg) = match state_dir {
-            Some(dir) => {
-                let (store, reg, _) = crate::store::Store::open(dir).expect("state dir");
-                (Some(store), reg)
-            }
-            None => (None, Registry::default()),
-        };
-        let daemon = Arc::new(Daemon::new(Arc::new(cfg), dp.clone(), store, reg));
-        let r = daemon.resync().await;
-        assert!(r.ok(), "{:?}", r.errors);
-        Node {
-            dp,
-            daemon,
-            policies: Arc::new(Mutex::new(Vec::new())),
-            task: None,
-        }
-    }
-
-    /// Start the watcher against `api`, recording each policy on its way to `set_policy`.
-    fn watch(&mut self, api: &FakeApi) {
-        let (d, rec, client) = (self.daemon.clone(), self.policies.clone(), api.client());
-        self.task = Some(tokio::spawn(async move {
-            let apply = move |p: Policy| {
-                lock(&rec).push(p.clone());
-                let d = d.clone();
-                async move { d.set_policy(p).await }
-            };
-            let Err(e) = watch_with(client, WatchConfig::new(NODE), apply).await;
-            panic!("watcher stopped: {e}");
-        }));
-    }
-
-    /// The CNI ADD of a pod.
-    async fn add(&self, cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> bool {
-        let ev = crate::daemon::test_event(cid, ns, name, addr, hif);
-        self.daemon.add(ev).await.expect("CNI ADD").enrolled
-    }
-
-    /// Pod IPs in the ipset: what is redirected.
-    fn captured(&self) -> BTreeSet<IpAddr> {
-        self.dp
-            .kernel()
-            .ipset
-            .as_ref()
-            .map(|s| s.keys().copied().collect())
-            .unwrap_or_default()
-    }
-
-    fn policies(&self) -> Vec<Policy> {
-        lock(&self.policies).clone()
-    }
-
-    /// Wait (virtual time) until `f` holds; the watcher's backoff is at most 30 s.
-    async fn until(&self, what: &str, f: impl Fn(&Node) -> bool) {
-        for _ in 0..600 {
-            if f(self) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "timed out waiting for: {what}; policies: {:?}",
-            self.policies()
-        );
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
-}
-
-fn set(v: &[&str]) -> BTreeSet<IpAddr> {
-    v.iter().map(|s| ip(s)).collect()
 }
 
 #[tokio::test(start_paused = true)]

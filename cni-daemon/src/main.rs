@@ -42,6 +42,9 @@ enum Cmd {
     Trace(TraceArgs),
     /// Dump registry, desired state, kernel read-back and pending changes as JSON.
     Dump(ClientArgs),
+    /// Enroll a pod that is already running (no CNI ADD: made before the plugin was in the
+    /// chain, or on a node without API access), or release one with --release --uid.
+    Enroll(EnrollArgs),
     /// Copy the plugin into the CNI bin dir and append it to the node's CNI config (atomic,
     /// idempotent); `--watch` keeps it there, `--check` is the readiness probe.
     Install(install_cmd::InstallCmd),
@@ -187,6 +190,28 @@ struct TraceArgs {
     /// Keep printing new events.
     #[arg(long)]
     follow: bool,
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The pod's Kubernetes namespace (must be enrolled: --ambient-namespace or labelled).
+    #[arg(long, required_unless_present = "release")]
+    namespace: Option<String>,
+    /// The pod's name.
+    #[arg(long, required_unless_present = "release")]
+    pod: Option<String>,
+    /// The pod's UID (metadata.uid): the owner of its entries; its CNI ADD, if one comes, takes
+    /// the record over.
+    #[arg(long)]
+    uid: String,
+    /// A pod address (repeat for each; either family, IPv4 ones are enrolled).
+    #[arg(long = "ip", required_unless_present = "release")]
+    ips: Vec<std::net::IpAddr>,
+    /// Release the pod with --uid (enrolled without a CNI ADD) instead.
+    #[arg(long, conflicts_with_all = ["namespace", "pod", "ips"])]
+    release: bool,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -460,6 +485,16 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
                 .await
             }
             Cmd::Dump(c) => admin::dump(&c.socket).await,
+            Cmd::Enroll(e) => {
+                let args = admin::EnrollArgs {
+                    namespace: e.namespace.unwrap_or_default(),
+                    pod: e.pod.unwrap_or_default(),
+                    uid: e.uid,
+                    ips: e.ips,
+                    release: e.release,
+                };
+                admin::enroll(&e.client.socket, args, e.client.json).await
+            }
             Cmd::Install(_) | Cmd::Uninstall(_) => {
                 anyhow::bail!("internal: the installer runs without a runtime")
             }

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::conn::{Incoming, PeerInfo, Peers, RateLimited};
-use crate::daemon::{Daemon, PodEvent, RequestError};
+use crate::daemon::{Daemon, PodEvent, RequestError, RunningPod};
 use crate::dataplane::Dataplane;
 
 /// The largest request message accepted (a CNI GC listing every attachment of a big node is
@@ -191,7 +191,16 @@ impl<D: Dataplane> CniNode for Service<D> {
             version: env!("CARGO_PKG_VERSION").into(),
             ip_families: s.ip_families.clone(),
             ztunnel_ips: s.ztunnel_ips(),
+            running_not_enrolled: s.not_enrolled as u32,
         }))
+    }
+
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
+        let r = req.into_inner();
+        check_version(r.contract_version)?;
+        let d = self.daemon.clone();
+        let out = detached(async move { enroll(&d, r).await }).await??;
+        Ok(Response::new(out))
     }
 
     async fn dump(&self, _req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {
@@ -216,6 +225,35 @@ impl<D: Dataplane> CniNode for Service<D> {
             .collect();
         Ok(Response::new(TraceReply { events }))
     }
+}
+
+/// `ambient-cnid enroll` (and `--release`): a running pod enrolled without a CNI ADD.
+async fn enroll<D: Dataplane>(daemon: &Daemon<D>, r: EnrollRequest) -> Result<EnrollReply, Status> {
+    let out = if r.release {
+        daemon.release_running(&r.pod_uid).await
+    } else {
+        let mut ips = Vec::with_capacity(r.ips.len());
+        for a in &r.ips {
+            let ip = a
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("not an IP address: {a:?}")))?;
+            ips.push(ip);
+        }
+        daemon
+            .enroll_running(RunningPod {
+                namespace: r.pod_namespace,
+                name: r.pod_name,
+                uid: r.pod_uid,
+                ips,
+                host_network: false,
+            })
+            .await
+    }
+    .map_err(to_status)?;
+    Ok(EnrollReply {
+        enrolled: out.enrolled,
+        detail: out.detail,
+    })
 }
 
 /// Refuse every peer that is not root: the socket is a privilege boundary.

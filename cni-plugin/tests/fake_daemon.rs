@@ -98,6 +98,12 @@ impl CniNode for Shared {
     async fn trace(&self, _: Request<TraceRequest>) -> Result<Response<TraceReply>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn enroll(
+        &self,
+        _: Request<ambient_cni_proto::v1::EnrollRequest>,
+    ) -> Result<Response<ambient_cni_proto::v1::EnrollReply>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 struct Server {

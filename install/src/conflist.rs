@@ -254,6 +254,66 @@ pub fn patch(
     }
 }
 
+/// The key of our entry that remembers the `cniVersion` the status-readiness option replaced,
+/// so that turning the option off, or uninstalling, puts it back.
+pub const READINESS_FROM_KEY: &str = "statusReadinessFrom";
+/// The first `cniVersion` at which runtimes (containerd ≥ 2.0, CRI-O) ask plugins for STATUS.
+pub const STATUS_CNI_VERSION: &str = "1.1.0";
+
+/// `a < b` for dotted version numbers (`0.3.1` < `1.1.0`); anything unparsable is not lower.
+fn version_lower(a: &str, b: &str) -> bool {
+    let nums = |v: &str| -> Option<Vec<u64>> { v.split('.').map(|p| p.parse().ok()).collect() };
+    match (nums(a), nums(b)) {
+        (Some(x), Some(y)) => x < y,
+        _ => false,
+    }
+}
+
+/// Opt-in readiness through CNI STATUS, applied to a conflist that [`patch`] made from
+/// `original`. With `on`, a conflist below 1.1.0 is raised to 1.1.0 (the runtime then asks every
+/// plugin, ours included, for STATUS, and holds pod creation while ours says not ready), and our
+/// entry records the version it had. The caller asserts that every plugin of the chain
+/// implements 1.1.0: the installer cannot ask unknown plugins without running them. A conflist
+/// already at 1.1.0 or later is left as it is (STATUS is asked anyway). Without `on`, a version
+/// raised earlier is put back. Pure; applying it to its own output changes nothing.
+pub fn status_readiness(original: &Value, patched: &mut Value, our_type: &str, on: bool) {
+    let prior = original
+        .get("plugins")
+        .and_then(Value::as_array)
+        .and_then(|ps| ps.iter().rev().find(|p| is_ours(p, our_type)))
+        .and_then(|p| p.get(READINESS_FROM_KEY))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let current = original.get("cniVersion").and_then(Value::as_str);
+    let Some(top) = patched.as_object_mut() else {
+        return;
+    };
+    let from = if on {
+        prior.or_else(|| {
+            current
+                .filter(|v| version_lower(v, STATUS_CNI_VERSION))
+                .map(str::to_owned)
+        })
+    } else {
+        if let Some(v) = prior {
+            top.insert("cniVersion".into(), Value::String(v));
+        }
+        return;
+    };
+    let Some(from) = from else { return };
+    top.insert(
+        "cniVersion".into(),
+        Value::String(STATUS_CNI_VERSION.into()),
+    );
+    if let Some(Value::Object(ours)) = top
+        .get_mut("plugins")
+        .and_then(Value::as_array_mut)
+        .and_then(|ps| ps.last_mut())
+    {
+        ours.insert(READINESS_FROM_KEY.into(), Value::String(from));
+    }
+}
+
 /// The conflist with every plugin of `our_type` removed, or `None` when it has none.
 ///
 /// Errors when removal would leave `plugins` empty (the file is not a primary network we patched).
@@ -263,11 +323,20 @@ pub fn unpatch(list: &Value, our_type: &str) -> Result<Option<Value>, ConfigErro
         return Ok(None);
     }
     let mut out = list.clone();
+    let mut raised_from = None;
     if let Some(Value::Array(plugins)) = out.get_mut("plugins") {
+        raised_from = plugins
+            .iter()
+            .filter(|p| is_ours(p, our_type))
+            .find_map(|p| p.get(READINESS_FROM_KEY).cloned());
         plugins.retain(|p| !is_ours(p, our_type));
         if plugins.is_empty() {
             return Err(ConfigError::OnlyOurs(our_type.to_owned()));
         }
+    }
+    // A version raised for STATUS readiness goes back to what it was.
+    if let (Some(v @ Value::String(_)), Some(top)) = (raised_from, out.as_object_mut()) {
+        top.insert("cniVersion".into(), v);
     }
     Ok(Some(out))
 }

@@ -123,6 +123,9 @@ pub struct InstallConfig {
     pub conf_override: Option<String>,
     /// Our conflist entry; a JSON object whose `type` is also the binary's name.
     pub plugin_entry: Value,
+    /// Opt-in readiness through CNI STATUS: raise the conflist to `cniVersion` 1.1.0 (see
+    /// [`conflist::status_readiness`]). Off by default.
+    pub status_readiness: bool,
 }
 
 impl InstallConfig {
@@ -139,6 +142,7 @@ impl InstallConfig {
             conf_dir: conf_dir.into(),
             conf_override: None,
             plugin_entry,
+            status_readiness: false,
         }
     }
 
@@ -409,7 +413,10 @@ pub fn check(cfg: &InstallConfig) -> Result<Status, InstallError> {
                 };
                 status.problems.push(e.to_string());
             } else {
-                let patched = conflist::patch(p.kind, &p.value, entry).ok();
+                let patched = conflist::patch(p.kind, &p.value, entry).ok().map(|mut v| {
+                    conflist::status_readiness(&p.value, &mut v, our_type, cfg.status_readiness);
+                    v
+                });
                 if p.kind != ConfigKind::List || patched.as_ref() != Some(&p.value) {
                     status.problems.push(format!(
                         "{} does not end with our {our_type} entry",
@@ -596,11 +603,12 @@ fn patch_primary(cfg: &InstallConfig, report: &mut Report) -> Result<(), Install
             ));
         }
     }
-    let patched =
+    let mut patched =
         conflist::patch(p.kind, &p.value, entry).map_err(|source| InstallError::InvalidConfig {
             path: p.path.clone(),
             source,
         })?;
+    conflist::status_readiness(&p.value, &mut patched, our_type, cfg.status_readiness);
     let dir = &cfg.conf_dir;
     match p.kind {
         ConfigKind::List => {

@@ -486,7 +486,7 @@ fn daemon_has_the_netns_propagation_socket_dir_and_capabilities() {
 }
 
 #[test]
-fn uninstall_daemonset_only_touches_the_cni_dirs() {
+fn uninstall_daemonset_touches_the_cni_dirs_and_cleans_the_kernel() {
     let u = docs("ambient-cni-uninstall.yaml");
     let ds = &u.daemon_sets[0];
     assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
@@ -515,6 +515,40 @@ fn uninstall_daemonset_only_touches_the_cni_dirs() {
     );
     assert_eq!(env(un, "AMBIENT_CNI_CONF_DIR"), "/host/etc/cni/net.d");
     passes_escalation_rule(un);
+    // Then the kernel objects go, in the node's netns, from the daemon's state on the host: no
+    // enrolled pod's TCP stays held closed after uninstall.
+    let inits: Vec<&str> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        inits,
+        ["uninstall-cni", "cleanup-kernel"],
+        "entry first, then the kernel"
+    );
+    let cl = container(pod.init_containers.as_ref(), "cleanup-kernel");
+    assert_eq!(
+        cl.command.as_deref().unwrap(),
+        [
+            "ambient-cnid",
+            "cleanup",
+            "--state-dir",
+            "/run/ambient-cni/state"
+        ]
+    );
+    assert_eq!(
+        host_path_of(pod, mount(cl, "/run/ambient-cni")),
+        "/run/ambient-cni"
+    );
+    assert_eq!(
+        host_path_of(pod, mount(cl, "/var/run/netns")),
+        "/var/run/netns"
+    );
+    assert_eq!(host_path_of(pod, mount(cl, "/host/proc")), "/proc");
+    assert!(caps(cl).1.contains(&"NET_ADMIN".to_string()));
+    passes_escalation_rule(cl);
     let pause = container(Some(&pod.containers), "pause");
     assert!(pause.volume_mounts.is_none());
     assert_eq!(caps(pause).1, Vec::<String>::new());

@@ -346,12 +346,24 @@ impl World {
 
     /// Creates a pod netns and ADDs it through libcni; starts an echo server on 8080 in it.
     pub fn pod(&self, netns: &str, k8s_ns: &str, name: &str) -> Result<Pod> {
+        self.pod_in(NETWORK, netns, k8s_ns, name)
+    }
+
+    /// Like [`World::pod`] through another conflist of the conf dir (by its `name`), e.g. one
+    /// without our plugin: a pod that ran before ambient-cni was in the chain.
+    pub fn pod_in(&self, network: &str, netns: &str, k8s_ns: &str, name: &str) -> Result<Pod> {
         self.net.add_ns(netns)?;
         if self.family.has_v6() {
             // Before the ADD: ptp creates eth0 here, with this namespace's defaults.
             self.net.enable_ipv6(netns)?;
         }
-        let out = self.cnitool("add", netns, k8s_ns, name);
+        let args = Self::cni_args(k8s_ns, name);
+        let out = self.cni.cnitool(
+            "add",
+            network,
+            &self.net.ns_path(netns),
+            &[("CNI_ARGS", args.as_str())],
+        );
         if !out.success() {
             bail!("cnitool add {name}: {out}");
         }

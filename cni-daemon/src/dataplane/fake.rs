@@ -12,8 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{Dataplane, DpError, DpResult};
 use crate::model::{
-    Chain, Family, IpsetState, IptablesState, Ns, Prefix, Route, RouteKey, Rule, TunnelState,
-    Tunnels,
+    Chain, Family, IpsetState, IptablesState, Ns, Prefix, Route, RouteKey, RouteKind, Rule, Scope,
+    TunnelState, Tunnels,
 };
 
 /// One namespace's objects.
@@ -80,6 +80,9 @@ pub struct FakeKernel {
     pub dead: BTreeSet<PathBuf>,
     /// Main-table routes of the node: pod IP → host interface.
     pub host_routes: BTreeMap<IpAddr, String>,
+    /// More main-table routes (subnets, gateways) for `main_route_lookup`; `host_routes` count
+    /// as `/32 dev X scope link` routes on top of these.
+    pub main_routes: Vec<Route>,
     /// Number of write operations performed.
     pub writes: usize,
 }
@@ -485,6 +488,42 @@ impl Dataplane for FakeDataplane {
     }
     async fn route_dev_lookup(&self, ip: IpAddr) -> DpResult<Option<String>> {
         Ok(self.kernel().host_routes.get(&ip).cloned())
+    }
+    async fn main_route_lookup(&self, ip: IpAddr) -> DpResult<Option<Route>> {
+        let k = self.kernel();
+        if let Some(dev) = k.host_routes.get(&ip) {
+            return Ok(Some(Route {
+                key: RouteKey {
+                    table: 254,
+                    dst: Prefix::host(ip),
+                    metric: 0,
+                },
+                kind: RouteKind::Unicast,
+                dev: Some(dev.clone()),
+                via: None,
+                src: None,
+                scope: Scope::Link,
+                onlink: false,
+            }));
+        }
+        let covers = |r: &&Route| match (r.key.dst.addr, ip) {
+            (IpAddr::V4(dst), IpAddr::V4(ip)) => {
+                let len = u32::from(r.key.dst.len.min(32));
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                u32::from(dst) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(dst), IpAddr::V6(ip)) => {
+                let len = u32::from(r.key.dst.len.min(128));
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                u128::from(dst) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        };
+        Ok(k.main_routes
+            .iter()
+            .filter(covers)
+            .max_by_key(|r| (r.key.dst.len, std::cmp::Reverse(r.key.metric)))
+            .cloned())
     }
     fn netns_alive(&self, path: &Path) -> bool {
         !self.kernel().dead.contains(path)

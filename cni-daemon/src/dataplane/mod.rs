@@ -255,6 +255,15 @@ pub trait Dataplane: Send + Sync + 'static {
     /// The node interface that the main table routes `ip` out of (the pod's host veth).
     fn route_dev_lookup(&self, ip: IpAddr)
         -> impl Future<Output = DpResult<Option<String>>> + Send;
+    /// The main-table route the kernel picks for `ip` (longest prefix, then lowest metric),
+    /// decoded, with its output interface by name; `None` when no unicast route matches or the
+    /// winner has a shape we do not model (multipath). Enrolling a running pod without its CNI
+    /// result reads its host interface from this, and only from a direct route (no gateway).
+    // IPv4 today: the dual-stack seam is this argument (an IpAddr and the main table of its family).
+    fn main_route_lookup(
+        &self,
+        ip: IpAddr,
+    ) -> impl Future<Output = DpResult<Option<Route>>> + Send;
     /// Does this netns path exist and is it a network namespace?
     fn netns_alive(&self, path: &std::path::Path) -> bool;
 }

@@ -1206,6 +1206,34 @@ impl Dataplane for RealDataplane {
         Ok(l.as_ref().and_then(link::name_of))
     }
 
+    async fn main_route_lookup(&self, ip: IpAddr) -> DpResult<Option<Route>> {
+        // IPv4 only for now: the running-pod path enrolls a pod's IPv4 addresses (its host
+        // interface carries the IPv4 rp_filter); an IPv6 address has no main-route lookup yet.
+        let IpAddr::V4(ip) = ip else {
+            return Ok(None);
+        };
+        let h = self.node.handle();
+        let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
+        let msgs = route::dump(h, Family::V4, Some(main), None)
+            .await
+            .map_err(|e| nl_error(format!("look up the main route to {ip}"), &e))?;
+        let Some(m) = route::lpm_main_msg(&msgs, ip) else {
+            return Ok(None);
+        };
+        let mut names = BTreeMap::new();
+        for idx in route::oifs(std::slice::from_ref(m)) {
+            if let Some(l) = link::get_by_index(h, idx)
+                .await
+                .map_err(|e| nl_error(format!("get link {idx}"), &e))?
+            {
+                if let Some(n) = link::name_of(&l) {
+                    names.insert(idx, n);
+                }
+            }
+        }
+        Ok(route::decode(m, &names))
+    }
+
     fn netns_alive(&self, path: &Path) -> bool {
         let alive = netns::is_netns(path);
         if !alive {

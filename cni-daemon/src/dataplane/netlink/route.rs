@@ -614,6 +614,43 @@ pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: IpAddr) -> Option<u32> {
     best.map(|(_, _, oif)| oif)
 }
 
+/// The main-table unicast route the kernel would pick for `ip`: longest prefix, then lowest
+/// metric. Unlike [`lpm_main`] it returns the route itself (its gateway decides whether the
+/// address is on a directly attached link), multipath routes included (the caller's decode then
+/// refuses them rather than taking one hop's interface).
+pub(crate) fn lpm_main_msg(msgs: &[RouteMessage], ip: Ipv4Addr) -> Option<&RouteMessage> {
+    let ip = u32::from(ip);
+    let mut best: Option<(u8, u32, &RouteMessage)> = None;
+    for m in msgs {
+        if table_of(m) != u32::from(RouteHeader::RT_TABLE_MAIN)
+            || m.header.kind != RouteType::Unicast
+        {
+            continue;
+        }
+        let Some(key) = key_of(m) else { continue };
+        let len = key.dst.len;
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        let IpAddr::V4(dst) = key.dst.addr else {
+            continue;
+        };
+        if u32::from(dst) & mask != ip & mask {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((blen, bmetric, _)) => len > blen || (len == blen && key.metric < bmetric),
+        };
+        if better {
+            best = Some((len, key.metric, m));
+        }
+    }
+    best.map(|(_, _, m)| m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
