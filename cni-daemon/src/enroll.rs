@@ -278,11 +278,7 @@ impl<D: Dataplane> Daemon<D> {
         touched
     }
 
-    async fn apply_pods(
-        &self,
-        inner: &mut Inner,
-        ips: BTreeSet<IpAddr>,
-    ) -> (ApplyReport, String) {
+    async fn apply_pods(&self, inner: &mut Inner, ips: BTreeSet<IpAddr>) -> (ApplyReport, String) {
         if ips.is_empty() {
             return (ApplyReport::default(), String::new());
         }

@@ -260,10 +260,8 @@ pub trait Dataplane: Send + Sync + 'static {
     /// winner has a shape we do not model (multipath). Enrolling a running pod without its CNI
     /// result reads its host interface from this, and only from a direct route (no gateway).
     // IPv4 today: the dual-stack seam is this argument (an IpAddr and the main table of its family).
-    fn main_route_lookup(
-        &self,
-        ip: IpAddr,
-    ) -> impl Future<Output = DpResult<Option<Route>>> + Send;
+    fn main_route_lookup(&self, ip: IpAddr)
+        -> impl Future<Output = DpResult<Option<Route>>> + Send;
     /// Does this netns path exist and is it a network namespace?
     fn netns_alive(&self, path: &std::path::Path) -> bool;
 }
