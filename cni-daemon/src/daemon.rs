@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dataplane::Dataplane;
+use crate::metrics::Metrics;
 use crate::reconcile::{self, desired, ApplyReport, Op, Ztunnel};
 use crate::registry::{PodRecord, Registry, Upsert};
 use crate::store::{Entry, Store};
@@ -190,6 +191,13 @@ pub struct ResyncSummary {
     pub errors: Vec<String>,
     /// Microseconds it took.
     pub micros: u64,
+    /// What started it: start, repair (the periodic resync), reconcile (a ztunnel change),
+    /// event (a kernel notification about our objects).
+    #[serde(default)]
+    pub kind: String,
+    /// What it changed (the first operations one by one, then a count by kind).
+    #[serde(default)]
+    pub changed: Vec<String>,
 }
 
 /// Enrollment decided outside the static `--ambient-namespace` list: by the Kubernetes watcher
@@ -244,6 +252,8 @@ struct Inner {
     reg: Registry,
     store: Option<Store>,
     last_resync: Option<ResyncSummary>,
+    /// Last full reconcile that changed something.
+    last_repair: Option<ResyncSummary>,
     /// Ztunnel the last full reconcile built the tunnels for.
     zt_applied: Option<Ztunnel>,
     resyncs: u64,
@@ -256,6 +266,7 @@ pub struct Daemon<D> {
     inner: AsyncMutex<Inner>,
     trace: Mutex<VecDeque<StoredEvent>>,
     ready: AtomicBool,
+    metrics: Metrics,
 }
 
 fn now_ms() -> u64 {
@@ -315,12 +326,31 @@ impl<D: Dataplane> Daemon<D> {
                 reg,
                 store,
                 last_resync: None,
+                last_repair: None,
                 zt_applied: None,
                 resyncs: 0,
             }),
             trace: Mutex::new(VecDeque::with_capacity(1024)),
             ready: AtomicBool::new(false),
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The daemon's metrics (what `--metrics-addr` serves).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counts a request of `verb` and its outcome (metrics hook).
+    fn counted<T>(
+        &self,
+        verb: &'static str,
+        start: std::time::Instant,
+        r: Result<T, RequestError>,
+    ) -> Result<T, RequestError> {
+        self.metrics
+            .request(verb, crate::metrics::code_of(&r), start.elapsed());
+        r
     }
 
     /// The configuration.
@@ -389,6 +419,7 @@ impl<D: Dataplane> Daemon<D> {
     /// lists what was applied, for the caller's one log line.
     async fn apply_traced(&self, ops: &[Op], kind: &str) -> (ApplyReport, String) {
         let report = reconcile::apply(&*self.dp, ops).await;
+        self.metrics.apply_errors(report.errors.len());
         // Each operation is traced and logged, up to a point: a restore of 10,000 pods is 20,000
         // operations, and an event each would push everything else out of the trace ring.
         // Beyond LOG_EACH, one event says how many more, of which kinds. The log gets one line
@@ -418,7 +449,13 @@ impl<D: Dataplane> Daemon<D> {
     }
 
     /// A pod's sandbox is up: record it and, if enrolled, redirect it.
-    pub async fn add(&self, mut ev: PodEvent) -> Result<AddOutcome, RequestError> {
+    pub async fn add(&self, ev: PodEvent) -> Result<AddOutcome, RequestError> {
+        let t = std::time::Instant::now();
+        let r = self.add_request(ev).await;
+        self.counted("add", t, r)
+    }
+
+    async fn add_request(&self, mut ev: PodEvent) -> Result<AddOutcome, RequestError> {
         if let (Some(host_proc), Some(rest)) =
             (&self.cfg.host_proc, ev.netns.strip_prefix("/proc/"))
         {
@@ -556,6 +593,12 @@ impl<D: Dataplane> Daemon<D> {
 
     /// A pod attachment is going away: remove exactly what it owned. Unknown attachments succeed.
     pub async fn del(&self, container_id: &str, ifname: &str) -> Result<bool, RequestError> {
+        let t = std::time::Instant::now();
+        let r = self.del_request(container_id, ifname).await;
+        self.counted("del", t, r)
+    }
+
+    async fn del_request(&self, container_id: &str, ifname: &str) -> Result<bool, RequestError> {
         let mut inner = self.inner.lock().await;
         let Some(rec) = inner.reg.remove(container_id, ifname) else {
             self.event(
@@ -658,6 +701,16 @@ impl<D: Dataplane> Daemon<D> {
         container_id: &str,
         ifname: &str,
     ) -> Result<(bool, String), RequestError> {
+        let t = std::time::Instant::now();
+        let r = self.check_request(container_id, ifname).await;
+        self.counted("check", t, r)
+    }
+
+    async fn check_request(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<(bool, String), RequestError> {
         let inner = self.inner.lock().await;
         let Some(rec) = inner.reg.find(container_id, ifname).cloned() else {
             return Err(RequestError::Precondition(format!(
@@ -702,6 +755,18 @@ impl<D: Dataplane> Daemon<D> {
 
     /// CNI GC: remove the records of `network` whose attachment is not listed.
     pub async fn gc(
+        &self,
+        network: &str,
+        valid: Option<&[(String, String)]>,
+    ) -> (u32, Vec<String>) {
+        let t = std::time::Instant::now();
+        let (n, errors) = self.gc_request(network, valid).await;
+        let code = if errors.is_empty() { "ok" } else { "internal" };
+        self.metrics.request("gc", code, t.elapsed());
+        (n, errors)
+    }
+
+    async fn gc_request(
         &self,
         network: &str,
         valid: Option<&[(String, String)]>,
@@ -830,12 +895,22 @@ impl<D: Dataplane> Daemon<D> {
             inner.zt_applied = zt;
         }
         inner.resyncs += 1;
-        inner.last_resync = Some(ResyncSummary {
+        self.metrics
+            .reconcile(kind, &report.applied, start.elapsed());
+        let mut changed: Vec<String> = report.applied.iter().take(LOG_EACH).cloned().collect();
+        changed.extend(summary(report.applied.iter().skip(LOG_EACH)));
+        let done = ResyncSummary {
             unix_ms: now_ms(),
             repaired: report.applied.len(),
             errors: report.errors.clone(),
             micros: start.elapsed().as_micros() as u64,
-        });
+            kind: kind.to_string(),
+            changed,
+        };
+        if done.repaired > 0 {
+            inner.last_repair = Some(done.clone());
+        }
+        inner.last_resync = Some(done);
         report
     }
 
@@ -856,8 +931,48 @@ impl<D: Dataplane> Daemon<D> {
         report
     }
 
-    /// Status for `ambient-cnid status` and the STATUS verb.
+    /// A full reconcile because the kernel told us one of our objects changed (rtnetlink
+    /// notifications, see `events.rs`). Traced and counted as `event`.
+    pub async fn repair_on_event(&self) -> ApplyReport {
+        let mut inner = self.inner.lock().await;
+        let report = self.full_reconcile(&mut inner, "event").await;
+        if report.ok() && !self.is_ready() {
+            self.ready.store(true, Ordering::SeqCst);
+        }
+        report
+    }
+
+    /// Does the daemon want a route to any of `ips` (an enrolled pod's or the ztunnel's)? The
+    /// event watcher asks before repairing after our routes were deleted: a pod DEL's own route
+    /// delete is no drift. Addresses of a family the registry does not hold count as wanted.
+    pub async fn wants_route_to(&self, ips: &[std::net::IpAddr]) -> bool {
+        let inner = self.inner.lock().await;
+        let zt_ip = inner.reg.ztunnel().and_then(|r| r.ips.first().copied());
+        ips.iter().any(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(*a) == zt_ip || inner.reg.owner_of(*a).is_some(),
+            std::net::IpAddr::V6(_) => true,
+        })
+    }
+
+    /// The netns path of the live ztunnel, if any (the event watcher follows it).
+    pub async fn ztunnel_netns(&self) -> Option<String> {
+        let inner = self.inner.lock().await;
+        let rec = inner.reg.ztunnel()?;
+        self.dp
+            .netns_alive(Path::new(&rec.netns))
+            .then(|| rec.netns.clone())
+    }
+
+    /// Status for `ambient-cnid status` and the STATUS verb (counted as a `status` request).
     pub async fn status(&self) -> StatusView {
+        let t = std::time::Instant::now();
+        let s = self.snapshot().await;
+        self.metrics.request("status", "ok", t.elapsed());
+        s
+    }
+
+    /// [`Daemon::status`] without counting a request (metrics scrapes).
+    pub async fn snapshot(&self) -> StatusView {
         let inner = self.inner.lock().await;
         StatusView {
             ready: self.is_ready(),
@@ -865,6 +980,7 @@ impl<D: Dataplane> Daemon<D> {
             enrolled: inner.reg.records().filter(|r| r.enrolled).count(),
             ztunnel: self.live_ztunnel(&inner.reg),
             last_resync: inner.last_resync.clone(),
+            last_repair: inner.last_repair.clone(),
             resyncs: inner.resyncs,
         }
     }
@@ -922,6 +1038,8 @@ pub struct StatusView {
     pub ztunnel: Option<Ztunnel>,
     /// Last full reconcile.
     pub last_resync: Option<ResyncSummary>,
+    /// Last full reconcile that changed something (a repair).
+    pub last_repair: Option<ResyncSummary>,
     /// Number of full reconciles since start.
     pub resyncs: u64,
 }

@@ -19,7 +19,7 @@ use crate::registry::{PodKey, PodRecord, Registry};
 pub const COMPACT_EVERY: usize = 4096;
 
 const SNAPSHOT: &str = "registry.json";
-const JOURNAL: &str = "registry.journal";
+pub(crate) const JOURNAL: &str = "registry.journal";
 
 /// Errors of the store, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -155,6 +155,13 @@ fn pick_by_rules(nft: usize, legacy: usize) -> Backend {
     }
 }
 
+/// The whole `*-save` output of the calling thread's netns, with the variant `wanted` resolves
+/// to by the daemon's own detection, and that variant's name (for `ambient-cnid explain`).
+pub fn save_all(wanted: IptablesBackend) -> Result<(String, &'static str), String> {
+    let b = resolve(wanted);
+    run_save(b, None).map(|s| (s, b.name()))
+}
+
 fn run_save(b: Backend, table: Option<&str>) -> Result<String, String> {
     let mut cmd = Command::new(b.save_bin());
     if let Some(t) = table {

@@ -23,7 +23,7 @@ use crate::dataplane::{Dataplane, DpError, DpResult};
 use crate::model::{Chain, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels};
 use netlink_packet_route::RouteNetlinkMessage;
 
-pub use iptables::IptablesBackend;
+pub use iptables::{save_all as iptables_save_all, IptablesBackend};
 use netns::NsWorker;
 
 use crate::config::{DEFAULT_ROUTE_PROTOCOL, IPSET_NAME};
