@@ -132,7 +132,10 @@ fn outside_deletes_are_repaired_from_kernel_events() -> Result<()> {
             1 => route_there(&w),
             _ => link_there(&w),
         })
-        .with_context(|| format!("deletion {i} of {what}:\n{}", w.daemon()?.log_text()))?;
+        .with_context(|| {
+            let log = w.daemon().map(|d| d.log_text()).unwrap_or_default();
+            format!("deletion {i} of {what}:\n{log}")
+        })?;
         times.push((what, t));
         // Let the repair's own confirming pass finish before the next deletion.
         std::thread::sleep(Duration::from_millis(50));
@@ -259,7 +262,8 @@ fn a_storm_of_route_deletes_is_coalesced_and_adds_keep_flowing() -> Result<()> {
     let storming = Arc::new(AtomicBool::new(true));
     let (storm_took, during) = std::thread::scope(|s| -> Result<(Duration, Vec<Duration>)> {
         let flag = storming.clone();
-        let adder = s.spawn(|| -> Result<Vec<Duration>> {
+        let (plugin, w) = (&plugin, &w);
+        let adder = s.spawn(move || -> Result<Vec<Duration>> {
             let mut v = Vec::new();
             let mut n = 1000;
             // Some ADDs once the storm is over too, while the repairs it asked for still run.
@@ -268,7 +272,7 @@ fn a_storm_of_route_deletes_is_coalesced_and_adds_keep_flowing() -> Result<()> {
                 if !flag.load(Ordering::SeqCst) {
                     tail += 1;
                 }
-                v.push(add(&plugin, &w, n)?);
+                v.push(add(plugin, w, n)?);
                 n += 1;
             }
             Ok(v)
