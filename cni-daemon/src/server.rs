@@ -99,6 +99,18 @@ fn event(r: PodRequest) -> PodEvent {
     }
 }
 
+/// A full reconcile's summary as the STATUS reply carries it.
+pub fn reconcile_run(r: &crate::daemon::ResyncSummary) -> ReconcileRun {
+    ReconcileRun {
+        unix_ms: r.unix_ms,
+        kind: r.kind.clone(),
+        changed: u32::try_from(r.repaired).unwrap_or(u32::MAX),
+        changes: r.changed.clone(),
+        errors: r.errors.clone(),
+        micros: r.micros,
+    }
+}
+
 /// A pod request, once its peer and contract version are checked.
 fn pod_request(msg: &[u8]) -> Result<PodRequest, Status> {
     let r: PodRequest = decode(msg)?;
@@ -179,6 +191,9 @@ pub async fn call<D: Dataplane>(
                 enrolled_pods: s.enrolled as u32,
                 ztunnel_present: s.ztunnel.is_some(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                last_resync: s.last_resync.as_ref().map(reconcile_run),
+                last_repair: s.last_repair.as_ref().map(reconcile_run),
+                resyncs: s.resyncs,
             }
             .encode_to_vec()
         }
