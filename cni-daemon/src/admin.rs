@@ -69,7 +69,10 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         );
         println!("version:    {}", s.version);
         println!("resyncs:    {}", s.resyncs);
-        for (what, r) in [("last resync", &s.last_resync), ("last repair", &s.last_repair)] {
+        for (what, r) in [
+            ("last resync", &s.last_resync),
+            ("last repair", &s.last_repair),
+        ] {
             match r {
                 None => println!("{what}: none"),
                 Some(r) => {

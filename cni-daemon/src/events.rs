@@ -208,9 +208,7 @@ impl Filter {
             RouteNetlinkMessage::NewRoute(m) => {
                 // A route of ours appearing is our own doing; another protocol's route in one of
                 // our tables may have replaced ours.
-                if u8::from(m.header.protocol) != i.protocol
-                    && i.tables.contains(&route_table(m))
-                {
+                if u8::from(m.header.protocol) != i.protocol && i.tables.contains(&route_table(m)) {
                     Verdict::Repair("route")
                 } else {
                     Verdict::Ignore
@@ -248,9 +246,9 @@ impl Filter {
                 }
             }
             RouteNetlinkMessage::DelAddress(m) => {
-                let labelled = m.attributes.iter().any(|a| {
-                    matches!(a, AddressAttribute::Label(l) if i.links.iter().any(|n| n == l))
-                });
+                let labelled = m.attributes.iter().any(
+                    |a| matches!(a, AddressAttribute::Label(l) if i.links.iter().any(|n| n == l)),
+                );
                 if labelled || self.our_links.contains(&m.header.index) {
                     Verdict::Repair("address")
                 } else {
@@ -296,8 +294,7 @@ fn subscribe_here(links: &[String]) -> io::Result<(Socket, Vec<u32>)> {
         sock.add_membership(g)?;
     }
     // Root may exceed rmem_max (SO_RCVBUFFORCE); otherwise take what the limit allows.
-    if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF)
-        .is_err()
+    if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF).is_err()
     {
         let _ = sock.set_rx_buf_sz(RCVBUF);
     }
@@ -397,8 +394,7 @@ async fn watch<D: Dataplane>(
             }
         }
         drop(guard);
-        if repair.is_none() && !pod_routes.is_empty() && daemon.wants_route_to(&pod_routes).await
-        {
+        if repair.is_none() && !pod_routes.is_empty() && daemon.wants_route_to(&pod_routes).await {
             repair = Some("route");
         }
         if let Some(what) = repair {
@@ -431,11 +427,14 @@ async fn start<D: Dataplane>(
 ) -> io::Result<Watcher> {
     let links = interest.links.clone();
     let path = netns.clone().map(PathBuf::from);
-    let (sock, indexes) =
-        tokio::task::spawn_blocking(move || subscribe(path.as_deref(), &links))
-            .await
-            .map_err(|e| io::Error::other(format!("subscriber task: {e}")))??;
-    debug!(netns = label, fd = sock.as_raw_fd(), "kernel events: subscribed");
+    let (sock, indexes) = tokio::task::spawn_blocking(move || subscribe(path.as_deref(), &links))
+        .await
+        .map_err(|e| io::Error::other(format!("subscriber task: {e}")))??;
+    debug!(
+        netns = label,
+        fd = sock.as_raw_fd(),
+        "kernel events: subscribed"
+    );
     let task = tokio::spawn(watch(
         daemon.clone(),
         sock,
@@ -454,15 +453,7 @@ pub async fn run<D: Dataplane>(daemon: Arc<Daemon<D>>, node_netns: Option<PathBu
         notify: Notify::new(),
     });
     let node_path = node_netns.map(|p| p.to_string_lossy().into_owned());
-    let _node = match start(
-        &daemon,
-        node_path,
-        Interest::node(&cfg),
-        "node",
-        &trigger,
-    )
-    .await
-    {
+    let _node = match start(&daemon, node_path, Interest::node(&cfg), "node", &trigger).await {
         Ok(w) => w,
         Err(e) => {
             warn!(error = %e, "kernel events: cannot subscribe in the node netns; repairs wait for the periodic resync");

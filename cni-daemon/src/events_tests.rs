@@ -59,7 +59,10 @@ fn route_deletes_of_ours_repair_and_pod_routes_ask_first() {
         Verdict::Repair("route")
     );
     // A foreign route deleted from main, or our own route appearing: nothing.
-    assert_eq!(f.classify(&M::DelRoute(route(254, 4, None))), Verdict::Ignore);
+    assert_eq!(
+        f.classify(&M::DelRoute(route(254, 4, None))),
+        Verdict::Ignore
+    );
     assert_eq!(
         f.classify(&M::NewRoute(route(100, 212, Some((pod, 32))))),
         Verdict::Ignore
@@ -80,19 +83,31 @@ fn route_deletes_of_ours_repair_and_pod_routes_ask_first() {
 #[test]
 fn rules_at_our_priorities_or_of_our_protocol() {
     let mut f = node_filter();
-    assert_eq!(f.classify(&M::DelRule(rule(101, 212))), Verdict::Repair("rule"));
-    assert_eq!(f.classify(&M::DelRule(rule(101, 0))), Verdict::Repair("rule"));
+    assert_eq!(
+        f.classify(&M::DelRule(rule(101, 212))),
+        Verdict::Repair("rule")
+    );
+    assert_eq!(
+        f.classify(&M::DelRule(rule(101, 0))),
+        Verdict::Repair("rule")
+    );
     assert_eq!(f.classify(&M::DelRule(rule(500, 0))), Verdict::Ignore);
     assert_eq!(f.classify(&M::NewRule(rule(101, 212))), Verdict::Ignore);
     let mut z = Filter::new(Interest::ztunnel(&Config::default()), []);
-    assert_eq!(z.classify(&M::DelRule(rule(20000, 212))), Verdict::Repair("rule"));
+    assert_eq!(
+        z.classify(&M::DelRule(rule(20000, 212))),
+        Verdict::Repair("rule")
+    );
     assert_eq!(z.classify(&M::DelRule(rule(101, 0))), Verdict::Ignore);
 }
 
 #[test]
 fn links_by_name_then_by_index() {
     let mut f = node_filter();
-    assert_eq!(f.classify(&M::NewLink(link(9, "istioin", true))), Verdict::Ignore);
+    assert_eq!(
+        f.classify(&M::NewLink(link(9, "istioin", true))),
+        Verdict::Ignore
+    );
     assert_eq!(
         f.classify(&M::NewLink(link(9, "istioin", false))),
         Verdict::Repair("link")
@@ -102,17 +117,29 @@ fn links_by_name_then_by_index() {
         f.classify(&M::NewLink(link(9, "other", true))),
         Verdict::Repair("link")
     );
-    assert_eq!(f.classify(&M::NewLink(link(9, "other", true))), Verdict::Ignore);
-    assert_eq!(f.classify(&M::DelLink(link(7, "x", true))), Verdict::Repair("link"));
+    assert_eq!(
+        f.classify(&M::NewLink(link(9, "other", true))),
+        Verdict::Ignore
+    );
+    assert_eq!(
+        f.classify(&M::DelLink(link(7, "x", true))),
+        Verdict::Repair("link")
+    );
     assert_eq!(
         f.classify(&M::DelLink(link(3, "istioout", true))),
         Verdict::Repair("link")
     );
-    assert_eq!(f.classify(&M::DelLink(link(4, "eth9", true))), Verdict::Ignore);
+    assert_eq!(
+        f.classify(&M::DelLink(link(4, "eth9", true))),
+        Verdict::Ignore
+    );
     let mut a = AddressMessage::default();
     a.header.index = 12;
     a.attributes.push(AddressAttribute::Label("istioin".into()));
-    assert_eq!(f.classify(&M::DelAddress(a.clone())), Verdict::Repair("address"));
+    assert_eq!(
+        f.classify(&M::DelAddress(a.clone())),
+        Verdict::Repair("address")
+    );
     a.attributes.clear();
     assert_eq!(f.classify(&M::DelAddress(a)), Verdict::Ignore);
 }

@@ -10,9 +10,9 @@ pub mod cleanup;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
-pub mod grpc;
 pub mod events;
 pub mod explain;
+pub mod grpc;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;

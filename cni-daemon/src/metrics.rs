@@ -291,7 +291,9 @@ impl Metrics {
     /// from `s`.
     pub fn render(&self, s: &Snapshot) -> String {
         let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.pods.get_or_create(&State { state: "known" }).set(g(s.pods));
+        self.pods
+            .get_or_create(&State { state: "known" })
+            .set(g(s.pods));
         self.pods
             .get_or_create(&State { state: "enrolled" })
             .set(g(s.enrolled));
@@ -364,22 +366,24 @@ pub async fn serve<R, F>(
         };
         let render = render.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let render = render.clone();
-                async move {
-                    let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                        let body = render().await;
-                        Response::builder()
-                            .header(hyper::header::CONTENT_TYPE, CONTENT_TYPE)
-                            .body(Full::new(Bytes::from(body)))
-                    } else {
-                        Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from_static(b"only GET /metrics\n")))
-                    };
-                    resp
-                }
-            });
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let render = render.clone();
+                    async move {
+                        let resp = if req.method() == Method::GET && req.uri().path() == "/metrics"
+                        {
+                            let body = render().await;
+                            Response::builder()
+                                .header(hyper::header::CONTENT_TYPE, CONTENT_TYPE)
+                                .body(Full::new(Bytes::from(body)))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"only GET /metrics\n")))
+                        };
+                        resp
+                    }
+                });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
@@ -406,9 +410,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> (String, String) {
         let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .expect("send");
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send");
         let mut out = String::new();
         c.read_to_string(&mut out).await.expect("read");
         let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
@@ -471,18 +477,37 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
             .expect("a Prometheus text scrape");
         let v = |n: &str, l: &[(&str, &str)]| value(&scrape, n, l);
-        assert_eq!(v("ambient_cni_requests_total", &[("verb", "add"), ("code", "ok")]), Some(1.0), "{body}");
         assert_eq!(
-            v("ambient_cni_requests_total", &[("verb", "add"), ("code", "invalid_argument")]),
+            v(
+                "ambient_cni_requests_total",
+                &[("verb", "add"), ("code", "ok")]
+            ),
+            Some(1.0),
+            "{body}"
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_requests_total",
+                &[("verb", "add"), ("code", "invalid_argument")]
+            ),
             Some(1.0)
         );
-        assert_eq!(v("ambient_cni_requests_total", &[("verb", "del"), ("code", "ok")]), Some(1.0));
+        assert_eq!(
+            v(
+                "ambient_cni_requests_total",
+                &[("verb", "del"), ("code", "ok")]
+            ),
+            Some(1.0)
+        );
         assert_eq!(v("ambient_cni_pods", &[("state", "known")]), Some(1.0));
         assert_eq!(v("ambient_cni_pods", &[("state", "enrolled")]), Some(1.0));
         assert_eq!(v("ambient_cni_ztunnel_present", &[]), Some(0.0));
         assert_eq!(v("ambient_cni_ready", &[]), Some(1.0));
         assert_eq!(v("ambient_cni_journal_bytes", &[]), Some(123.0));
-        assert_eq!(v("ambient_cni_reconciles_total", &[("kind", "start")]), Some(1.0));
+        assert_eq!(
+            v("ambient_cni_reconciles_total", &[("kind", "start")]),
+            Some(1.0)
+        );
         assert!(v("ambient_cni_repairs_total", &[("object", "ipset")]).is_some_and(|n| n >= 1.0));
         assert!(body.contains("ambient_cni_build_info{version=\""), "{body}");
         // The latency histogram of ADD holds both requests.
@@ -490,7 +515,8 @@ mod tests {
             .samples
             .iter()
             .find(|x| {
-                x.metric == "ambient_cni_request_duration_seconds" && x.labels.get("verb") == Some("add")
+                x.metric == "ambient_cni_request_duration_seconds"
+                    && x.labels.get("verb") == Some("add")
             })
             .expect("ADD latency histogram");
         match &h.value {
@@ -502,7 +528,10 @@ mod tests {
         // No pod name, IP or UID in any label.
         for s in &scrape.samples {
             for (k, val) in s.labels.iter() {
-                assert!(!val.contains("10.244") && !val.contains("uid-") && val != "a", "{k}={val}");
+                assert!(
+                    !val.contains("10.244") && !val.contains("uid-") && val != "a",
+                    "{k}={val}"
+                );
             }
         }
         let (head, _) = get(addr, "/other").await;
@@ -518,7 +547,10 @@ mod tests {
             ("delete link istioout", "link"),
             ("route replace 10.0.0.1/32 table 100 in node", "route"),
             ("rule add 101 in node", "rule"),
-            ("iptables-restore in node: mangle/ztunnel-PREROUTING", "iptables"),
+            (
+                "iptables-restore in node: mangle/ztunnel-PREROUTING",
+                "iptables",
+            ),
             ("sysctl net/ipv4/conf/x/rp_filter=2 in node", "sysctl"),
         ] {
             assert_eq!(object_of(line), kind, "{line}");

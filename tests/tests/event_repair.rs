@@ -99,7 +99,9 @@ fn outside_deletes_are_repaired_from_kernel_events() -> Result<()> {
         "not captured before the test"
     );
     let rule_there = |w: &World| -> Result<bool> {
-        let out = w.net.exec_ok("node", &["ip", "rule", "show", "priority", "101"])?;
+        let out = w
+            .net
+            .exec_ok("node", &["ip", "rule", "show", "priority", "101"])?;
         Ok(out.contains("lookup 101"))
     };
     let pod_route = format!("{} via 192.168.126.2 dev istioin", app.ip);
@@ -247,9 +249,10 @@ fn a_storm_of_route_deletes_is_coalesced_and_adds_keep_flowing() -> Result<()> {
     w.net
         .exec_ok("node", &["ip", "-batch", batch.to_str().context("path")?])?;
     let count = |w: &World| -> Result<usize> {
-        let out = w
-            .net
-            .exec_ok("node", &["ip", "route", "show", "table", "102", "proto", "212"])?;
+        let out = w.net.exec_ok(
+            "node",
+            &["ip", "route", "show", "table", "102", "proto", "212"],
+        )?;
         Ok(out.lines().filter(|l| l.contains("vstorm")).count())
     };
     ensure!(count(&w)? == 10_000, "the storm's routes are not all there");
@@ -296,7 +299,12 @@ fn a_storm_of_route_deletes_is_coalesced_and_adds_keep_flowing() -> Result<()> {
     let after = scrape(&w.net, "node", METRICS)?;
     let events = |t: &str| sample(t, "ambient_cni_reconciles_total{kind=\"event\"}");
     let kev = |t: &str| sample(t, "ambient_cni_kernel_events_total{netns=\"node\"}");
-    let overflow = |t: &str| sample(t, "ambient_cni_kernel_event_overflows_total{netns=\"node\"}");
+    let overflow = |t: &str| {
+        sample(
+            t,
+            "ambient_cni_kernel_event_overflows_total{netns=\"node\"}",
+        )
+    };
     println!(
         "storm: 10,000 route deletes in {}; event reconciles {}, notification batches that asked \
          for one {}, socket overflows {}",

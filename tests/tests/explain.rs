@@ -46,7 +46,10 @@ fn explain(w: &World, src: &str, dst: &str, json: bool) -> Result<String> {
 fn verdict(w: &World, src: &str, dst: &str) -> Result<(String, Value)> {
     let v: Value = serde_json::from_str(&explain(w, src, dst, true)?)?;
     Ok((
-        v["forward"]["verdict"].as_str().unwrap_or_default().to_string(),
+        v["forward"]["verdict"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         v["forward"]["outcome"].clone(),
     ))
 }
@@ -73,11 +76,20 @@ fn explain_agrees_with_real_tcp_on_every_path() -> Result<()> {
     let (v, o) = verdict(&w, &app.ip, &remote)?;
     println!("no ztunnel, app → remote: {v}");
     ensure!(o["kind"] == "rejected" && v.contains("held closed"), "{v}");
-    ensure!(!w.connect("app", &remote, None).success(), "app reached the remote without ztunnel");
+    ensure!(
+        !w.connect("app", &remote, None).success(),
+        "app reached the remote without ztunnel"
+    );
     let (v, o) = verdict(&w, REMOTE_IP, &app8080)?;
     println!("no ztunnel, remote → app: {v}");
-    ensure!(o["kind"] == "rejected" && v.contains("held closed, no ztunnel"), "{v}");
-    ensure!(!w.connect("remote", &app8080, None).success(), "remote reached app without ztunnel");
+    ensure!(
+        o["kind"] == "rejected" && v.contains("held closed, no ztunnel"),
+        "{v}"
+    );
+    ensure!(
+        !w.connect("remote", &app8080, None).success(),
+        "remote reached app without ztunnel"
+    );
 
     w.ztunnel("zt", "a")?;
     // Enrolled egress: captured on 15001, original destination kept.
@@ -85,7 +97,10 @@ fn explain_agrees_with_real_tcp_on_every_path() -> Result<()> {
     ensure!(captured_on(&o) == Some(15001), "{v}");
     ensure!(v.contains("original destination kept"), "{v}");
     let a = w.answer("app", &remote, None)?;
-    ensure!(a.contains("port=15001") && a.contains(&format!("orig_dst={remote}")), "{a}");
+    ensure!(
+        a.contains("port=15001") && a.contains(&format!("orig_dst={remote}")),
+        "{a}"
+    );
     // Inbound: 15006, and 15008 for the HBONE port.
     let (v, o) = verdict(&w, REMOTE_IP, &app8080)?;
     ensure!(captured_on(&o) == Some(15006), "{v}");
@@ -105,20 +120,35 @@ fn explain_agrees_with_real_tcp_on_every_path() -> Result<()> {
     // Not enrolled: direct, both ways.
     let (v, o) = verdict(&w, &other.ip, &remote)?;
     ensure!(v == "direct via eth1" && o["kind"] == "direct", "{v}");
-    ensure!(w.answer("other", &remote, None)?.starts_with("remote peer="));
+    ensure!(w
+        .answer("other", &remote, None)?
+        .starts_with("remote peer="));
     let (v, o) = verdict(&w, REMOTE_IP, &other8080)?;
     ensure!(o["kind"] == "direct", "{v}");
-    ensure!(w.answer("remote", &other8080, None)?.starts_with("other peer="));
+    ensure!(w
+        .answer("remote", &other8080, None)?
+        .starts_with("other peer="));
 
-    println!("--- explain {} {remote} (enrolled)\n{}", app.ip, explain(&w, &app.ip, &remote, false)?);
-    println!("--- explain {} {remote} (not enrolled)\n{}", other.ip, explain(&w, &other.ip, &remote, false)?);
+    println!(
+        "--- explain {} {remote} (enrolled)\n{}",
+        app.ip,
+        explain(&w, &app.ip, &remote, false)?
+    );
+    println!(
+        "--- explain {} {remote} (not enrolled)\n{}",
+        other.ip,
+        explain(&w, &other.ip, &remote, false)?
+    );
 
     // Drift: the set flushed from outside (the resync is 10 minutes away).
     w.net
         .exec_ok("node", &["ipset", "flush", "ztunnel-pods-ips"])?;
     let (v, o) = verdict(&w, &app.ip, &remote)?;
     println!("after an outside ipset flush, app → remote: {v}");
-    ensure!(v.starts_with("not captured: pod IP missing from the set"), "{v}");
+    ensure!(
+        v.starts_with("not captured: pod IP missing from the set"),
+        "{v}"
+    );
     ensure!(o["kind"] == "direct", "{o}");
     let out = w.connect("app", &remote, None);
     ensure!(
@@ -129,6 +159,10 @@ fn explain_agrees_with_real_tcp_on_every_path() -> Result<()> {
     let (v, o) = verdict(&w, REMOTE_IP, &app8080)?;
     ensure!(captured_on(&o) == Some(15006), "{v}");
     ensure!(w.answer("remote", &app8080, None)?.contains("port=15006"));
-    println!("--- explain {} {remote} (ipset flushed)\n{}", app.ip, explain(&w, &app.ip, &remote, false)?);
+    println!(
+        "--- explain {} {remote} (ipset flushed)\n{}",
+        app.ip,
+        explain(&w, &app.ip, &remote, false)?
+    );
     Ok(())
 }

@@ -243,8 +243,11 @@ impl Walk<'_> {
                 Target::Mark(v, m) => {
                     let old = p.mark;
                     p.mark = (p.mark & !m) ^ v;
-                    self.steps
-                        .push(format!("{at} → mark {} → {}", fmt_mark(old), fmt_mark(p.mark)));
+                    self.steps.push(format!(
+                        "{at} → mark {} → {}",
+                        fmt_mark(old),
+                        fmt_mark(p.mark)
+                    ));
                 }
                 Target::ConnmarkSave(nf, ct) => {
                     p.connmark = (p.connmark & !ct) | (p.mark & nf);
@@ -434,16 +437,14 @@ impl Walk<'_> {
         }
         if let Some(peer) = self.names.tunnel_peer(&dev) {
             let peer = peer.to_string();
-            self.steps.push(format!(
-                "node → {dev} ══veth══> {peer} (ztunnel netns)"
-            ));
+            self.steps
+                .push(format!("node → {dev} ══veth══> {peer} (ztunnel netns)"));
             return self.ztunnel(p, &peer);
         }
         if Some(&dev) == self.ztunnel_host_if().as_ref() {
             let ifname = self.names.ztunnel_ifname.clone();
-            self.steps.push(format!(
-                "node → {dev} ══veth══> {ifname} (ztunnel netns)"
-            ));
+            self.steps
+                .push(format!("node → {dev} ══veth══> {ifname} (ztunnel netns)"));
             return self.ztunnel(p, &ifname);
         }
         Outcome::Direct { dev }
@@ -550,7 +551,10 @@ pub fn lookup(ns: &NsView, table: u32, dst: IpAddr) -> Option<&RouteEntry> {
 fn verdict(o: &Outcome, p: &Packet) -> String {
     match o {
         Outcome::Captured { port } => {
-            format!("captured by ztunnel on {port}, original destination kept ({}:{})", p.dst, p.dport)
+            format!(
+                "captured by ztunnel on {port}, original destination kept ({}:{})",
+                p.dst, p.dport
+            )
         }
         Outcome::ToZtunnel => "delivered into the ztunnel netns (to its transparent socket)".into(),
         Outcome::Direct { dev } => format!("direct via {dev}"),

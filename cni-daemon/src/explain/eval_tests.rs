@@ -71,7 +71,12 @@ const REMOTE: &str = "198.51.100.2";
 #[test]
 fn enrolled_egress_is_captured_on_15001_and_answers_come_back_through_ztunnel() {
     let e = explain(&world(), &names(), &q(APP, REMOTE, 8080));
-    assert_eq!(e.forward.outcome, Outcome::Captured { port: 15001 }, "{}", e.render());
+    assert_eq!(
+        e.forward.outcome,
+        Outcome::Captured { port: 15001 },
+        "{}",
+        e.render()
+    );
     assert!(e.forward.verdict.contains("original destination kept"));
     assert!(e.forward.title.contains("vethapp"), "{}", e.forward.title);
     let text = e.render();
@@ -80,12 +85,27 @@ fn enrolled_egress_is_captured_on_15001_and_answers_come_back_through_ztunnel() 
     assert!(text.contains("istioout ══veth══> pistioout"), "{text}");
     // ztunnel answers as the remote, from its eth0: 0x210, routed by main back to app, saved.
     let reply = e.reply.as_ref().expect("reply");
-    assert_eq!(reply.outcome, Outcome::Direct { dev: "vethapp".into() }, "{text}");
-    assert!(reply.steps.iter().any(|s| s.contains("connmark saved: 0x210")), "{text}");
+    assert_eq!(
+        reply.outcome,
+        Outcome::Direct {
+            dev: "vethapp".into()
+        },
+        "{text}"
+    );
+    assert!(
+        reply
+            .steps
+            .iter()
+            .any(|s| s.contains("connmark saved: 0x210")),
+        "{text}"
+    );
     // app's next packets: connmark 0x210 → 0x040 → table 102 → back into ztunnel's eth0.
     let next = e.next.as_ref().expect("next");
     assert_eq!(next.outcome, Outcome::ToZtunnel, "{text}");
-    assert!(next.steps.iter().any(|s| s.contains("ip rule 102")), "{text}");
+    assert!(
+        next.steps.iter().any(|s| s.contains("ip rule 102")),
+        "{text}"
+    );
     assert!(e.notes.is_empty(), "{:?}", e.notes);
 }
 
@@ -93,19 +113,39 @@ fn enrolled_egress_is_captured_on_15001_and_answers_come_back_through_ztunnel() 
 fn inbound_is_captured_on_15006_and_hbone_on_15008() {
     let w = world();
     let e = explain(&w, &names(), &q(REMOTE, APP, 8080));
-    assert_eq!(e.forward.outcome, Outcome::Captured { port: 15006 }, "{}", e.render());
+    assert_eq!(
+        e.forward.outcome,
+        Outcome::Captured { port: 15006 },
+        "{}",
+        e.render()
+    );
     assert!(e.forward.title.contains("eth1"));
     let e = explain(&w, &names(), &q(REMOTE, APP, 15008));
-    assert_eq!(e.forward.outcome, Outcome::Captured { port: 15008 }, "{}", e.render());
+    assert_eq!(
+        e.forward.outcome,
+        Outcome::Captured { port: 15008 },
+        "{}",
+        e.render()
+    );
 }
 
 #[test]
 fn not_enrolled_goes_direct() {
     let e = explain(&world(), &names(), &q(OTHER, REMOTE, 8080));
-    assert_eq!(e.forward.outcome, Outcome::Direct { dev: "eth1".into() }, "{}", e.render());
+    assert_eq!(
+        e.forward.outcome,
+        Outcome::Direct { dev: "eth1".into() },
+        "{}",
+        e.render()
+    );
     assert_eq!(e.forward.verdict, "direct via eth1");
     let reply = e.reply.as_ref().expect("reply");
-    assert_eq!(reply.outcome, Outcome::Direct { dev: "vethother".into() });
+    assert_eq!(
+        reply.outcome,
+        Outcome::Direct {
+            dev: "vethother".into()
+        }
+    );
 }
 
 #[test]
@@ -132,7 +172,8 @@ fn without_ztunnel_enrolled_tcp_is_held_closed_both_ways() {
     );
     let e = explain(&w, &names(), &q(REMOTE, APP, 8080));
     assert_eq!(
-        e.forward.verdict, "rejected: held closed, no ztunnel",
+        e.forward.verdict,
+        "rejected: held closed, no ztunnel",
         "{}",
         e.render()
     );
@@ -144,7 +185,9 @@ fn a_flushed_set_is_named() {
     w.sets.values_mut().for_each(|s| s.clear());
     let e = explain(&w, &names(), &q(APP, REMOTE, 8080));
     assert!(
-        e.forward.verdict.starts_with("not captured: pod IP missing from the set"),
+        e.forward
+            .verdict
+            .starts_with("not captured: pod IP missing from the set"),
         "{}",
         e.render()
     );
@@ -174,12 +217,19 @@ fn a_foreign_rule_before_ours_is_reported() {
     // An ip rule with a selector we do not model is named too.
     w.node.rules.insert(
         1,
-        view::parse_rules(r#"[{"priority":50,"src":"all","ipproto":"tcp","table":"200"}]"#, false)
-            .expect("rule")
-            .remove(0),
+        view::parse_rules(
+            r#"[{"priority":50,"src":"all","ipproto":"tcp","table":"200"}]"#,
+            false,
+        )
+        .expect("rule")
+        .remove(0),
     );
     let e = explain(&w, &names(), &q(APP, REMOTE, 8080));
-    assert!(e.notes.iter().any(|n| n.contains("ip rule 50")), "{:?}", e.notes);
+    assert!(
+        e.notes.iter().any(|n| n.contains("ip rule 50")),
+        "{:?}",
+        e.notes
+    );
 }
 
 #[test]
@@ -187,7 +237,12 @@ fn udp_is_not_captured() {
     let mut query = q(APP, REMOTE, 53);
     query.proto = "udp".into();
     let e = explain(&world(), &names(), &query);
-    assert_eq!(e.forward.outcome, Outcome::Direct { dev: "eth1".into() }, "{}", e.render());
+    assert_eq!(
+        e.forward.outcome,
+        Outcome::Direct { dev: "eth1".into() },
+        "{}",
+        e.render()
+    );
 }
 
 #[test]

@@ -331,7 +331,9 @@ mod tests {
             }
         );
         assert_eq!(r.matches(&pkt(), &sets), Ok(false));
-        let r = Rule::parse("-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220");
+        let r = Rule::parse(
+            "-m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220",
+        );
         assert_eq!(r.target, Target::ConnmarkSave(0x220, 0x220));
         let r = Rule::parse("! -o istioin -p tcp -m set --match-set ztunnel-pods-ips dst -m mark --mark 0x0/0x340 -j REJECT --reject-with tcp-reset");
         assert_eq!(r.target, Target::Reject("tcp-reset".into()));

@@ -44,11 +44,7 @@ pub struct ExplainArgs {
     #[arg(long)]
     pub ztunnel_ip: Option<IpAddr>,
     /// iptables variant, as the daemon's `--iptables-backend`.
-    #[arg(
-        long,
-        default_value = "auto",
-        env = "AMBIENT_CNI_IPTABLES_BACKEND"
-    )]
+    #[arg(long, default_value = "auto", env = "AMBIENT_CNI_IPTABLES_BACKEND")]
     pub iptables_backend: IptablesBackend,
 }
 
@@ -115,7 +111,9 @@ pub async fn run(a: ExplainArgs) -> anyhow::Result<()> {
         .ztunnel_netns
         .clone()
         .or_else(|| daemon.as_ref().and_then(|d| d.zt_netns.clone()));
-    let zt_ip = a.ztunnel_ip.or_else(|| daemon.as_ref().and_then(|d| d.zt_ip));
+    let zt_ip = a
+        .ztunnel_ip
+        .or_else(|| daemon.as_ref().and_then(|d| d.zt_ip));
     let backend = a.iptables_backend;
     let mut view = view::KernelView {
         node: read::read_ns(backend, false)
@@ -131,9 +129,8 @@ pub async fn run(a: ExplainArgs) -> anyhow::Result<()> {
             Ok(Err(e)) | Err(e) => view.ztunnel_note = Some(e),
         },
         None => {
-            view.ztunnel_note = Some(
-                "the daemon knows no live ztunnel (pass --ztunnel-netns to read one)".into(),
-            )
+            view.ztunnel_note =
+                Some("the daemon knows no live ztunnel (pass --ztunnel-netns to read one)".into())
         }
     }
     let q = eval::Query {
