@@ -47,8 +47,13 @@ pub fn read_ns(backend: IptablesBackend, v6: bool) -> Result<NsView, String> {
         ..Default::default()
     };
     for t in tables {
-        let text = run(&["ip", fam, "-j", "route", "show", "table", &t.to_string()])?;
-        // `ip -j` prints nothing at all for a table that does not exist.
+        // A table with no route does not exist: `ip` says so ("FIB table does not exist") and
+        // fails, or prints nothing. Either way it holds no route.
+        let text = match run(&["ip", fam, "-j", "route", "show", "table", &t.to_string()]) {
+            Ok(t) => t,
+            Err(e) if e.contains("table does not exist") => String::new(),
+            Err(e) => return Err(e),
+        };
         let routes = if text.trim().is_empty() {
             Vec::new()
         } else {
