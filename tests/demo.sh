@@ -41,9 +41,9 @@ for ns in $NODE $REMOTE $ZT $APP $OTHER; do
   # IPv6 on, no duplicate address detection: inside our namespaces only, never the root one.
   ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
     net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
+  # lo up, as a runtime's loopback plugin leaves every pod (IPv6 routes on a down lo fail).
+  ip netns exec "$ns" ip link set lo up
 done
-in_ns $NODE ip link set lo up
-in_ns $REMOTE ip link set lo up
 # Created inside the node namespace, the peer straight in the remote one: never in the root netns.
 in_ns $NODE ip link add eth1 type veth peer name eth0 netns $REMOTE
 in_ns $NODE ip addr add 198.51.100.1/24 dev eth1
