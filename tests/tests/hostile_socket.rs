@@ -176,11 +176,7 @@ fn grpc_message(msg: &[u8]) -> Vec<u8> {
 }
 
 /// One unary call on a fresh connection: (header fields of every block, DATA bytes).
-fn call(
-    socket: &Path,
-    method: &str,
-    body: &[u8],
-) -> Result<(Vec<(String, String)>, Vec<u8>, Duration)> {
+fn call(socket: &Path, method: &str, body: &[u8]) -> Result<(Headers, Vec<u8>, Duration)> {
     let t = Instant::now();
     let mut s = connect(socket)?;
     let mut out = preface();
@@ -194,7 +190,10 @@ fn call(
     Ok((fields, data, t.elapsed()))
 }
 
-fn read_response(s: &mut UnixStream, id: u32) -> Result<(Vec<(String, String)>, Vec<u8>)> {
+/// Header fields of a response, in order.
+type Headers = Vec<(String, String)>;
+
+fn read_response(s: &mut UnixStream, id: u32) -> Result<(Headers, Vec<u8>)> {
     let mut dec = Decoder::default();
     let (mut fields, mut data, mut buf) = (Vec::new(), Vec::new(), Vec::new());
     let mut block = Vec::new();
