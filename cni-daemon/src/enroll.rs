@@ -296,16 +296,16 @@ impl<D: Dataplane> Daemon<D> {
         ips: &[IpAddr],
         owner: &str,
     ) -> Vec<IpAddr> {
-        let stale: Vec<PodRecord> = inner
-            .reg
-            .records()
-            .filter(|r| {
-                Origin::of(r).is_some()
-                    && r.owner() != owner
-                    && r.ips.iter().any(|ip| ips.contains(ip))
-            })
-            .cloned()
-            .collect();
+        // Through the IP index, not a scan of every record: this runs on every CNI ADD.
+        let mut stale: Vec<PodRecord> = Vec::new();
+        for ip in ips {
+            for r in inner.reg.claimants(*ip) {
+                let made_here = Origin::of(r).is_some() && r.owner() != owner;
+                if made_here && !stale.iter().any(|s| s.key() == r.key()) {
+                    stale.push(r.clone());
+                }
+            }
+        }
         let mut out = Vec::new();
         for rec in &stale {
             info!(pod = %rec.display_name(), uid = %rec.owner(), "released: its IP now belongs to another pod's sandbox");

@@ -426,12 +426,18 @@ impl Registry {
         out
     }
 
-    /// The owner of one IP (constant-time enough: records holding the IP are few).
-    pub fn owner_of(&self, ip: IpAddr) -> Option<&PodRecord> {
+    /// Every record that claims `ip`, enrolled or not, in no order (through the IP index: the
+    /// records holding one IP are few, so this is constant-time enough for the per-pod path).
+    pub fn claimants(&self, ip: IpAddr) -> impl Iterator<Item = &PodRecord> {
         self.by_ip
             .iter_hash(self.hash_ip(ip))
-            .filter(|(a, _)| *a == ip)
+            .filter(move |(a, _)| *a == ip)
             .map(|&(_, i)| &self.records[i as usize])
+    }
+
+    /// The owner of one IP: the newest enrolled record claiming it.
+    pub fn owner_of(&self, ip: IpAddr) -> Option<&PodRecord> {
+        self.claimants(ip)
             .filter(|r| r.enrolled)
             .max_by_key(|r| r.seq)
     }

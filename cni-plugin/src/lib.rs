@@ -19,7 +19,6 @@ pub mod logging;
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ambient_cni_proto::v1::{
@@ -112,65 +111,83 @@ fn read_stdin(stdin: &mut dyn Read) -> Input {
     }
 }
 
-/// Reads the process's stdin like [`read_stdin`], giving up at `deadline`. A blocking read(2)
-/// cannot be given a timeout, so a thread reads and this one waits on a channel; a thread left
-/// blocked on a stdin that never closes ends with the process.
+/// Reads the process's stdin like [`read_stdin`], giving up at `deadline`: poll(2) for
+/// readability with what is left of the deadline, then one read(2), which does not block once poll
+/// has said so (a pipe or socket hands out what it holds; a regular file is always ready). No
+/// thread: spawning one to block in read(2) cost every call a clone, a stack and a wake-up.
 fn read_process_stdin(deadline: Instant) -> Input {
-    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>();
-    let reader = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let chunk = match stdin.read(&mut buf) {
-                    Ok(n) => Ok(buf[..n].to_vec()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => Err(e),
-                };
-                let last = !matches!(&chunk, Ok(c) if !c.is_empty());
-                if tx.send(chunk).is_err() || last {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = reader {
-        // No thread (the node is out of them): read without the bound rather than not at all.
-        let mut input = read_stdin(&mut std::io::stdin().lock());
-        input.warning = Some(format!(
-            "cannot start the stdin reader ({e}); reading stdin without a deadline"
-        ));
-        return input;
-    }
+    let mut stdin = std::io::stdin().lock();
     let mut input = Input {
         bytes: Vec::new(),
         warning: None,
         timed_out: false,
     };
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Ok(chunk)) if chunk.is_empty() => break,
-            Ok(Ok(chunk)) => {
-                input.bytes.extend_from_slice(&chunk);
+        match wait_readable(libc::STDIN_FILENO, deadline) {
+            Ok(true) => {}
+            Ok(false) => {
+                input.timed_out = true;
+                break;
+            }
+            Err(e) => {
+                input.warning = Some(format!("reading stdin failed: {e}"));
+                break;
+            }
+        }
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                input.bytes.extend_from_slice(&buf[..n]);
                 if input.bytes.len() > MAX_STDIN {
                     // Enough to say "too large" (code 6); the rest is never read.
                     input.bytes.truncate(MAX_STDIN + 1);
                     break;
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
                 input.warning = Some(format!("reading stdin failed: {e}"));
                 break;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                input.timed_out = true;
-                break;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     input
+}
+
+/// Waits until `fd` is readable (data, end of file or an error to read) or `deadline` passes:
+/// `Ok(false)` on the deadline. A closed or invalid fd is an error, not a wait.
+fn wait_readable(fd: libc::c_int, deadline: Instant) -> std::io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Round up: a wait of 0 ms with time left would spin until the deadline.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            if left.is_zero() {
+                return Ok(false);
+            }
+            continue;
+        }
+        if pfd.revents & libc::POLLNVAL != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // POLLIN, POLLHUP (writer gone: read gives 0) or POLLERR (read gives the error).
+        return Ok(true);
+    }
 }
 
 fn about_outcome() -> Outcome {

@@ -162,3 +162,75 @@ fn a_stdin_that_is_never_closed_ends_within_the_ceiling() {
         assert_eq!(v["cniVersion"], "1.0.0");
     }
 }
+
+/// The stdin reader waits with poll(2) (no thread): every kind of stdin a runtime or a person
+/// can hand the plugin ends at once with an answer. A regular file is always "ready" (VERSION
+/// answers); /dev/null gives ADD an empty config (code 6); a closed fd 0 is a read error (ADD:
+/// code 6), not a wait or a panic.
+#[test]
+fn every_kind_of_stdin_ends_at_once_with_an_answer() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("conf.json");
+    std::fs::write(
+        &file,
+        r#"{"cniVersion":"1.0.0","name":"net","type":"ambient-cni"}"#,
+    )
+    .expect("write conf");
+    let cases: [(&str, &str, Box<dyn Fn(&mut Command)>, i32); 3] = [
+        (
+            "VERSION",
+            "a regular file",
+            Box::new(|c: &mut Command| {
+                c.stdin(std::fs::File::open(&file).expect("open conf"));
+            }),
+            0,
+        ),
+        (
+            "ADD",
+            "/dev/null",
+            Box::new(|c: &mut Command| {
+                c.stdin(Stdio::null());
+            }),
+            1,
+        ),
+        (
+            "ADD",
+            "a closed fd 0",
+            Box::new(|c: &mut Command| {
+                // SAFETY: close(2) only, between fork and exec.
+                unsafe {
+                    c.pre_exec(|| {
+                        libc::close(0);
+                        Ok(())
+                    });
+                }
+            }),
+            1,
+        ),
+    ];
+    for (verb, what, setup, want) in cases {
+        let mut cmd = plugin(verb);
+        setup(&mut cmd);
+        let started = Instant::now();
+        let child = cmd.spawn().expect("spawn the plugin");
+        let ran = wait(child, started, Duration::from_secs(5), what);
+        println!(
+            "{verb} with stdin {what}: exit {:?} in {} ms; stdout: {}",
+            ran.code,
+            ran.took.as_millis(),
+            ran.stdout.trim()
+        );
+        assert!(
+            ran.took < STDIN_TIMEOUT,
+            "{what}: answered before the stdin ceiling"
+        );
+        assert_eq!(ran.code, Some(want), "{what}: {}", ran.stdout);
+        let v: Value = serde_json::from_str(&ran.stdout).expect("one JSON document");
+        if want == 0 {
+            assert!(v["supportedVersions"].is_array(), "{what}: {v}");
+        } else {
+            assert_eq!(v["code"], 6, "{what}: a decode error: {v}");
+        }
+    }
+}
