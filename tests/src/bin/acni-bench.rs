@@ -844,6 +844,9 @@ struct Level {
     del: Pct,
     /// The floor in this level's rounds: how noisy the machine was meanwhile.
     floor: Pct,
+    /// The daemon's CPU time per plugin ADD and DEL (p50, µs): on-CPU time of all its threads.
+    cpu_add_us: Option<u64>,
+    cpu_del_us: Option<u64>,
 }
 
 #[derive(Default)]
@@ -851,6 +854,8 @@ struct Results {
     floor: Pct,
     version: Pct,
     status: Pct,
+    /// The daemon's CPU time per STATUS call (p50, µs), first level.
+    cpu_status_us: Option<u64>,
     shell_add: Pct,
     shell_del: Pct,
     levels: Vec<Level>,
@@ -876,6 +881,8 @@ struct Pool {
     floor: Vec<Duration>,
     version: Vec<Duration>,
     status: Vec<Duration>,
+    /// The daemon's CPU time per STATUS call (ns), first level.
+    cpu_status: Vec<u64>,
     sadd: Vec<Duration>,
     sdel: Vec<Duration>,
 }
@@ -888,16 +895,27 @@ fn rounds(
 ) -> Result<Level> {
     let mut add = Vec::with_capacity(n);
     let mut del = Vec::with_capacity(n);
+    let (mut cpu_add, mut cpu_del) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let first = pool.floor.len();
+    let first_level = first == 0;
+    let pid = b.daemon_pid();
+    // The daemon's on-CPU time across one call (read outside the timed region; the daemon is
+    // idle between calls, so a periodic resync is the only other thing counted: p50 hides it).
+    let cpu = |what: &mut dyn FnMut() -> Result<Duration>| -> Result<(Duration, Option<u64>)> {
+        let before = pid.and_then(daemon_cpu_ns);
+        let took = what()?;
+        let after = pid.and_then(daemon_cpu_ns);
+        Ok((took, before.zip(after).map(|(x, y)| y.saturating_sub(x))))
+    };
     for r in 0..WARMUP + n {
         let p = PodSpec::sample(b.samples);
         b.samples += 1;
         let f = b.floor_once()?;
         let v = b.version_once()?;
-        let st = b.status_once()?;
+        let (st, cpu_st) = cpu(&mut || b.status_once())?;
         let sa = b.call(&b.shell, "ADD", &p, &b.pod_netns)?;
-        let a = b.call(&b.plugin, "ADD", &p, &b.pod_netns)?;
-        let d = b.call(&b.plugin, "DEL", &p, &b.pod_netns)?;
+        let (a, cpu_a) = cpu(&mut || b.call(&b.plugin, "ADD", &p, &b.pod_netns))?;
+        let (d, cpu_d) = cpu(&mut || b.call(&b.plugin, "DEL", &p, &b.pod_netns))?;
         let sd = b.call(&b.shell, "DEL", &p, &b.pod_netns)?;
         // A dual-stack pod in the same round, right after the IPv4 one.
         let dual_add = if dual.is_some() {
@@ -922,6 +940,11 @@ fn rounds(
             pool.sdel.push(sd);
             add.push(a);
             del.push(d);
+            cpu_add.extend(cpu_a);
+            cpu_del.extend(cpu_d);
+            if first_level {
+                pool.cpu_status.extend(cpu_st);
+            }
         }
     }
     Ok(Level {
@@ -929,7 +952,29 @@ fn rounds(
         add: pct(&add),
         del: pct(&del),
         floor: pct(pool.floor.get(first..).unwrap_or(&[])),
+        cpu_add_us: p50_us(&mut cpu_add),
+        cpu_del_us: p50_us(&mut cpu_del),
     })
+}
+
+/// On-CPU time of every thread of `pid` so far, in ns (the first field of each task's
+/// `schedstat`): exact, where `/proc/<pid>/stat` counts in 10 ms ticks.
+fn daemon_cpu_ns(pid: i32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// The median of `ns`, in µs.
+fn p50_us(ns: &mut [u64]) -> Option<u64> {
+    ns.sort_unstable();
+    ns.get(ns.len() / 2).map(|v| v / 1000)
 }
 
 fn reconcile(b: &Bench, r: &mut Results, resync_ms: u64) -> Result<()> {
@@ -1068,6 +1113,7 @@ fn run(opts: &Opts) -> Result<Results> {
     let first = opts.samples.min(pool.status.len());
     r.version = pct(pool.version.get(..first).unwrap_or(&[]));
     r.status = pct(pool.status.get(..first).unwrap_or(&[]));
+    r.cpu_status_us = p50_us(&mut pool.cpu_status);
     r.shell_add = pct(&pool.sadd);
     r.shell_del = pct(&pool.sdel);
     // The kernel's high-water mark over two resync intervals (reset first): a resync allocates,
@@ -1210,6 +1256,24 @@ fn table(r: &Results, opts: &Opts) -> String {
             "",
         );
     }
+    let us = |v: Option<u64>| v.map_or("n/a".to_string(), |v| format!("{v} µs"));
+    let mut cpu = format!("STATUS {}", us(r.cpu_status_us));
+    for l in &r.levels {
+        let _ = write!(
+            cpu,
+            "; at {} pods ADD {}, DEL {}",
+            l.pods,
+            us(l.cpu_add_us),
+            us(l.cpu_del_us)
+        );
+    }
+    row(
+        &mut t,
+        "daemon CPU per call, p50 (on-CPU time of all its threads across one plugin call)",
+        cpu,
+        "",
+        "",
+    );
     let first = r.levels.first();
     let last = r.levels.last();
     if let (Some(f), Some(l)) = (first, last) {
