@@ -11,9 +11,12 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
+pub mod explain;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;
