@@ -88,7 +88,7 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
                     note(
                         &mut report,
                         format!("{} remove in {}", tool(*f), z.ns),
-                        dp.iptables_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
+                        dp.chains_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
                             .await,
                     );
                 }
@@ -118,7 +118,7 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
         note(
             &mut report,
             format!("{} remove in node", tool(*f)),
-            dp.iptables_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
+            dp.chains_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
                 .await,
         );
     }
@@ -129,7 +129,7 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
                 Family::V4 => "ipset destroy".into(),
                 Family::V6 => format!("ipset destroy {}", crate::config::IPSET_NAME6),
             },
-            dp.ipset_destroy(*f).await,
+            dp.podset_destroy(*f).await,
         );
     }
     for name in cfg.tunnel_names() {
