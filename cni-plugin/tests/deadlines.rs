@@ -177,7 +177,8 @@ fn every_kind_of_stdin_ends_at_once_with_an_answer() {
         r#"{"cniVersion":"1.0.0","name":"net","type":"ambient-cni"}"#,
     )
     .expect("write conf");
-    let cases: [(&str, &str, Box<dyn Fn(&mut Command)>, i32); 3] = [
+    type Setup<'a> = Box<dyn Fn(&mut Command) + 'a>;
+    let cases: [(&str, &str, Setup, i32); 3] = [
         (
             "VERSION",
             "a regular file",
