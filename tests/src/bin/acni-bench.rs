@@ -844,9 +844,9 @@ struct Level {
     del: Pct,
     /// The floor in this level's rounds: how noisy the machine was meanwhile.
     floor: Pct,
-    /// The daemon's CPU time per plugin ADD and DEL (p50, µs): on-CPU time of all its threads.
-    cpu_add_us: Option<u64>,
-    cpu_del_us: Option<u64>,
+    /// The daemon's CPU time per plugin ADD and DEL (p50): on-CPU time of all its threads.
+    cpu_add: Option<Duration>,
+    cpu_del: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -854,8 +854,8 @@ struct Results {
     floor: Pct,
     version: Pct,
     status: Pct,
-    /// The daemon's CPU time per STATUS call (p50, µs), first level.
-    cpu_status_us: Option<u64>,
+    /// The daemon's CPU time per STATUS call (p50), first level.
+    cpu_status: Option<Duration>,
     shell_add: Pct,
     shell_del: Pct,
     levels: Vec<Level>,
@@ -881,8 +881,8 @@ struct Pool {
     floor: Vec<Duration>,
     version: Vec<Duration>,
     status: Vec<Duration>,
-    /// The daemon's CPU time per STATUS call (ns), first level.
-    cpu_status: Vec<u64>,
+    /// The daemon's CPU time per STATUS call, first level.
+    cpu_status: Vec<Duration>,
     sadd: Vec<Duration>,
     sdel: Vec<Duration>,
 }
@@ -901,11 +901,14 @@ fn rounds(
     let pid = b.daemon_pid();
     // The daemon's on-CPU time across one call (read outside the timed region; the daemon is
     // idle between calls, so a periodic resync is the only other thing counted: p50 hides it).
-    let cpu = |what: &mut dyn FnMut() -> Result<Duration>| -> Result<(Duration, Option<u64>)> {
+    let cpu = |what: &mut dyn FnMut() -> Result<Duration>| -> Result<(Duration, Option<Duration>)> {
         let before = pid.and_then(daemon_cpu_ns);
         let took = what()?;
         let after = pid.and_then(daemon_cpu_ns);
-        Ok((took, before.zip(after).map(|(x, y)| y.saturating_sub(x))))
+        let used = before
+            .zip(after)
+            .map(|(x, y)| Duration::from_nanos(y.saturating_sub(x)));
+        Ok((took, used))
     };
     for r in 0..WARMUP + n {
         let p = PodSpec::sample(b.samples);
@@ -952,8 +955,8 @@ fn rounds(
         add: pct(&add),
         del: pct(&del),
         floor: pct(pool.floor.get(first..).unwrap_or(&[])),
-        cpu_add_us: p50_us(&mut cpu_add),
-        cpu_del_us: p50_us(&mut cpu_del),
+        cpu_add: p50(&cpu_add),
+        cpu_del: p50(&cpu_del),
     })
 }
 
@@ -971,10 +974,9 @@ fn daemon_cpu_ns(pid: i32) -> Option<u64> {
     Some(total)
 }
 
-/// The median of `ns`, in µs.
-fn p50_us(ns: &mut [u64]) -> Option<u64> {
-    ns.sort_unstable();
-    ns.get(ns.len() / 2).map(|v| v / 1000)
+/// [`pct`]'s p50, or `None` without samples (the daemon's pid or schedstat was not readable).
+fn p50(v: &[Duration]) -> Option<Duration> {
+    (!v.is_empty()).then(|| pct(v).p50)
 }
 
 fn reconcile(b: &Bench, r: &mut Results, resync_ms: u64) -> Result<()> {
@@ -1113,7 +1115,7 @@ fn run(opts: &Opts) -> Result<Results> {
     let first = opts.samples.min(pool.status.len());
     r.version = pct(pool.version.get(..first).unwrap_or(&[]));
     r.status = pct(pool.status.get(..first).unwrap_or(&[]));
-    r.cpu_status_us = p50_us(&mut pool.cpu_status);
+    r.cpu_status = p50(&pool.cpu_status);
     r.shell_add = pct(&pool.sadd);
     r.shell_del = pct(&pool.sdel);
     // The kernel's high-water mark over two resync intervals (reset first): a resync allocates,
@@ -1256,15 +1258,15 @@ fn table(r: &Results, opts: &Opts) -> String {
             "",
         );
     }
-    let us = |v: Option<u64>| v.map_or("n/a".to_string(), |v| format!("{v} µs"));
-    let mut cpu = format!("STATUS {}", us(r.cpu_status_us));
+    let us = |v: Option<Duration>| v.map_or("n/a".to_string(), |v| format!("{} µs", v.as_micros()));
+    let mut cpu = format!("STATUS {}", us(r.cpu_status));
     for l in &r.levels {
         let _ = write!(
             cpu,
             "; at {} pods ADD {}, DEL {}",
             l.pods,
-            us(l.cpu_add_us),
-            us(l.cpu_del_us)
+            us(l.cpu_add),
+            us(l.cpu_del)
         );
     }
     row(
