@@ -76,13 +76,44 @@ fn tool(f: Family) -> &'static str {
 
 /// Remove our objects from the node netns and from the ztunnel netns the registry names.
 pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> ApplyReport {
+    let mut report = clean_families(dp, cfg, reg, &families()).await;
+    for name in cfg.tunnel_names() {
+        note(
+            &mut report,
+            format!("link del {name}"),
+            dp.link_del(&name).await,
+        );
+    }
+    report
+}
+
+/// The families the kernel has that `--ip-families` turns off: a daemon started with IPv6 off
+/// after a dual-stack run removes their objects ([`clean_families`]) before its first reconcile,
+/// which looks only at the families that are on.
+pub fn families_off(cfg: &Config) -> Vec<Family> {
+    families()
+        .into_iter()
+        .filter(|f| !cfg.ip_families.has(*f))
+        .collect()
+}
+
+/// Remove our objects of `fams` (rules, routes, chains, the set) from the node netns and from the
+/// ztunnel netns the registry names; the tunnel links stay (they serve the other family too).
+pub async fn clean_families<D: Dataplane>(
+    dp: &D,
+    cfg: &Config,
+    reg: &Registry,
+    fams: &[Family],
+) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let fams = families();
+    if fams.is_empty() {
+        return report;
+    }
     // ztunnel netns first, while its tunnels still exist.
     if let Some(z) = reg.ztunnel().and_then(Ztunnel::from_record) {
         if let Ns::Pod(p) = &z.ns {
             if dp.netns_alive(Path::new(p)) {
-                for f in &fams {
+                for f in fams {
                     // Only the chains' names count for a removal.
                     let ip = z.ip_of(*f).unwrap_or(f.unspecified());
                     note(
@@ -95,7 +126,7 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
                 clean_ns(
                     dp,
                     &z.ns,
-                    &fams,
+                    fams,
                     &ZT_RULE_PRIORITIES,
                     &ZT_TABLES,
                     &mut report,
@@ -104,17 +135,17 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
             }
         }
     }
-    // Stop steering first (rules), then routes, chains, the set (once nothing references it), links.
+    // Stop steering first (rules), then routes, chains, the set (once nothing references it).
     clean_ns(
         dp,
         &Ns::Node,
-        &fams,
+        fams,
         &NODE_RULE_PRIORITIES,
         &NODE_TABLES,
         &mut report,
     )
     .await;
-    for f in &fams {
+    for f in fams {
         note(
             &mut report,
             format!("{} remove in node", tool(*f)),
@@ -122,7 +153,7 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
                 .await,
         );
     }
-    for f in &fams {
+    for f in fams {
         note(
             &mut report,
             match f {
@@ -130,13 +161,6 @@ pub async fn cleanup<D: Dataplane>(dp: &D, cfg: &Config, reg: &Registry) -> Appl
                 Family::V6 => format!("ipset destroy {}", crate::config::IPSET_NAME6),
             },
             dp.ipset_destroy(*f).await,
-        );
-    }
-    for name in cfg.tunnel_names() {
-        note(
-            &mut report,
-            format!("link del {name}"),
-            dp.link_del(&name).await,
         );
     }
     report

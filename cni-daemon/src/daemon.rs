@@ -256,6 +256,10 @@ struct Inner {
     resyncs: u64,
     /// Running pods of enrolled namespaces the last API list could not enroll (None before it).
     not_enrolled: Option<Vec<NotEnrolled>>,
+    /// The last API list of this node's running pods (None without `--kube` or before it).
+    running: Option<Vec<RunningPod>>,
+    /// The objects of the families `--ip-families` turns off are removed (once, on start).
+    families_off_cleaned: bool,
 }
 
 /// The daemon.
@@ -388,6 +392,8 @@ impl<D: Dataplane> Daemon<D> {
                 zt_applied: None,
                 resyncs: 0,
                 not_enrolled: None,
+                running: None,
+                families_off_cleaned: false,
             }),
             trace: Mutex::new(VecDeque::with_capacity(1024)),
             ready: AtomicBool::new(false),
@@ -910,6 +916,31 @@ impl<D: Dataplane> Daemon<D> {
         gone
     }
 
+    /// A family that is off (`--ip-families v4` after a dual-stack run) keeps nothing of ours:
+    /// its set, chains, rules and routes go before the first reconcile (which looks only at the
+    /// families that are on). Done once; failures are logged and retried on the next resync.
+    async fn clean_families_off(&self, inner: &mut Inner) {
+        let off = crate::cleanup::families_off(&self.cfg);
+        let report = crate::cleanup::clean_families(&*self.dp, &self.cfg, &inner.reg, &off).await;
+        for e in &report.errors {
+            warn!(error = %e, "removing the objects of a family that is off");
+            self.event("error", e);
+        }
+        if !off.is_empty() {
+            info!(families_off = ?off, removed = report.applied.len(), errors = report.errors.len(), "objects of the address families that are off removed");
+            self.event(
+                "families-off",
+                format!(
+                    "{off:?}: {} removal steps, {} errors",
+                    report.applied.len(),
+                    report.errors.len()
+                ),
+            );
+        }
+        // Once: what failed here (no ip6tables on the node, say) holds nothing of ours either.
+        inner.families_off_cleaned = true;
+    }
+
     async fn full_reconcile(&self, inner: &mut Inner, kind: &str) -> ApplyReport {
         let start = std::time::Instant::now();
         let zt = self.live_ztunnel(&inner.reg);
@@ -971,6 +1002,9 @@ impl<D: Dataplane> Daemon<D> {
     pub async fn resync(&self) -> ApplyReport {
         let mut inner = self.inner.lock().await;
         self.sweep(&mut inner);
+        if !inner.families_off_cleaned {
+            self.clean_families_off(&mut inner).await;
+        }
         let first = !self.is_ready();
         let report = self
             .full_reconcile(&mut inner, if first { "start" } else { "repair" })
@@ -978,6 +1012,7 @@ impl<D: Dataplane> Daemon<D> {
         if report.ok() {
             self.ready.store(true, Ordering::SeqCst);
         }
+        self.retry_running(&mut inner).await;
         drop(inner);
         release_free_memory();
         report
@@ -1080,6 +1115,19 @@ impl StatusView {
 /// under /tmp (the fake dataplane decides whether it is alive), UID `uid-<cid>`, gateway 10.244.1.1.
 #[cfg(test)]
 pub(crate) fn test_event(cid: &str, ns: &str, name: &str, addr: &str, hif: &str) -> PodEvent {
+    test_event_ips(cid, ns, name, &[addr], hif)
+}
+
+/// [`test_event`] with addresses of either family, in this order: an IPv4 one as `/24` with
+/// gateway 10.244.1.1, an IPv6 one as `/64` with gateway fd00:10:244:1::1 (ptp-style).
+#[cfg(test)]
+pub(crate) fn test_event_ips(
+    cid: &str,
+    ns: &str,
+    name: &str,
+    addrs: &[&str],
+    hif: &str,
+) -> PodEvent {
     PodEvent {
         container_id: cid.into(),
         ifname: "eth0".into(),
@@ -1088,7 +1136,16 @@ pub(crate) fn test_event(cid: &str, ns: &str, name: &str, addr: &str, hif: &str)
         name: name.into(),
         uid: format!("uid-{cid}"),
         network: "k8s".into(),
-        ips: vec![(format!("{addr}/24"), "10.244.1.1".into())],
+        ips: addrs
+            .iter()
+            .map(|a| {
+                if a.contains(':') {
+                    (format!("{a}/64"), "fd00:10:244:1::1".into())
+                } else {
+                    (format!("{a}/24"), "10.244.1.1".into())
+                }
+            })
+            .collect(),
         host_if: hif.into(),
     }
 }

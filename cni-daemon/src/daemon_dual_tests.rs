@@ -26,24 +26,8 @@ fn cfg(families: IpFamilies) -> Config {
 
 /// A CNI ADD with these addresses (`None`: no address of that family), ptp-style gateways.
 fn ev(cid: &str, ns: &str, name: &str, v4: Option<&str>, v6: Option<&str>, hif: &str) -> PodEvent {
-    let mut ips = Vec::new();
-    if let Some(a) = v4 {
-        ips.push((format!("{a}/24"), "10.244.1.1".to_string()));
-    }
-    if let Some(a) = v6 {
-        ips.push((format!("{a}/64"), V6_GW.to_string()));
-    }
-    PodEvent {
-        container_id: cid.into(),
-        ifname: "eth0".into(),
-        netns: format!("/tmp/acni-fake-netns-{cid}"),
-        namespace: ns.into(),
-        name: name.into(),
-        uid: format!("uid-{cid}"),
-        network: "k8s".into(),
-        ips,
-        host_if: hif.into(),
-    }
+    let addrs: Vec<&str> = v4.into_iter().chain(v6).collect();
+    crate::daemon::test_event_ips(cid, ns, name, &addrs, hif)
 }
 
 struct World {
@@ -445,4 +429,85 @@ async fn a_dual_stack_plan_is_empty_against_its_own_result_and_v4_only_nodes_are
         writes,
         "a no-change resync writes nothing"
     );
+}
+
+/// A node that ran dual stack and restarts with `--ip-families v4` keeps nothing of IPv6: its
+/// set, ip6tables chains, `ip -6` rules and routes go on start, in the node and in the ztunnel
+/// netns; the IPv4 objects stay as they were.
+#[tokio::test]
+async fn a_family_switched_off_leaves_nothing_of_its_objects_after_the_restart() {
+    if !crate::config::ipv6_available() {
+        eprintln!("this kernel has no IPv6: no object of it can exist");
+        return;
+    }
+    let state = tempfile::tempdir().expect("state dir");
+    let boot = |families: IpFamilies, dp: &Arc<FakeDataplane>| {
+        let (store, reg, _) = crate::store::Store::open(state.path()).expect("state dir");
+        Daemon::new(Arc::new(cfg(families)), dp.clone(), Some(store), reg)
+    };
+    let w = World::new(cfg(IpFamilies::DUAL)).await;
+    let d = boot(IpFamilies::DUAL, &w.dp);
+    assert!(d.resync().await.ok());
+    let (z, a) = (
+        ev(
+            "z",
+            "istio-system",
+            "ztunnel-1",
+            Some("10.244.1.2"),
+            Some("fd00:10:244:1::2"),
+            "vethz",
+        ),
+        ev(
+            "a",
+            "default",
+            "a",
+            Some("10.244.1.5"),
+            Some("fd00:10:244:1::5"),
+            "vetha",
+        ),
+    );
+    assert!(d.add(z).await.expect("zt").ztunnel);
+    assert!(d.add(a).await.expect("a").enrolled);
+    let v6_objects = |k: &crate::dataplane::fake::FakeKernel| -> usize {
+        k.ns.values()
+            .map(|n| {
+                n.rules.iter().filter(|r| r.family == Family::V6).count()
+                    + n.routes
+                        .keys()
+                        .filter(|k| k.dst.family() == Family::V6)
+                        .count()
+                    + n.chains6.len()
+            })
+            .sum::<usize>()
+            + k.ipset6.as_ref().map_or(0, |s| s.len() + 1)
+    };
+    let before = v6_objects(&w.dp.kernel());
+    assert!(before > 0, "the dual-stack run made IPv6 objects");
+    let v4_of = |k: &crate::dataplane::fake::FakeKernel| -> Vec<Vec<Rule>> {
+        k.ns.values()
+            .map(|n| {
+                n.rules
+                    .iter()
+                    .filter(|r| r.family == Family::V4)
+                    .copied()
+                    .collect()
+            })
+            .collect()
+    };
+    let v4_rules = v4_of(&w.dp.kernel());
+    drop(d);
+
+    let d = boot(IpFamilies::default(), &w.dp);
+    assert!(d.resync().await.ok());
+    let k = w.dp.kernel();
+    println!("IPv6 objects: {before} before, {} after", v6_objects(&k));
+    assert_eq!(v6_objects(&k), 0, "IPv6 objects left: {:#?}", k.ns);
+    assert_eq!(
+        k.ipset
+            .as_ref()
+            .and_then(|s| s.get(&ip("10.244.1.5")).cloned()),
+        Some("uid-a".to_string()),
+        "the IPv4 capture stays"
+    );
+    assert_eq!(v4_of(&k), v4_rules, "IPv4 rules untouched");
 }

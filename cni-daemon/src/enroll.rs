@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{decide, valid_ifname, valid_k8s_token, Daemon, Inner, RequestError};
+use super::{decide, family_refusal, valid_ifname, valid_k8s_token, Daemon, Inner, RequestError};
 use crate::dataplane::Dataplane;
 use crate::model::Route;
 use crate::reconcile::{self, ApplyReport};
@@ -66,7 +66,7 @@ impl Origin {
 }
 
 /// A pod reported running on this node (by the API server or an admin), with what enrollment
-/// needs. Addresses of both families are accepted; IPv4 ones are enrolled today.
+/// needs. Every address is enrolled, of either family (`status.podIPs` of a dual-stack pod).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RunningPod {
     /// Kubernetes namespace.
@@ -85,12 +85,6 @@ impl RunningPod {
     fn display(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
-
-    /// The addresses enrolled today.
-    // Dual-stack seam: once records hold IpAddr, this is `self.ips` itself.
-    fn ipv4(&self) -> Vec<IpAddr> {
-        self.ips.iter().filter(|ip| ip.is_ipv4()).copied().collect()
-    }
 }
 
 /// A running pod of an enrolled namespace that is not enrolled, and why.
@@ -102,6 +96,21 @@ pub struct NotEnrolled {
     pub uid: String,
     /// Why (no IP, host interface not found, hostNetwork, opted out, IP held by another pod…).
     pub reason: String,
+    /// Worth trying again without an API change: its host interface was not found (the primary
+    /// CNI may not have written the route yet). The periodic resync retries it.
+    #[serde(skip)]
+    pub retry: bool,
+}
+
+impl NotEnrolled {
+    fn new(pod: &RunningPod, reason: String) -> Self {
+        NotEnrolled {
+            pod: pod.display(),
+            uid: pod.uid.clone(),
+            reason,
+            retry: false,
+        }
+    }
 }
 
 /// What one [`Daemon::sync_running`] did.
@@ -169,12 +178,16 @@ enum Verdict {
     Ignore,
 }
 
-fn judge(cfg: &crate::config::Config, policy: &super::Policy, pod: &RunningPod) -> Verdict {
+fn judge(
+    cfg: &crate::config::Config,
+    policy: &super::Policy,
+    zt: Option<&crate::reconcile::Ztunnel>,
+    pod: &RunningPod,
+) -> Verdict {
     let ns_enrolled = cfg.ambient_namespaces.contains(&pod.namespace)
         || policy.namespaces.contains(&pod.namespace);
-    let v4 = pod.ipv4();
     let (enrolled, ztunnel, reason) =
-        decide(cfg, policy, &pod.namespace, &pod.name, !v4.is_empty());
+        decide(cfg, policy, &pod.namespace, &pod.name, !pod.ips.is_empty());
     if ztunnel || !ns_enrolled {
         return Verdict::Ignore;
     }
@@ -187,15 +200,13 @@ fn judge(cfg: &crate::config::Config, policy: &super::Policy, pod: &RunningPod) 
     if pod.ips.is_empty() {
         return Verdict::Skip("no IP in status.podIPs yet".into());
     }
-    if v4.is_empty() {
-        return Verdict::Skip(
-            "only IPv6 addresses in status.podIPs: this daemon enrolls IPv4 addresses".into(),
-        );
+    if !enrolled {
+        return Verdict::Skip(reason);
     }
-    if enrolled {
-        Verdict::Enroll(v4)
-    } else {
-        Verdict::Skip(reason)
+    // Captured in all its families or not at all, as a CNI ADD.
+    match family_refusal(cfg, &pod.ips, zt) {
+        Some(why) => Verdict::Skip(why),
+        None => Verdict::Enroll(pod.ips.clone()),
     }
 }
 
@@ -226,12 +237,30 @@ fn key_of_uid(uid: &str) -> PodKey {
 }
 
 impl<D: Dataplane> Daemon<D> {
-    /// The host interface of `ip`, or why it cannot be found.
-    async fn running_host_if(&self, ip: IpAddr) -> Result<String, String> {
-        match self.dp.main_route_lookup(ip).await {
-            Ok(r) => host_if_of(ip, r.as_ref()),
-            Err(e) => Err(format!("looking up the route to {ip}: {e}")),
+    /// The host interface of a pod with these addresses, or why it cannot be found: every
+    /// address (each in the main table of its family) must be reached directly on the same
+    /// interface (the one rp_filter is set on); a pod whose families disagree is refused.
+    async fn running_host_if(&self, ips: &[IpAddr]) -> Result<String, String> {
+        let mut found: Option<(IpAddr, String)> = None;
+        for &ip in ips {
+            let dev = match self.dp.main_route_lookup(ip).await {
+                Ok(r) => host_if_of(ip, r.as_ref())?,
+                Err(e) => return Err(format!("looking up the route to {ip}: {e}")),
+            };
+            match &found {
+                Some((first, d)) if *d != dev => {
+                    return Err(format!(
+                        "host interface not found: {first} is reached on {d} but {ip} on {dev}; \
+                         one pod has one host interface"
+                    ))
+                }
+                Some(_) => {}
+                None => found = Some((ip, dev)),
+            }
         }
+        found
+            .map(|(_, d)| d)
+            .ok_or_else(|| "no IP address".to_string())
     }
 
     /// Removes `rec` (made here) from the registry and the state dir; returns its IPs.
@@ -324,7 +353,45 @@ impl<D: Dataplane> Daemon<D> {
     /// (also kept for `status`). Kernel errors are reported; the periodic resync repairs them.
     pub async fn sync_running(&self, pods: &[RunningPod]) -> RunningReport {
         let mut inner = self.inner.lock().await;
+        inner.running = Some(pods.to_vec());
+        self.sync_running_locked(&mut inner, pods).await
+    }
+
+    /// The periodic resync's retry of running pods whose host interface was not found (the
+    /// primary CNI writes its route after the API lists the pod IP, or the route came back),
+    /// with the last API list: without it such a pod would wait for the next API change.
+    pub(super) async fn retry_running(&self, inner: &mut Inner) {
+        let retry: Vec<&NotEnrolled> = inner
+            .not_enrolled
+            .iter()
+            .flatten()
+            .filter(|n| n.retry)
+            .collect();
+        if retry.is_empty() {
+            return;
+        }
+        let Some(pods) = inner.running.clone() else {
+            return;
+        };
+        let names: Vec<String> = retry.iter().map(|n| n.pod.clone()).collect();
+        let report = self.sync_running_locked(inner, &pods).await;
+        let still: Vec<&str> = report
+            .not_enrolled
+            .iter()
+            .filter(|n| n.retry)
+            .map(|n| n.pod.as_str())
+            .collect();
+        info!(
+            retried = ?names,
+            enrolled = ?report.enrolled,
+            still_without_host_interface = ?still,
+            "enrollment: resync retried running pods whose host interface was not found"
+        );
+    }
+
+    async fn sync_running_locked(&self, inner: &mut Inner, pods: &[RunningPod]) -> RunningReport {
         let mut report = RunningReport::default();
+        let zt = self.live_ztunnel(&inner.reg);
         // Who holds what, over every record: UIDs known from a CNI ADD, records made here, and
         // the IPs CNI records claim.
         let mut cni_uids: BTreeSet<String> = BTreeSet::new();
@@ -348,29 +415,24 @@ impl<D: Dataplane> Daemon<D> {
             if cni_uids.contains(&pod.uid) {
                 continue; // its CNI ADD decided; the policy keeps it right
             }
-            match judge(&self.cfg, &inner.policy, pod) {
-                Verdict::Enroll(v4) => {
-                    let held = v4
+            match judge(&self.cfg, &inner.policy, zt.as_ref(), pod) {
+                Verdict::Enroll(ips) => {
+                    let held = ips
                         .iter()
                         .find_map(|ip| cni_ips.get(ip).map(|holder| (*ip, holder.clone())));
                     match held {
-                        Some((ip, holder)) => report.not_enrolled.push(NotEnrolled {
-                            pod: pod.display(),
-                            uid: pod.uid.clone(),
-                            reason: format!(
+                        Some((ip, holder)) => report.not_enrolled.push(NotEnrolled::new(
+                            pod,
+                            format!(
                                 "IP {ip} is held by the sandbox of {holder} (from its CNI ADD)"
                             ),
-                        }),
+                        )),
                         None => {
-                            want.insert(pod.uid.clone(), (pod, v4));
+                            want.insert(pod.uid.clone(), (pod, ips));
                         }
                     }
                 }
-                Verdict::Skip(reason) => report.not_enrolled.push(NotEnrolled {
-                    pod: pod.display(),
-                    uid: pod.uid.clone(),
-                    reason,
-                }),
+                Verdict::Skip(reason) => report.not_enrolled.push(NotEnrolled::new(pod, reason)),
                 Verdict::Ignore => {}
             }
         }
@@ -387,40 +449,37 @@ impl<D: Dataplane> Daemon<D> {
                 } else {
                     "no longer a running pod of an enrolled namespace"
                 };
-                touched.extend(self.drop_running(&mut inner, rec, why));
+                touched.extend(self.drop_running(inner, rec, why));
                 report.released.push(rec.display_name());
             }
         }
-        for (uid, (pod, v4)) in &want {
+        for (uid, (pod, ips)) in &want {
             match made_here.get(uid) {
                 Some(r) if Origin::of(r) == Some(Origin::Manual) => continue,
-                Some(r) if r.ips == *v4 && r.enrolled && r.name == pod.name => continue,
+                Some(r) if r.ips == *ips && r.enrolled && r.name == pod.name => continue,
                 _ => {}
             }
-            let Some(first) = v4.first() else { continue };
-            let host_if = match self.running_host_if(*first).await {
+            let host_if = match self.running_host_if(ips).await {
                 Ok(h) => h,
                 Err(reason) => {
                     if let Some(old) = made_here.get(uid) {
-                        touched.extend(self.drop_running(&mut inner, old, &reason));
+                        touched.extend(self.drop_running(inner, old, &reason));
                         report.released.push(old.display_name());
                     }
                     report.not_enrolled.push(NotEnrolled {
-                        pod: pod.display(),
-                        uid: uid.clone(),
-                        reason,
+                        retry: true,
+                        ..NotEnrolled::new(pod, reason)
                     });
                     continue;
                 }
             };
-            let changed =
-                self.put_running(&mut inner, record(Origin::Api, pod, v4.clone(), host_if));
+            let changed = self.put_running(inner, record(Origin::Api, pod, ips.clone(), host_if));
             if !changed.is_empty() {
                 report.enrolled.push(pod.display());
             }
             touched.extend(changed);
         }
-        let (kernel, changes) = self.apply_pods(&mut inner, touched).await;
+        let (kernel, changes) = self.apply_pods(inner, touched).await;
         report.kernel = kernel;
         if !report.enrolled.is_empty() || !report.released.is_empty() {
             info!(
@@ -430,7 +489,7 @@ impl<D: Dataplane> Daemon<D> {
                 "enrollment: running pods without a CNI ADD"
             );
         }
-        self.log_not_enrolled(&mut inner, &report.not_enrolled);
+        self.log_not_enrolled(inner, &report.not_enrolled);
         report
     }
 
@@ -488,8 +547,9 @@ impl<D: Dataplane> Daemon<D> {
                 ),
             });
         }
-        let v4 = match judge(&self.cfg, &inner.policy, &pod) {
-            Verdict::Enroll(v4) => v4,
+        let zt = self.live_ztunnel(&inner.reg);
+        let ips = match judge(&self.cfg, &inner.policy, zt.as_ref(), &pod) {
+            Verdict::Enroll(ips) => ips,
             Verdict::Skip(reason) => {
                 return Err(RequestError::Precondition(format!(
                     "{} not enrolled: {reason}",
@@ -513,32 +573,29 @@ impl<D: Dataplane> Daemon<D> {
         if let Some(holder) = inner.reg.records().find(|r| {
             Origin::of(r).is_none()
                 && r.owner() != pod.uid
-                && r.ips.iter().any(|ip| v4.contains(ip))
+                && r.ips.iter().any(|ip| ips.contains(ip))
         }) {
             return Err(RequestError::Precondition(format!(
                 "{} not enrolled: one of {:?} is held by the sandbox of {} ({}), from its CNI ADD",
                 pod.display(),
-                v4,
+                ips,
                 holder.display_name(),
                 holder.owner()
             )));
         }
-        let Some(first) = v4.first().copied() else {
-            return Err(RequestError::Invalid("no IPv4 address".into()));
-        };
-        let host_if = self.running_host_if(first).await.map_err(|r| {
+        let host_if = self.running_host_if(&ips).await.map_err(|r| {
             RequestError::Precondition(format!("{} not enrolled: {r}", pod.display()))
         })?;
         // Records made without an ADD for another pod with these IPs are stale: the IP moved.
         let mut touched: BTreeSet<IpAddr> = self
-            .drop_displaced(&mut inner, &v4, &pod.uid)
+            .drop_displaced(&mut inner, &ips, &pod.uid)
             .into_iter()
             .collect();
         // A record of this pod from the API has the same key: the hand-made one replaces it.
-        let rec = record(Origin::Manual, &pod, v4.clone(), host_if.clone());
+        let rec = record(Origin::Manual, &pod, ips.clone(), host_if.clone());
         touched.extend(self.put_running(&mut inner, rec));
         let (report, changes) = self.apply_pods(&mut inner, touched).await;
-        info!(pod = %pod.display(), uid = %pod.uid, ips = ?v4, host_if = %host_if, kernel = %changes, "enrolled by hand (no CNI ADD)");
+        info!(pod = %pod.display(), uid = %pod.uid, ips = ?ips, host_if = %host_if, kernel = %changes, "enrolled by hand (no CNI ADD)");
         if !report.ok() {
             return Err(RequestError::Kernel(report.errors.join("; ")));
         }
@@ -548,7 +605,7 @@ impl<D: Dataplane> Daemon<D> {
                 "{} (uid {}) enrolled: {:?} on host interface {host_if}",
                 pod.display(),
                 pod.uid,
-                v4
+                ips
             ),
         })
     }

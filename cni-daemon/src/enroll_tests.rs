@@ -142,8 +142,15 @@ fn the_host_interface_comes_only_from_a_direct_route() {
 #[tokio::test]
 async fn enroll_by_hand_programs_the_pod_and_release_undoes_it() {
     let w = World::new().await;
-    let out =
+    // An IPv6 address on an IPv4-only node: refused whole, nothing recorded.
+    let err =
         w.d.enroll_running(pod("default", "app", &["10.244.1.5", "fd00::5"]))
+            .await
+            .expect_err("IPv6 is off");
+    assert!(err.to_string().contains("IPv6 is off"), "{err}");
+    assert!(w.ipset().is_empty() && w.records().await.is_empty());
+    let out =
+        w.d.enroll_running(pod("default", "app", &["10.244.1.5"]))
             .await
             .expect("enrolled");
     assert!(out.enrolled, "{}", out.detail);

@@ -4,14 +4,13 @@
 //! what cannot be enrolled is reported with its reason.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::fake_api::*;
 use super::*;
 use crate::config::{tables, Config};
-use crate::daemon::test_event;
+use crate::daemon::test_event_ips;
 use crate::dataplane::fake::FakeDataplane;
 use crate::model::{Ns, Prefix, RouteKey};
 
@@ -21,15 +20,6 @@ impl Node {
         let mut k = self.dp.kernel();
         k.add_host_link(dev);
         k.host_routes.insert(ip(a), dev.into());
-    }
-
-    fn owners(&self) -> Vec<(IpAddr, String)> {
-        self.dp
-            .kernel()
-            .ipset
-            .as_ref()
-            .map(|s| s.iter().map(|(a, o)| (*a, o.clone())).collect())
-            .unwrap_or_default()
     }
 
     fn inbound_route(&self, a: &str) -> bool {
@@ -68,9 +58,20 @@ impl Node {
 
     /// A node with a ztunnel up (10.244.1.9 on vethz), so enrolled pods get table-100 routes.
     async fn with_ztunnel() -> Node {
-        let n = Node::new(Config::default()).await;
+        Node::with_ztunnel_of(Config::default(), &["10.244.1.9"]).await
+    }
+
+    /// A dual-stack node (`--ip-families v4,v6`) with a dual-stack ztunnel on vethz.
+    async fn dual_stack() -> Node {
+        let mut c = Config::default();
+        c.ip_families = crate::config::IpFamilies { v4: true, v6: true };
+        Node::with_ztunnel_of(c, &["10.244.1.9", "fd00:10:244:1::9"]).await
+    }
+
+    async fn with_ztunnel_of(cfg: Config, zt_ips: &[&str]) -> Node {
+        let n = Node::new(cfg).await;
         n.dp.kernel().add_host_link("vethz");
-        let zt = test_event("zt", "istio-system", "ztunnel-1", "10.244.1.9", "vethz");
+        let zt = test_event_ips("zt", "istio-system", "ztunnel-1", zt_ips, "vethz");
         assert!(n.daemon.add(zt).await.expect("ztunnel ADD").ztunnel);
         n
     }
@@ -92,11 +93,7 @@ async fn running_pods_are_enrolled_when_their_namespace_is_and_released_when_not
     api.put_ns("shop", &[]);
     // Pods that ran before the plugin was in the chain: no CNI ADD will ever come for them.
     api.put_pod_json("shop", "a", running("shop", "a", &["10.244.1.5"]));
-    api.put_pod_json(
-        "shop",
-        "b",
-        running("shop", "b", &["10.244.1.6", "fd00::6"]),
-    );
+    api.put_pod_json("shop", "b", running("shop", "b", &["10.244.1.6"]));
     api.put_pod_json(
         "shop",
         "far",
@@ -320,6 +317,108 @@ async fn pods_that_cannot_be_enrolled_are_reported_with_the_reason() {
     })
     .await;
     assert_eq!(n.daemon.status().await.not_enrolled, 3);
+}
+
+/// IPv6 and dual-stack running pods: every address of `status.podIPs` is enrolled (ipset of its
+/// family, table-100 route), the host interface found in the main table of each family; a pod
+/// whose families are reached on different interfaces is refused, never guessed.
+#[tokio::test(start_paused = true)]
+async fn ipv6_and_dual_stack_running_pods_are_enrolled_in_every_family() {
+    let api = FakeApi::default();
+    api.put_ns("shop", &[]);
+    let dual = ["10.244.1.6", "fd00:10:244:1::6"];
+    api.put_pod_json("shop", "dual", running("shop", "dual", &dual));
+    api.put_pod_json("shop", "v6", running("shop", "v6", &["fd00:10:244:1::7"]));
+    api.put_pod_json(
+        "shop",
+        "split",
+        running("shop", "split", &["10.244.1.8", "fd00:10:244:1::8"]),
+    );
+    let mut n = Node::dual_stack().await;
+    n.host_route("10.244.1.6", "vethb");
+    n.host_route("fd00:10:244:1::6", "vethb");
+    n.host_route("fd00:10:244:1::7", "vethc");
+    n.host_route("10.244.1.8", "vethd");
+    n.host_route("fd00:10:244:1::8", "vethe");
+    n.watch(&api);
+    n.until("in sync", |n| n.policies().len() == 1).await;
+    assert!(n.captured().is_empty());
+
+    api.put_ns("shop", &[AMBIENT]);
+    n.until("dual and IPv6-only pods enrolled", |n| {
+        n.captured() == set(&["10.244.1.6", "fd00:10:244:1::6", "fd00:10:244:1::7"])
+    })
+    .await;
+    let owners = n.owners();
+    for (a, uid) in [
+        ("10.244.1.6", "uid-dual"),
+        ("fd00:10:244:1::6", "uid-dual"),
+        ("fd00:10:244:1::7", "uid-v6"),
+    ] {
+        assert!(
+            owners.contains(&(ip(a), uid.to_string())),
+            "{a}: {owners:?}"
+        );
+        assert!(n.inbound_route(a), "table-100 route of {a}");
+    }
+    assert_eq!(n.rp_filter("vethb").as_deref(), Some("2"));
+    let skip = n
+        .daemon
+        .trace("shop/split", 10)
+        .into_iter()
+        .find(|e| e.kind == "skip")
+        .map(|e| e.message)
+        .unwrap_or_default();
+    assert!(
+        skip.contains("vethd") && skip.contains("vethe") && skip.contains("one host interface"),
+        "{skip}"
+    );
+    // A resync changes nothing: the IPv6 objects of these records are the ones it wants.
+    assert!(n.daemon.resync().await.applied.is_empty());
+
+    // Removing an IPv6 address (the pod is now IPv4 only) removes its entries alone.
+    api.put_pod_json("shop", "dual", running("shop", "dual", &dual[..1]));
+    n.until("IPv6 address released", |n| {
+        n.captured() == set(&["10.244.1.6", "fd00:10:244:1::7"])
+    })
+    .await;
+    assert!(!n.inbound_route("fd00:10:244:1::6"));
+    api.del_pod("shop", "v6");
+    api.put_ns("shop", &[]);
+    n.until("released", |n| n.captured().is_empty()).await;
+    assert!(n.records().await.is_empty());
+}
+
+/// A running pod whose host interface is missing (the primary CNI has not written its route
+/// yet) is tried again on the periodic resync, without waiting for an API change.
+#[tokio::test(start_paused = true)]
+async fn a_pod_whose_host_interface_is_missing_is_retried_on_the_resync() {
+    let api = FakeApi::default();
+    api.put_ns("shop", &[AMBIENT]);
+    api.put_pod_json("shop", "late", running("shop", "late", &["10.244.1.5"]));
+    let mut n = Node::with_ztunnel().await;
+    n.watch(&api);
+    n.until("listed", |n| n.policies().len() == 1).await;
+    // The watcher's apply runs after set_policy: wait for the report.
+    for _ in 0..100 {
+        if n.daemon.status().await.not_enrolled == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(n.daemon.status().await.not_enrolled, 1);
+    assert!(n.daemon.resync().await.ok());
+    assert!(
+        n.captured().is_empty(),
+        "still no route: still not enrolled"
+    );
+
+    n.host_route("10.244.1.5", "vetha");
+    n.daemon.resync().await;
+    assert_eq!(n.captured(), set(&["10.244.1.5"]), "enrolled by the resync");
+    assert_eq!(n.daemon.status().await.not_enrolled, 0);
+    assert_eq!(n.rp_filter("vetha").as_deref(), Some("2"));
+    assert_eq!(api.requests("/api/v1/pods", false).len(), 1, "no relist");
 }
 
 /// Across a daemon restart the pods enrolled from the API stay enrolled (persisted) until the

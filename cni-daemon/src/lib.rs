@@ -11,6 +11,9 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod dataplane;
+#[cfg(any(test, feature = "fake-api"))]
+#[cfg(feature = "kube")]
+pub mod fake_api;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;

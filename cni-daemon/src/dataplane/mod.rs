@@ -259,7 +259,7 @@ pub trait Dataplane: Send + Sync + 'static {
     /// decoded, with its output interface by name; `None` when no unicast route matches or the
     /// winner has a shape we do not model (multipath). Enrolling a running pod without its CNI
     /// result reads its host interface from this, and only from a direct route (no gateway).
-    // IPv4 today: the dual-stack seam is this argument (an IpAddr and the main table of its family).
+    /// Either family: the main table of `ip`'s family is read.
     fn main_route_lookup(&self, ip: IpAddr)
         -> impl Future<Output = DpResult<Option<Route>>> + Send;
     /// Does this netns path exist and is it a network namespace?

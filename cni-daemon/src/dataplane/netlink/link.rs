@@ -442,6 +442,14 @@ async fn enable_ipv6(w: &NsWorker, ifname: &str) -> DpResult<()> {
     .await?
 }
 
+/// Bring link `idx` up.
+pub(crate) async fn set_up(h: &Handle, idx: u32) -> Result<(), rtnetlink::Error> {
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+}
+
 /// MTU (when non-zero), addresses, up. IPv6 addresses are added `nodad`: the two ends are the
 /// only hosts on the link, and duplicate detection would leave them tentative (unusable as next
 /// hop or source) for a second or more after every tunnel (re)creation.
@@ -473,11 +481,7 @@ async fn configure(
         let r = req.execute().await;
         nl_check(Intent::Create, || format!("{what}: address {addr}"), r)?;
     }
-    h.link()
-        .set(LinkUnspec::new_with_index(idx).up().build())
-        .execute()
-        .await
-        .map_err(|e| nl_error(what, &e))
+    set_up(h, idx).await.map_err(|e| nl_error(what, &e))
 }
 
 #[cfg(test)]

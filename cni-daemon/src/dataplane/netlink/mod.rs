@@ -980,6 +980,25 @@ impl Dataplane for RealDataplane {
                     break;
                 }
                 libc::ENODEV if attempt == 0 && r.dev.is_some() => self.forget_ifindexes(),
+                // An IPv6 route on a loopback that is down (a ztunnel netns whose runtime left
+                // `lo` down) is refused with ENETDOWN; IPv4 takes it. Our local routes need `lo`
+                // up, and ztunnel's listeners on ::1/127.0.0.1 too: bring it up, once.
+                libc::ENETDOWN if attempt == 0 && r.dev.as_deref() == Some("lo") => {
+                    let idx = oif.unwrap_or(1);
+                    tracing::info!(%ns, route = %r, "lo is down in {ns}: bringing it up for our local route");
+                    link::set_up(h, idx).await.map_err(|e| {
+                        nl_error(format!("{} (bringing lo up in {ns})", what()), &e)
+                    })?;
+                }
+                libc::ENETDOWN => {
+                    return Err(DpError::Netlink {
+                        what: what(),
+                        msg: format!(
+                            "{} (is the route's interface down in {ns}?)",
+                            ipset::describe_code(libc::ENETDOWN)
+                        ),
+                    })
+                }
                 code => {
                     return Err(DpError::Netlink {
                         what: what(),
@@ -1207,14 +1226,11 @@ impl Dataplane for RealDataplane {
     }
 
     async fn main_route_lookup(&self, ip: IpAddr) -> DpResult<Option<Route>> {
-        // IPv4 only for now: the running-pod path enrolls a pod's IPv4 addresses (its host
-        // interface carries the IPv4 rp_filter); an IPv6 address has no main-route lookup yet.
-        let IpAddr::V4(ip) = ip else {
-            return Ok(None);
-        };
+        // The main table of the address's family: an IPv6 pod's host route (ptp's
+        // `fd00::5 dev vethX`, the bridge's `fd00::/64 dev cni0`) is in the IPv6 one.
         let h = self.node.handle();
         let main = u32::from(netlink_packet_route::route::RouteHeader::RT_TABLE_MAIN);
-        let msgs = route::dump(h, Family::V4, Some(main), None)
+        let msgs = route::dump(h, Family::of(ip), Some(main), None)
             .await
             .map_err(|e| nl_error(format!("look up the main route to {ip}"), &e))?;
         let Some(m) = route::lpm_main_msg(&msgs, ip) else {

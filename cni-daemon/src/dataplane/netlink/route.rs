@@ -556,6 +556,38 @@ pub(crate) async fn del(handle: &Handle, m: RouteMessage) -> Result<(), rtnetlin
 /// came first: our own rule 103 (`lookup 100`) would otherwise make every enrolled pod's IP
 /// resolve to the tunnel. Returns the output interface index.
 pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: IpAddr) -> Option<u32> {
+    lpm_by(msgs, ip, |m| {
+        m.attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+            // Multipath: take the first hop's interface.
+            .or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
+                    _ => None,
+                })
+            })
+    })
+}
+
+/// The main-table unicast route the kernel would pick for `ip` (either family): longest prefix,
+/// then lowest metric. Unlike [`lpm_main`] it returns the route itself (its gateway decides
+/// whether the address is on a directly attached link), multipath routes included (the caller's
+/// decode then refuses them rather than taking one hop's interface).
+pub(crate) fn lpm_main_msg(msgs: &[RouteMessage], ip: IpAddr) -> Option<&RouteMessage> {
+    lpm_by(msgs, ip, Some)
+}
+
+/// Longest-prefix match of `ip` over the main table's unicast routes of its family that `pick`
+/// accepts (lowest metric among equal prefixes); what `pick` made of the winner.
+fn lpm_by<'a, T>(
+    msgs: &'a [RouteMessage],
+    ip: IpAddr,
+    pick: impl Fn(&'a RouteMessage) -> Option<T>,
+) -> Option<T> {
     // Both families as 128-bit numbers, IPv4 in the low 32 bits (prefix lengths shifted by 96).
     let as_bits = |a: IpAddr| -> (u128, u32) {
         match a {
@@ -564,7 +596,7 @@ pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: IpAddr) -> Option<u32> {
         }
     };
     let (ipb, shift) = as_bits(ip);
-    let mut best: Option<(u8, u32, u32)> = None; // (prefix len, metric, oif)
+    let mut best: Option<(u8, u32, T)> = None; // (prefix len, metric, picked)
     for m in msgs {
         if table_of(m) != u32::from(RouteHeader::RT_TABLE_MAIN)
             || m.header.kind != RouteType::Unicast
@@ -586,69 +618,17 @@ pub(crate) fn lpm_main(msgs: &[RouteMessage], ip: IpAddr) -> Option<u32> {
         if db & mask != ipb & mask {
             continue;
         }
-        let oif = m.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        let oif = match oif {
-            Some(i) => i,
-            None => {
-                // Multipath: take the first hop's interface.
-                let Some(i) = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
-                    _ => None,
-                }) else {
-                    continue;
-                };
-                i
+        let better = match &best {
+            None => true,
+            Some((blen, bmetric, _)) => len > *blen || (len == *blen && key.metric < *bmetric),
+        };
+        if better {
+            if let Some(t) = pick(m) {
+                best = Some((len, key.metric, t));
             }
-        };
-        let better = match best {
-            None => true,
-            Some((blen, bmetric, _)) => len > blen || (len == blen && key.metric < bmetric),
-        };
-        if better {
-            best = Some((len, key.metric, oif));
         }
     }
-    best.map(|(_, _, oif)| oif)
-}
-
-/// The main-table unicast route the kernel would pick for `ip`: longest prefix, then lowest
-/// metric. Unlike [`lpm_main`] it returns the route itself (its gateway decides whether the
-/// address is on a directly attached link), multipath routes included (the caller's decode then
-/// refuses them rather than taking one hop's interface).
-pub(crate) fn lpm_main_msg(msgs: &[RouteMessage], ip: Ipv4Addr) -> Option<&RouteMessage> {
-    let ip = u32::from(ip);
-    let mut best: Option<(u8, u32, &RouteMessage)> = None;
-    for m in msgs {
-        if table_of(m) != u32::from(RouteHeader::RT_TABLE_MAIN)
-            || m.header.kind != RouteType::Unicast
-        {
-            continue;
-        }
-        let Some(key) = key_of(m) else { continue };
-        let len = key.dst.len;
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        };
-        let IpAddr::V4(dst) = key.dst.addr else {
-            continue;
-        };
-        if u32::from(dst) & mask != ip & mask {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some((blen, bmetric, _)) => len > blen || (len == blen && key.metric < bmetric),
-        };
-        if better {
-            best = Some((len, key.metric, m));
-        }
-    }
-    best.map(|(_, _, m)| m)
+    best.map(|(_, _, t)| t)
 }
 
 #[cfg(test)]
