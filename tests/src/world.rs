@@ -10,7 +10,7 @@
 //! addresses of [`POD_CIDR6`] through host-local (a second range set when dual stack).
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -144,6 +144,45 @@ pub fn result_ips(result: &Value) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// The node's primary CNI alone, as network `name`: ptp + host-local in the pod CIDRs of
+/// `family` (dual stack: one range set per family, as kind's dual-stack config does). `upper`
+/// gives it only the upper part of each range (.200–.250, ::200–::250), so that its pods never
+/// get an address of the world's network (both keep their leases in the same IPAM dir).
+pub fn primary_conflist(name: &str, family: Family, ipam_dir: &Path, upper: bool) -> Value {
+    let range = |subnet: &str, gateway: &str, lo: &str, hi: &str| {
+        if upper {
+            json!([{"subnet": subnet, "gateway": gateway, "rangeStart": lo, "rangeEnd": hi}])
+        } else {
+            json!([{"subnet": subnet, "gateway": gateway}])
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut routes = Vec::new();
+    if family.has_v4() {
+        ranges.push(range(POD_CIDR, POD_GW, "10.244.1.200", "10.244.1.250"));
+        routes.push(json!({"dst": "0.0.0.0/0"}));
+    }
+    if family.has_v6() {
+        ranges.push(range(
+            POD_CIDR6,
+            POD_GW6,
+            "fd10:244:1::200",
+            "fd10:244:1::250",
+        ));
+        routes.push(json!({"dst": "::/0"}));
+    }
+    json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {"type": "ptp", "ipMasq": false,
+             "ipam": {"type": "host-local", "dataDir": ipam_dir,
+                      "ranges": ranges,
+                      "routes": routes}},
+        ]
+    })
+}
+
 /// The world.
 pub struct World {
     /// Namespaces and processes (dropped last).
@@ -246,28 +285,9 @@ impl World {
         let d = w.daemon()?;
         // The node's primary config (ptp + host-local, as kind's kindnet), then our installer
         // appends our entry and copies the plugin, as the DaemonSet does.
-        // Dual stack: one range set per family, as kind's dual-stack config does.
-        let mut ranges = Vec::new();
-        let mut routes = Vec::new();
-        if family.has_v4() {
-            ranges.push(json!([{"subnet": POD_CIDR, "gateway": POD_GW}]));
-            routes.push(json!({"dst": "0.0.0.0/0"}));
-        }
-        if family.has_v6() {
-            ranges.push(json!([{"subnet": POD_CIDR6, "gateway": POD_GW6}]));
-            routes.push(json!({"dst": "::/0"}));
-        }
-        let primary = json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "plugins": [
-                {"type": "ptp", "ipMasq": false,
-                 "ipam": {"type": "host-local", "dataDir": w.cni.ipam_dir(),
-                          "ranges": ranges,
-                          "routes": routes}},
-            ]
-        });
-        let conf = w.cni.write_conflist(&primary)?;
+        let conf =
+            w.cni
+                .write_conflist(&primary_conflist(NETWORK, family, &w.cni.ipam_dir(), false))?;
         let out = run_cmd(
             Command::new(workspace_bin("ambient-cnid")?)
                 .arg("install")
@@ -303,6 +323,74 @@ impl World {
         d.wait_ready(Duration::from_secs(20))?;
         self.daemon = Some(d);
         Ok(())
+    }
+
+    /// Adds network `name` to the conf dir: the node's primary CNI without ambient-cni (pods
+    /// made through it are never seen by the daemon's CNI path), in the upper part of the ranges.
+    pub fn add_plain_network(&self, name: &str) -> Result<()> {
+        self.cni.write_conflist(&primary_conflist(
+            name,
+            self.family,
+            &self.cni.ipam_dir(),
+            true,
+        ))?;
+        Ok(())
+    }
+
+    /// What the uninstall DaemonSet does after the daemon's DaemonSet is gone: stops the daemon
+    /// (leaving the kernel as it is), then runs `ambient-cnid uninstall` and `ambient-cnid
+    /// cleanup` in the node's netns.
+    pub fn uninstall(&mut self) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        self.uninstall_commands()
+    }
+
+    /// `ambient-cnid uninstall` and `ambient-cnid cleanup` in the node's netns (the daemon
+    /// stopped first: [`World::uninstall`]).
+    pub fn uninstall_commands(&self) -> Result<()> {
+        let bin = workspace_bin("ambient-cnid")?;
+        let bin = bin.to_str().context("binary path")?;
+        let conf = self.cni.conf_dir();
+        let plugins = self.cni.bin_dir();
+        let out = self.net.exec(
+            "node",
+            &[
+                bin,
+                "uninstall",
+                "--conf-dir",
+                conf.to_str().context("conf dir")?,
+                "--bin-dir",
+                plugins.to_str().context("bin dir")?,
+            ],
+        );
+        if !out.success() {
+            bail!("ambient-cnid uninstall: {out}");
+        }
+        let state = self.daemon_dir.join("state");
+        let out = self.net.exec(
+            "node",
+            &[
+                bin,
+                "cleanup",
+                "--state-dir",
+                state.to_str().context("state dir")?,
+            ],
+        );
+        if !out.success() {
+            bail!("ambient-cnid cleanup: {out}");
+        }
+        Ok(())
+    }
+
+    /// Restarts the daemon with `extra` arguments added to its own (kept for later restarts).
+    pub fn restart_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        self.daemon_args.extend(extra.iter().map(|s| s.to_string()));
+        self.start_daemon()
     }
 
     /// The families of this world.
