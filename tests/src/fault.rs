@@ -30,6 +30,8 @@ use crate::{run_cmd, workspace_bin, Daemon, Output, TestNet, COMMAND_TIMEOUT};
 
 /// The daemon's ipset.
 pub const IPSET: &str = "ztunnel-pods-ips";
+/// The daemon's ipset of IPv6 pod IPs.
+pub const IPSET6: &str = "ztunnel-pods-ips6";
 /// The daemon's route protocol number.
 pub const ROUTE_PROTO: &str = "212";
 
@@ -96,12 +98,17 @@ pub fn now_ms() -> u64 {
 /// The members of our ipset in namespace `ns`, IP → comment (the owner). Empty if the set does
 /// not exist.
 pub fn ipset_members(net: &TestNet, ns: &str) -> Result<BTreeMap<String, String>> {
-    let out = net.exec(ns, &["ipset", "save", IPSET]);
+    ipset_members_of(net, ns, IPSET)
+}
+
+/// [`ipset_members`] of set `set` ([`IPSET`] or [`IPSET6`]).
+pub fn ipset_members_of(net: &TestNet, ns: &str, set: &str) -> Result<BTreeMap<String, String>> {
+    let out = net.exec(ns, &["ipset", "save", set]);
     if !out.success() {
         if out.stderr.contains("does not exist") {
             return Ok(BTreeMap::new());
         }
-        bail!("ipset save {IPSET}: {out}");
+        bail!("ipset save {set}: {out}");
     }
     let mut m = BTreeMap::new();
     for line in out.stdout.lines() {
@@ -121,11 +128,16 @@ pub fn ipset_members(net: &TestNet, ns: &str) -> Result<BTreeMap<String, String>
 
 /// Destinations of our routes into the inbound tunnel in table 100 (one per enrolled pod IP).
 pub fn pod_routes(net: &TestNet, ns: &str) -> Result<BTreeSet<String>> {
+    pod_routes_of(net, ns, "-4")
+}
+
+/// [`pod_routes`] of one family: `family` is `-4` or `-6`.
+pub fn pod_routes_of(net: &TestNet, ns: &str, family: &str) -> Result<BTreeSet<String>> {
     let out = net.exec_ok(
         ns,
         &[
             "ip",
-            "-4",
+            family,
             "-o",
             "route",
             "show",
@@ -139,7 +151,11 @@ pub fn pod_routes(net: &TestNet, ns: &str) -> Result<BTreeSet<String>> {
         .lines()
         .filter(|l| l.contains("dev istioin"))
         .filter_map(|l| l.split_whitespace().next())
-        .map(|d| d.trim_end_matches("/32").to_string())
+        .map(|d| {
+            d.trim_end_matches("/32")
+                .trim_end_matches("/128")
+                .to_string()
+        })
         .collect())
 }
 
@@ -275,14 +291,33 @@ pub fn iptables_variant(net: &TestNet, ns: &str) -> Result<&'static str> {
 
 /// A prevResult (1.0.0 layout) as ptp would hand it: host veth, the pod side in `netns`, one IP.
 pub fn prev_result(host_if: &str, netns: &Path, ip: &str) -> Value {
+    prev_result_ips(host_if, netns, &[ip])
+}
+
+/// [`prev_result`] with addresses of either family (IPv4 `/24` via [`crate::world::POD_GW`],
+/// IPv6 `/64` via [`crate::world::POD_GW6`]), a default route for each family given.
+pub fn prev_result_ips(host_if: &str, netns: &Path, ips: &[&str]) -> Value {
+    let mut addrs = Vec::new();
+    let mut routes = Vec::new();
+    for ip in ips {
+        let (len, gw, dst) = if ip.contains(':') {
+            (64, crate::world::POD_GW6, "::/0")
+        } else {
+            (24, crate::world::POD_GW, "0.0.0.0/0")
+        };
+        addrs.push(json!({"address": format!("{ip}/{len}"), "gateway": gw, "interface": 1}));
+        if !routes.contains(&json!({"dst": dst})) {
+            routes.push(json!({"dst": dst}));
+        }
+    }
     json!({
         "cniVersion": "1.0.0",
         "interfaces": [
             {"name": host_if, "mac": "5a:00:00:00:00:01"},
             {"name": "eth0", "mac": "5a:00:00:00:00:02", "sandbox": netns}
         ],
-        "ips": [{"address": format!("{ip}/24"), "gateway": crate::world::POD_GW, "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0"}],
+        "ips": addrs,
+        "routes": routes,
         "dns": {}
     })
 }

@@ -8,6 +8,10 @@
 //! owners, table-100 routes) and the registry are compared with the set of live pods:
 //! `leaked=N missing=N repaired=N`, and the test fails unless leaked and missing are 0.
 //!
+//! The pods are dual stack: each sandbox has an IPv4 and an IPv6 address, drawn from small pools
+//! of each family (so both are reused), and the outside agent flushes either family's set and
+//! mangle chain; the comparison covers both ipsets and both families' table-100 routes.
+//!
 //! `make test` runs 300 operations; `make chaos` runs `ACNI_CHAOS_OPS` (default there: 2000).
 //! `ACNI_CHAOS_SEED` replays a run.
 
@@ -16,7 +20,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambient_cni_tests::fault::*;
-use ambient_cni_tests::world::{World, AMBIENT_NS, NETWORK, REMOTE_IP};
+use ambient_cni_tests::world::{
+    hostport, Family, World, AMBIENT_NS, NETWORK, REMOTE_IP, REMOTE_IP6,
+};
 use ambient_cni_tests::{require_root, Daemon, Output};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -33,6 +39,7 @@ struct Sandbox {
     attempt: usize,
     uid: String,
     ip: String,
+    ip6: String,
 }
 
 impl Sandbox {
@@ -83,21 +90,28 @@ impl Chaos<'_> {
     }
 
     fn prev(&self, s: &Sandbox) -> Value {
-        prev_result("vhchaos", &self.ns_path(s), &s.ip)
+        prev_result_ips("vhchaos", &self.ns_path(s), &[&s.ip, &s.ip6])
     }
 
-    fn free_ip(&mut self) -> Option<String> {
+    /// A free address of each family, drawn independently (an IPv6 address comes back with
+    /// another IPv4 one, and the other way round).
+    fn free_ips(&mut self) -> Option<(String, String)> {
         let used: BTreeSet<&str> = self
             .live
             .values()
             .chain(&self.retry)
-            .map(|s| s.ip.as_str())
+            .flat_map(|s| [s.ip.as_str(), s.ip6.as_str()])
             .collect();
-        let free: Vec<String> = POOL
-            .map(|i| format!("10.244.1.{i}"))
-            .filter(|ip| !used.contains(ip.as_str()))
-            .collect();
-        self.rng.pick(&free).cloned()
+        let free = |f: &dyn Fn(u8) -> String| -> Vec<String> {
+            POOL.map(f)
+                .filter(|ip| !used.contains(ip.as_str()))
+                .collect()
+        };
+        let (v4, v6) = (
+            free(&|i| format!("10.244.1.{i}")),
+            free(&|i| format!("fd10:244:1::{i:x}")),
+        );
+        Some((self.rng.pick(&v4).cloned()?, self.rng.pick(&v6).cloned()?))
     }
 
     fn up(&self) -> bool {
@@ -211,7 +225,7 @@ impl Chaos<'_> {
                 if self.live.len() + self.retry.len() >= MAX_PODS {
                     return self.del_random(kill_mid);
                 }
-                let Some(ip) = self.free_ip() else {
+                let Some((ip, ip6)) = self.free_ips() else {
                     return Ok(());
                 };
                 let pod = self.next_pod;
@@ -222,6 +236,7 @@ impl Chaos<'_> {
                     attempt: 0,
                     uid: format!("uid-chaos-{pod}"),
                     ip,
+                    ip6,
                 };
                 self.add(s, kill_mid)
             }
@@ -258,15 +273,22 @@ impl Chaos<'_> {
                 Ok(())
             }
             83..=86 => {
-                self.w.net.exec_ok("node", &["ipset", "flush", IPSET])?;
+                let set = if self.rng.chance(0.5) { IPSET } else { IPSET6 };
+                self.w.net.exec_ok("node", &["ipset", "flush", set])?;
                 self.n.ipset_flushes += 1;
                 Ok(())
             }
             87..=90 => {
-                self.w.net.exec_ok(
-                    "node",
-                    &[self.ipt, "-t", "mangle", "-F", "ztunnel-PREROUTING"],
-                )?;
+                // iptables-nft → ip6tables-nft, iptables-legacy → ip6tables-legacy.
+                let ipt6 = self.ipt.replacen("iptables", "ip6tables", 1);
+                let tool = if self.rng.chance(0.5) {
+                    self.ipt
+                } else {
+                    &ipt6
+                };
+                self.w
+                    .net
+                    .exec_ok("node", &[tool, "-t", "mangle", "-F", "ztunnel-PREROUTING"])?;
                 self.n.chain_flushes += 1;
                 Ok(())
             }
@@ -301,8 +323,10 @@ fn compare(
     want: &BTreeMap<String, String>,
     want_cids: &BTreeSet<String>,
 ) -> Result<(usize, usize, String)> {
-    let set = ipset_members(&w.net, "node")?;
-    let routes = pod_routes(&w.net, "node")?;
+    let mut set = ipset_members_of(&w.net, "node", IPSET)?;
+    set.extend(ipset_members_of(&w.net, "node", IPSET6)?);
+    let mut routes = pod_routes_of(&w.net, "node", "-4")?;
+    routes.extend(pod_routes_of(&w.net, "node", "-6")?);
     let reg: BTreeSet<String> = registry(d)?
         .iter()
         .filter(|r| r["ztunnel"] != json!(true))
@@ -338,7 +362,7 @@ fn compare(
 fn chaos(ops: usize) -> Result<()> {
     let seed = seed("ACNI_CHAOS_SEED");
     println!("chaos: {ops} operations, seed {seed} (ACNI_CHAOS_SEED={seed} replays the choices; kill timing is real time)");
-    let mut w = World::new("chaos", &[])?;
+    let mut w = World::with_family("chaos", Family::Dual, &[])?;
     w.ztunnel("zt", "a")?;
     let app = w.pod("app", AMBIENT_NS, "app")?;
     w.net.exec_ok(
@@ -389,9 +413,16 @@ fn chaos(ops: usize) -> Result<()> {
     let mut want: BTreeMap<String, String> = c
         .live
         .values()
-        .map(|s| (s.ip.clone(), s.uid.clone()))
+        .flat_map(|s| {
+            [
+                (s.ip.clone(), s.uid.clone()),
+                (s.ip6.clone(), s.uid.clone()),
+            ]
+        })
         .collect();
-    want.insert(app.ip.clone(), "uid-app".into());
+    let (app4, app6) = (app.need_ip4()?, app.need_ip6()?);
+    want.insert(app4.clone(), "uid-app".into());
+    want.insert(app6.clone(), "uid-app".into());
     let mut want_cids: BTreeSet<String> = c.live.values().map(Sandbox::cid).collect();
     let app_cid = registry(&d)?
         .iter()
@@ -441,17 +472,19 @@ fn chaos(ops: usize) -> Result<()> {
     if leaked != 0 || missing != 0 {
         bail!("kernel/registry differ from the live pods (seed {seed}):\n{details}\n{log}");
     }
-    // The real pod that lived through all of it is captured both ways.
-    let out = w.answer("app", &format!("{REMOTE_IP}:8080"), None)?;
-    ensure!(
-        out.contains("ztunnel port=15001"),
-        "app egress after the chaos: {out}"
-    );
-    let out = w.answer("remote", &format!("{}:8080", app.ip), None)?;
-    ensure!(
-        out.contains("ztunnel port=15006"),
-        "app ingress after the chaos: {out}"
-    );
+    // The real pod that lived through all of it is captured both ways, in both families.
+    for (remote, ip) in [(REMOTE_IP, &app4), (REMOTE_IP6, &app6)] {
+        let out = w.answer("app", &hostport(remote, 8080), None)?;
+        ensure!(
+            out.contains("ztunnel port=15001"),
+            "app egress to {remote} after the chaos: {out}"
+        );
+        let out = w.answer("remote", &hostport(ip, 8080), None)?;
+        ensure!(
+            out.contains("ztunnel port=15006"),
+            "app ingress to {ip} after the chaos: {out}"
+        );
+    }
     w.daemon = Some(d);
     Ok(())
 }
