@@ -37,10 +37,17 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         .await
         .context("status")?
         .into_inner();
+    let run_json = |r: &Option<ambient_cni_proto::v1::ReconcileRun>| {
+        r.as_ref().map(|r| {
+            serde_json::json!({"unixMs": r.unix_ms, "kind": r.kind, "changed": r.changed,
+                "changes": r.changes, "errors": r.errors, "micros": r.micros})
+        })
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "ztunnelIps": s.ztunnel_ips, "ipFamilies": s.ip_families, "version": s.version, "runningNotEnrolled": s.running_not_enrolled})
+            serde_json::json!({"ready": s.ready, "reason": s.reason, "pods": s.pods, "enrolledPods": s.enrolled_pods, "ztunnel": s.ztunnel_present, "ztunnelIps": s.ztunnel_ips, "ipFamilies": s.ip_families, "version": s.version, "runningNotEnrolled": s.running_not_enrolled,
+                "lastResync": run_json(&s.last_resync), "lastRepair": run_json(&s.last_repair), "resyncs": s.resyncs})
         );
     } else {
         println!(
@@ -69,6 +76,28 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         );
         println!("families:   {}", s.ip_families.join(" "));
         println!("version:    {}", s.version);
+        println!("resyncs:    {}", s.resyncs);
+        for (what, r) in [
+            ("last resync", &s.last_resync),
+            ("last repair", &s.last_repair),
+        ] {
+            match r {
+                None => println!("{what}: none"),
+                Some(r) => {
+                    println!(
+                        "{what}: {} ({}, {} changed, {} errors, {} ms)",
+                        fmt_ms(r.unix_ms),
+                        r.kind,
+                        r.changed,
+                        r.errors.len(),
+                        r.micros / 1000
+                    );
+                    for c in r.changes.iter().chain(r.errors.iter()) {
+                        println!("    {c}");
+                    }
+                }
+            }
+        }
     }
     if !s.ready {
         bail!("daemon not ready: {}", s.reason);

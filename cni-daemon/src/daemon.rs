@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dataplane::Dataplane;
+use crate::metrics::Metrics;
 use crate::reconcile::{self, desired, ApplyReport, Op, Ztunnel};
 use crate::registry::{PodRecord, Registry, Upsert};
 use crate::store::{Entry, Store};
@@ -197,6 +198,13 @@ pub struct ResyncSummary {
     pub errors: Vec<String>,
     /// Microseconds it took.
     pub micros: u64,
+    /// What started it: start, repair (the periodic resync), reconcile (a ztunnel change),
+    /// event (a kernel notification about our objects).
+    #[serde(default)]
+    pub kind: String,
+    /// What it changed (the first operations one by one, then a count by kind).
+    #[serde(default)]
+    pub changed: Vec<String>,
 }
 
 /// Enrollment decided outside the static `--ambient-namespace` list: by the Kubernetes watcher
@@ -251,6 +259,8 @@ struct Inner {
     reg: Registry,
     store: Option<Store>,
     last_resync: Option<ResyncSummary>,
+    /// Last full reconcile that changed something.
+    last_repair: Option<ResyncSummary>,
     /// Ztunnel the last full reconcile built the tunnels for.
     zt_applied: Option<Ztunnel>,
     resyncs: u64,
@@ -269,6 +279,7 @@ pub struct Daemon<D> {
     inner: AsyncMutex<Inner>,
     trace: Mutex<VecDeque<StoredEvent>>,
     ready: AtomicBool,
+    metrics: Metrics,
 }
 
 fn now_ms() -> u64 {
@@ -389,6 +400,7 @@ impl<D: Dataplane> Daemon<D> {
                 reg,
                 store,
                 last_resync: None,
+                last_repair: None,
                 zt_applied: None,
                 resyncs: 0,
                 not_enrolled: None,
@@ -397,7 +409,13 @@ impl<D: Dataplane> Daemon<D> {
             }),
             trace: Mutex::new(VecDeque::with_capacity(1024)),
             ready: AtomicBool::new(false),
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The daemon's metrics (what `--metrics-addr` serves).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The configuration.
@@ -466,6 +484,7 @@ impl<D: Dataplane> Daemon<D> {
     /// lists what was applied, for the caller's one log line.
     async fn apply_traced(&self, ops: &[Op], kind: &str) -> (ApplyReport, String) {
         let report = reconcile::apply(&*self.dp, ops).await;
+        self.metrics.apply_errors(report.errors.len());
         // Each operation is traced and logged, up to a point: a restore of 10,000 pods is 20,000
         // operations, and an event each would push everything else out of the trace ring.
         // Beyond LOG_EACH, one event says how many more, of which kinds. The log gets one line
@@ -988,12 +1007,22 @@ impl<D: Dataplane> Daemon<D> {
             inner.zt_applied = zt;
         }
         inner.resyncs += 1;
-        inner.last_resync = Some(ResyncSummary {
+        self.metrics
+            .reconcile(kind, &report.applied, start.elapsed());
+        let mut changed: Vec<String> = report.applied.iter().take(LOG_EACH).cloned().collect();
+        changed.extend(summary(report.applied.iter().skip(LOG_EACH)));
+        let done = ResyncSummary {
             unix_ms: now_ms(),
             repaired: report.applied.len(),
             errors: report.errors.clone(),
             micros: start.elapsed().as_micros() as u64,
-        });
+            kind: kind.to_string(),
+            changed,
+        };
+        if done.repaired > 0 {
+            inner.last_repair = Some(done.clone());
+        }
+        inner.last_resync = Some(done);
         report
     }
 
@@ -1018,7 +1047,37 @@ impl<D: Dataplane> Daemon<D> {
         report
     }
 
-    /// Status for `ambient-cnid status` and the STATUS verb.
+    /// A full reconcile because the kernel told us one of our objects changed (rtnetlink
+    /// notifications, see `events.rs`). Traced and counted as `event`.
+    pub async fn repair_on_event(&self) -> ApplyReport {
+        let mut inner = self.inner.lock().await;
+        let report = self.full_reconcile(&mut inner, "event").await;
+        if report.ok() && !self.is_ready() {
+            self.ready.store(true, Ordering::SeqCst);
+        }
+        report
+    }
+
+    /// Does the daemon want a route to any of `ips` (an enrolled pod's or the ztunnel's)? The
+    /// event watcher asks before repairing after our routes were deleted: a pod DEL's own route
+    /// delete is no drift. Both families: the registry holds IPv4 and IPv6 addresses.
+    pub async fn wants_route_to(&self, ips: &[IpAddr]) -> bool {
+        let inner = self.inner.lock().await;
+        let zt_ips: &[IpAddr] = inner.reg.ztunnel().map_or(&[], |r| r.ips.as_slice());
+        ips.iter()
+            .any(|ip| zt_ips.contains(ip) || inner.reg.owner_of(*ip).is_some())
+    }
+
+    /// The netns path of the live ztunnel, if any (the event watcher follows it).
+    pub async fn ztunnel_netns(&self) -> Option<String> {
+        let inner = self.inner.lock().await;
+        let rec = inner.reg.ztunnel()?;
+        self.dp
+            .netns_alive(Path::new(&rec.netns))
+            .then(|| rec.netns.clone())
+    }
+
+    /// Status for `ambient-cnid status`, the STATUS verb and metrics scrapes.
     pub async fn status(&self) -> StatusView {
         let inner = self.inner.lock().await;
         StatusView {
@@ -1027,6 +1086,7 @@ impl<D: Dataplane> Daemon<D> {
             enrolled: inner.reg.records().filter(|r| r.enrolled).count(),
             ztunnel: self.live_ztunnel(&inner.reg),
             last_resync: inner.last_resync.clone(),
+            last_repair: inner.last_repair.clone(),
             resyncs: inner.resyncs,
             ip_families: self
                 .cfg
@@ -1035,6 +1095,14 @@ impl<D: Dataplane> Daemon<D> {
                 .map(|f| f.name().to_string())
                 .collect(),
             not_enrolled: inner.not_enrolled.as_ref().map_or(0, Vec::len),
+            running: inner
+                .reg
+                .records()
+                .filter_map(Origin::of)
+                .fold((0, 0), |(api, manual), o| match o {
+                    Origin::Api => (api + 1, manual),
+                    Origin::Manual => (api, manual + 1),
+                }),
         }
     }
 
@@ -1091,12 +1159,16 @@ pub struct StatusView {
     pub ztunnel: Option<Ztunnel>,
     /// Last full reconcile.
     pub last_resync: Option<ResyncSummary>,
+    /// Last full reconcile that changed something (a repair).
+    pub last_repair: Option<ResyncSummary>,
     /// Number of full reconciles since start.
     pub resyncs: u64,
     /// The families captured (`IPv4`, `IPv6`).
     pub ip_families: Vec<String>,
     /// Running pods of enrolled namespaces the API lists that could not be enrolled.
     pub not_enrolled: usize,
+    /// Records of pods enrolled without a CNI ADD: (from the API, by hand).
+    pub running: (usize, usize),
 }
 
 impl StatusView {

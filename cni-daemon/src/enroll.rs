@@ -46,6 +46,14 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// Its name in metrics labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Api => "api",
+            Origin::Manual => "manual",
+        }
+    }
+
     fn prefix(self) -> &'static str {
         match self {
             Origin::Api => API_PREFIX,
@@ -266,6 +274,9 @@ impl<D: Dataplane> Daemon<D> {
     /// Removes `rec` (made here) from the registry and the state dir; returns its IPs.
     fn drop_running(&self, inner: &mut Inner, rec: &PodRecord, why: &str) -> Vec<IpAddr> {
         inner.reg.remove_key(&rec.key());
+        if let Some(o) = Origin::of(rec) {
+            self.metrics.running(o.label(), "released");
+        }
         if let Err(e) = self.persist(inner, Entry::Del { key: rec.key() }) {
             warn!(error = %e, "persisting a release");
         }
@@ -285,6 +296,7 @@ impl<D: Dataplane> Daemon<D> {
     fn put_running(&self, inner: &mut Inner, rec: PodRecord) -> Vec<IpAddr> {
         let mut touched = rec.ips.clone();
         let key = rec.key();
+        let origin = Origin::of(&rec);
         let label = format!(
             "{} {} {:?} host interface {}",
             rec.display_name(),
@@ -304,6 +316,9 @@ impl<D: Dataplane> Daemon<D> {
             }
         }
         self.event("enroll", label);
+        if let Some(o) = origin {
+            self.metrics.running(o.label(), "enrolled");
+        }
         touched
     }
 

@@ -11,12 +11,15 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
+pub mod explain;
 #[cfg(any(test, feature = "fake-api"))]
 #[cfg(feature = "kube")]
 pub mod fake_api;
 pub mod install_cmd;
 #[cfg(feature = "kube")]
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

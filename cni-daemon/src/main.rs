@@ -14,7 +14,7 @@ use ambient_cni_daemon::daemon::Daemon;
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
 use ambient_cni_daemon::model::TunnelMode;
 use ambient_cni_daemon::store::Store;
-use ambient_cni_daemon::{admin, cleanup, install_cmd, server};
+use ambient_cni_daemon::{admin, cleanup, events, install_cmd, metrics, server};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
@@ -45,6 +45,9 @@ enum Cmd {
     /// Enroll a pod that is already running (no CNI ADD: made before the plugin was in the
     /// chain, or on a node without API access), or release one with --release --uid.
     Enroll(EnrollArgs),
+    /// What a packet SRC → DST:PORT does on this node, step by step, from the live kernel state
+    /// (run in the node netns; evaluates our rules, sends nothing).
+    Explain(ambient_cni_daemon::explain::ExplainArgs),
     /// Copy the plugin into the CNI bin dir and append it to the node's CNI config (atomic,
     /// idempotent); `--watch` keeps it there, `--check` is the readiness probe.
     Install(install_cmd::InstallCmd),
@@ -156,6 +159,15 @@ struct RunArgs {
     /// Log filter: a level and/or `target=level` pairs, e.g. info or info,ambient_cni_daemon=debug.
     #[arg(long, default_value = "info", env = "AMBIENT_CNI_LOG")]
     log_level: String,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:15014); off when empty.
+    #[arg(long, env = "AMBIENT_CNI_METRICS_ADDR", default_value = "")]
+    metrics_addr: String,
+    /// Allow a --metrics-addr that is not a loopback address (the port then leaves the node).
+    #[arg(long, env = "AMBIENT_CNI_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
+    /// Do not repair on kernel events (rtnetlink notifications); only the periodic resync repairs.
+    #[arg(long, env = "AMBIENT_CNI_NO_EVENT_REPAIR")]
+    no_event_repair: bool,
 }
 
 #[derive(Args)]
@@ -336,8 +348,26 @@ async fn shutdown_signal() {
     }
 }
 
+/// The metrics listener of `--metrics-addr` (None when empty), bound before the kernel is touched
+/// so that a bad address stops start-up with nothing changed.
+async fn bind_metrics(a: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let addr = a.metrics_addr.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("--metrics-addr {addr:?} is not an IP:port"))?;
+    metrics::check_addr(addr, a.metrics_allow_remote).map_err(anyhow::Error::msg)?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    Ok(Some(l))
+}
+
 async fn run(a: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(config_from(&a)?);
+    let metrics_listener = bind_metrics(&a).await?;
     let kube = prepare_kube(&a).await?;
     let dp = Arc::new(open_dataplane(&a.kernel)?);
     let (store, reg, discarded) = Store::open(&cfg.state_dir)
@@ -353,6 +383,26 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
     }
     start_kube_watcher(kube, &daemon);
+    let watcher = (!a.no_event_repair).then(|| tokio::spawn(events::run(daemon.clone(), None)));
+    let metrics_task = metrics_listener.map(|l| {
+        let d = daemon.clone();
+        let state_dir = cfg.state_dir.clone();
+        tokio::spawn(metrics::serve(
+            l,
+            move || {
+                let d = d.clone();
+                let state_dir = state_dir.clone();
+                async move {
+                    let s = d.status().await;
+                    d.metrics().render(&metrics::Snapshot::of(
+                        &s,
+                        metrics::journal_bytes(&state_dir),
+                    ))
+                }
+            },
+            std::future::pending(),
+        ))
+    });
     let listener =
         server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "serving");
@@ -370,6 +420,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     let served = server::serve(daemon, listener, shutdown_signal()).await;
     resync.abort();
+    for t in [watcher, metrics_task].into_iter().flatten() {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     info!("stopped; kernel state left in place (pods stay captured)");
     served.context("serving the socket")
@@ -495,6 +548,7 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
                 };
                 admin::enroll(&e.client.socket, args, e.client.json).await
             }
+            Cmd::Explain(e) => ambient_cni_daemon::explain::run(e).await,
             Cmd::Install(_) | Cmd::Uninstall(_) => {
                 anyhow::bail!("internal: the installer runs without a runtime")
             }

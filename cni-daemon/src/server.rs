@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambient_cni_proto::v1::cni_node_server::{CniNode, CniNodeServer};
 use ambient_cni_proto::v1::*;
@@ -103,6 +103,75 @@ fn event(r: PodRequest) -> PodEvent {
     }
 }
 
+/// A full reconcile's summary as the STATUS reply carries it.
+pub fn reconcile_run(r: &crate::daemon::ResyncSummary) -> ReconcileRun {
+    ReconcileRun {
+        unix_ms: r.unix_ms,
+        kind: r.kind.clone(),
+        changed: u32::try_from(r.repaired).unwrap_or(u32::MAX),
+        changes: r.changed.clone(),
+        errors: r.errors.clone(),
+        micros: r.micros,
+    }
+}
+
+/// The metrics label of the gRPC code a handler answers with (a bounded set).
+fn code_label(c: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match c {
+        C::Ok => "ok",
+        C::InvalidArgument => "invalid_argument",
+        C::FailedPrecondition => "failed_precondition",
+        C::Internal => "internal",
+        C::ResourceExhausted => "resource_exhausted",
+        C::Cancelled => "cancelled",
+        _ => "other",
+    }
+}
+
+/// Counts one call of `verb` in the metrics when it is answered, with its code and the time from
+/// the handler's start; a call whose future tonic drops first (the client went away, or its
+/// deadline passed) is counted as `cancelled`.
+struct Counted<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    verb: &'static str,
+    start: Instant,
+    code: Option<&'static str>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(metrics: &'a crate::metrics::Metrics, verb: &'static str) -> Self {
+        Counted {
+            metrics,
+            verb,
+            start: Instant::now(),
+            code: None,
+        }
+    }
+
+    /// The answer: counted with its code.
+    fn done<T>(mut self, r: Result<T, Status>) -> Result<T, Status> {
+        self.code = Some(match &r {
+            Ok(_) => "ok",
+            Err(st) => code_label(st.code()),
+        });
+        r
+    }
+
+    /// An answer with another label than its gRPC code (GC's `partial`).
+    fn done_as<T>(mut self, code: &'static str, r: T) -> T {
+        self.code = Some(code);
+        r
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or("cancelled");
+        self.metrics.request(self.verb, code, self.start.elapsed());
+    }
+}
+
 /// Runs a call that changes state in its own task: when the client goes away or its deadline
 /// passes, tonic drops the call's future, and a change must not stop half-way.
 async fn detached<T: Send + 'static>(
@@ -116,7 +185,76 @@ async fn detached<T: Send + 'static>(
 #[tonic::async_trait]
 impl<D: Dataplane> CniNode for Service<D> {
     async fn pod_add(&self, req: Request<PodRequest>) -> Result<Response<PodAddReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "add");
+        c.done(self.pod_add_call(req.into_inner()).await)
+    }
+
+    async fn pod_del(&self, req: Request<PodRequest>) -> Result<Response<PodDelReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "del");
+        c.done(self.pod_del_call(req.into_inner()).await)
+    }
+
+    async fn pod_check(&self, req: Request<PodRequest>) -> Result<Response<PodCheckReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "check");
+        c.done(self.pod_check_call(req.into_inner()).await)
+    }
+
+    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "gc");
+        match self.gc_call(req.into_inner()).await {
+            // Answered OK, with errors for some attachments.
+            Ok(r) if !r.get_ref().errors.is_empty() => c.done_as("partial", Ok(r)),
+            r => c.done(r),
+        }
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "status");
+        c.done(Ok(Response::new(status_reply(&*self.daemon).await)))
+    }
+
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
         let r = req.into_inner();
+        let verb = if r.release { "release" } else { "enroll" };
+        let c = Counted::new(self.daemon.metrics(), verb);
+        let out = async {
+            check_version(r.contract_version)?;
+            let d = self.daemon.clone();
+            let out = detached(async move { enroll(&d, r).await }).await??;
+            Ok(Response::new(out))
+        };
+        c.done(out.await)
+    }
+
+    async fn dump(&self, _req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "dump");
+        let v = self.daemon.dump().await;
+        c.done(Ok(Response::new(DumpReply {
+            json: serde_json::to_string_pretty(&v).unwrap_or_default(),
+        })))
+    }
+
+    async fn trace(&self, req: Request<TraceRequest>) -> Result<Response<TraceReply>, Status> {
+        let c = Counted::new(self.daemon.metrics(), "trace");
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 200 } else { r.limit as usize };
+        let events = self
+            .daemon
+            .trace(&r.filter, limit)
+            .into_iter()
+            .map(|e| TraceEvent {
+                unix_ms: e.unix_ms,
+                kind: e.kind,
+                message: e.message,
+            })
+            .collect();
+        c.done(Ok(Response::new(TraceReply { events })))
+    }
+}
+
+/// The calls' bodies, apart from their counting.
+impl<D: Dataplane> Service<D> {
+    async fn pod_add_call(&self, r: PodRequest) -> Result<Response<PodAddReply>, Status> {
         check_version(r.contract_version)?;
         let d = self.daemon.clone();
         let out = detached(async move { d.add(event(r)).await })
@@ -129,8 +267,7 @@ impl<D: Dataplane> CniNode for Service<D> {
         }))
     }
 
-    async fn pod_del(&self, req: Request<PodRequest>) -> Result<Response<PodDelReply>, Status> {
-        let r = req.into_inner();
+    async fn pod_del_call(&self, r: PodRequest) -> Result<Response<PodDelReply>, Status> {
         check_version(r.contract_version)?;
         let d = self.daemon.clone();
         let removed = detached(async move { d.del(&r.container_id, &r.ifname).await })
@@ -139,8 +276,7 @@ impl<D: Dataplane> CniNode for Service<D> {
         Ok(Response::new(PodDelReply { removed }))
     }
 
-    async fn pod_check(&self, req: Request<PodRequest>) -> Result<Response<PodCheckReply>, Status> {
-        let r = req.into_inner();
+    async fn pod_check_call(&self, r: PodRequest) -> Result<Response<PodCheckReply>, Status> {
         check_version(r.contract_version)?;
         let (enrolled, detail) = self
             .daemon
@@ -150,8 +286,7 @@ impl<D: Dataplane> CniNode for Service<D> {
         Ok(Response::new(PodCheckReply { enrolled, detail }))
     }
 
-    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
-        let r = req.into_inner();
+    async fn gc_call(&self, r: GcRequest) -> Result<Response<GcReply>, Status> {
         check_version(r.contract_version)?;
         let valid: Vec<(String, String)> = r
             .valid
@@ -169,61 +304,34 @@ impl<D: Dataplane> CniNode for Service<D> {
         .await?;
         Ok(Response::new(GcReply { removed, errors }))
     }
+}
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let s = self.daemon.status().await;
-        let reason = if s.ready {
-            String::new()
-        } else {
-            match &s.last_resync {
-                Some(r) if !r.errors.is_empty() => {
-                    format!("last reconcile failed: {}", r.errors.join("; "))
-                }
-                _ => "initial reconcile has not completed".into(),
+/// The STATUS reply.
+async fn status_reply<D: Dataplane>(daemon: &Daemon<D>) -> StatusReply {
+    let s = daemon.status().await;
+    let reason = if s.ready {
+        String::new()
+    } else {
+        match &s.last_resync {
+            Some(r) if !r.errors.is_empty() => {
+                format!("last reconcile failed: {}", r.errors.join("; "))
             }
-        };
-        Ok(Response::new(StatusReply {
-            ready: s.ready,
-            reason,
-            pods: s.pods as u32,
-            enrolled_pods: s.enrolled as u32,
-            ztunnel_present: s.ztunnel.is_some(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ip_families: s.ip_families.clone(),
-            ztunnel_ips: s.ztunnel_ips(),
-            running_not_enrolled: s.not_enrolled as u32,
-        }))
-    }
-
-    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
-        let r = req.into_inner();
-        check_version(r.contract_version)?;
-        let d = self.daemon.clone();
-        let out = detached(async move { enroll(&d, r).await }).await??;
-        Ok(Response::new(out))
-    }
-
-    async fn dump(&self, _req: Request<DumpRequest>) -> Result<Response<DumpReply>, Status> {
-        let v = self.daemon.dump().await;
-        Ok(Response::new(DumpReply {
-            json: serde_json::to_string_pretty(&v).unwrap_or_default(),
-        }))
-    }
-
-    async fn trace(&self, req: Request<TraceRequest>) -> Result<Response<TraceReply>, Status> {
-        let r = req.into_inner();
-        let limit = if r.limit == 0 { 200 } else { r.limit as usize };
-        let events = self
-            .daemon
-            .trace(&r.filter, limit)
-            .into_iter()
-            .map(|e| TraceEvent {
-                unix_ms: e.unix_ms,
-                kind: e.kind,
-                message: e.message,
-            })
-            .collect();
-        Ok(Response::new(TraceReply { events }))
+            _ => "initial reconcile has not completed".into(),
+        }
+    };
+    StatusReply {
+        ready: s.ready,
+        reason,
+        pods: s.pods as u32,
+        enrolled_pods: s.enrolled as u32,
+        ztunnel_present: s.ztunnel.is_some(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ip_families: s.ip_families.clone(),
+        ztunnel_ips: s.ztunnel_ips(),
+        running_not_enrolled: s.not_enrolled as u32,
+        last_resync: s.last_resync.as_ref().map(reconcile_run),
+        last_repair: s.last_repair.as_ref().map(reconcile_run),
+        resyncs: s.resyncs,
     }
 }
 

@@ -33,7 +33,7 @@ use crate::registry::{PodKey, PodRecord, Registry};
 pub const COMPACT_EVERY: usize = 4096;
 
 const SNAPSHOT: &str = "registry.json";
-const JOURNAL: &str = "registry.journal";
+pub(crate) const JOURNAL: &str = "registry.journal";
 /// How an entry line starts (serde writes the tag first): where a glued entry is looked for.
 const ENTRY_START: &[u8] = b"{\"op\":";
 

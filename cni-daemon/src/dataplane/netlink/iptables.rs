@@ -161,6 +161,14 @@ fn pick_by_rules(nft: usize, legacy: usize) -> Backend {
     }
 }
 
+/// The whole `*-save` (`ip6tables-*-save` for IPv6) output of the calling thread's netns, with
+/// the variant `wanted` resolves to by the daemon's own detection, and that variant's name (for
+/// `ambient-cnid explain`).
+pub fn save_all(wanted: IptablesBackend, f: Family) -> Result<(String, &'static str), String> {
+    let b = resolve(wanted);
+    run_save_of(b, f, None).map(|s| (s, b.name()))
+}
+
 fn run_save(b: Backend, table: Option<&str>) -> Result<String, String> {
     run_save_of(b, Family::V4, table)
 }

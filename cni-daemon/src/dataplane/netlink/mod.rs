@@ -25,7 +25,7 @@ use crate::model::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
-pub use iptables::IptablesBackend;
+pub use iptables::{save_all as iptables_save_all, IptablesBackend};
 use netns::NsWorker;
 
 use crate::config::{DEFAULT_ROUTE_PROTOCOL, IPSET_NAME, IPSET_NAME6};
