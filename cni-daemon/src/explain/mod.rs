@@ -8,6 +8,7 @@ pub mod eval;
 pub mod ipt;
 pub mod read;
 pub mod view;
+pub mod walk;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
