@@ -171,6 +171,16 @@ fn outside_deletes_are_repaired_from_kernel_events() -> Result<()> {
         }
     );
     let after = scrape(&w.net, "node", METRICS)?;
+    // The scrape, without the histograms' buckets and the HTTP head (for the README).
+    println!("--- GET /metrics (buckets left out)");
+    for l in after
+        .split_once("\r\n\r\n")
+        .map_or(after.as_str(), |(_, b)| b)
+        .lines()
+        .filter(|l| !l.contains("_bucket{"))
+    {
+        println!("{l}");
+    }
     let events = |t: &str| sample(t, "ambient_cni_reconciles_total{kind=\"event\"}");
     let resyncs = |t: &str| sample(t, "ambient_cni_reconciles_total{kind=\"resync\"}");
     println!(
