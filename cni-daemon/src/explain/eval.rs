@@ -146,12 +146,17 @@ pub struct Query {
 /// A client port for the first packet (any; our rules do not look at it).
 const CLIENT_PORT: u16 = 40000;
 
+/// `ip:port`, IPv6 as `[ip]:port`.
+fn hp(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
 fn verdict(o: &Outcome, p: &Packet) -> String {
     match o {
         Outcome::Captured { port } => {
             format!(
-                "captured by ztunnel on {port}, original destination kept ({}:{})",
-                p.dst, p.dport
+                "captured by ztunnel on {port}, original destination kept ({})",
+                hp(p.dst, p.dport)
             )
         }
         Outcome::ToZtunnel => "delivered into the ztunnel netns (to its transparent socket)".into(),
@@ -211,6 +216,16 @@ fn leg(
             };
         }
     }
+    // A packet of a connection that did not start through ztunnel (its answer, its next
+    // packets) TPROXY'd to a listener: no socket of ztunnel holds the connection, the listener
+    // answers with a reset.
+    if let (Outcome::Captured { port }, false) = (&outcome, p.new_conn) {
+        let why = format!(
+            "reset: a packet of a connection that did not start through ztunnel is diverted to              its listener on {port} (the connection breaks)"
+        );
+        v = format!("rejected: {why}");
+        outcome = Outcome::Rejected { why };
+    }
     let leg = Leg {
         title,
         steps: w.steps,
@@ -251,12 +266,10 @@ pub fn explain(view: &KernelView, names: &Names, q: &Query) -> Explanation {
         new_conn: true,
     };
     let title = format!(
-        "{} {}:{} → {}:{} arriving on {}",
+        "{} {} → {} arriving on {}",
         q.proto,
-        q.src,
-        CLIENT_PORT,
-        q.dst,
-        q.dport,
+        hp(q.src, CLIENT_PORT),
+        hp(q.dst, q.dport),
         iif.as_deref().unwrap_or("(made on the node)")
     );
     let (forward, after) = leg(view, names, &mut notes, title, first);
@@ -296,8 +309,9 @@ pub fn explain(view: &KernelView, names: &Names, q: &Query) -> Explanation {
                 "the answer"
             };
             let title = format!(
-                "{who} {}:{} → {}:{} arriving on {riif}",
-                q.dst, q.dport, q.src, CLIENT_PORT
+                "{who} {} → {} arriving on {riif}",
+                hp(q.dst, q.dport),
+                hp(q.src, CLIENT_PORT)
             );
             let (reply, after_reply) = leg(view, names, &mut notes, title, rp);
             let np = Packet {

@@ -191,6 +191,13 @@ fn a_flushed_set_is_named() {
         "{}",
         e.render()
     );
+    // The remote's answer still goes into ztunnel (table 100), whose listener resets it.
+    let reply = e.reply.as_ref().expect("a reply leg");
+    assert!(
+        matches!(&reply.outcome, Outcome::Rejected { why } if why.contains("15006")),
+        "{}",
+        e.render()
+    );
     // Inbound does not depend on the set.
     let e = explain(&w, &names(), &q(REMOTE, APP, 8080));
     assert_eq!(e.forward.outcome, Outcome::Captured { port: 15006 });
