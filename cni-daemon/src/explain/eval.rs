@@ -221,7 +221,7 @@ fn leg(
     // answers with a reset.
     if let (Outcome::Captured { port }, false) = (&outcome, p.new_conn) {
         let why = format!(
-            "reset: a packet of a connection that did not start through ztunnel is diverted to              its listener on {port} (the connection breaks)"
+            "reset: a packet of a connection that did not start through ztunnel is diverted to its listener on {port} (the connection breaks)"
         );
         v = format!("rejected: {why}");
         outcome = Outcome::Rejected { why };
