@@ -119,7 +119,7 @@ pub async fn clean_families<D: Dataplane>(
                     note(
                         &mut report,
                         format!("{} remove in {}", tool(*f), z.ns),
-                        dp.iptables_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
+                        dp.chains_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
                             .await,
                     );
                 }
@@ -149,7 +149,7 @@ pub async fn clean_families<D: Dataplane>(
         note(
             &mut report,
             format!("{} remove in node", tool(*f)),
-            dp.iptables_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
+            dp.chains_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
                 .await,
         );
     }
@@ -160,7 +160,7 @@ pub async fn clean_families<D: Dataplane>(
                 Family::V4 => "ipset destroy".into(),
                 Family::V6 => format!("ipset destroy {}", crate::config::IPSET_NAME6),
             },
-            dp.ipset_destroy(*f).await,
+            dp.podset_destroy(*f).await,
         );
     }
     report

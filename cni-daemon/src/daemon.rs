@@ -812,7 +812,7 @@ impl<D: Dataplane> Daemon<D> {
             if rec.ips.iter().any(|ip| crate::model::Family::of(*ip) == f) {
                 set.extend(
                     self.dp
-                        .ipset_list(f)
+                        .podset_list(f)
                         .await
                         .map_err(|e| RequestError::Kernel(e.to_string()))?
                         .unwrap_or_default(),

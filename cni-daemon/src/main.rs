@@ -11,7 +11,9 @@ use ambient_cni_daemon::config::{
     Config, IpFamilies, DEFAULT_ROUTE_PROTOCOL, IPSET_NAME, IPSET_NAME6,
 };
 use ambient_cni_daemon::daemon::Daemon;
-use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
+use ambient_cni_daemon::dataplane::netlink::{
+    FirewallKind, IptablesBackend, RealConfig, RealDataplane,
+};
 use ambient_cni_daemon::model::TunnelMode;
 use ambient_cni_daemon::store::Store;
 use ambient_cni_daemon::{admin, cleanup, events, install_cmd, metrics, server};
@@ -63,6 +65,12 @@ enum Backend {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum FirewallArg {
+    Iptables,
+    Nftables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     Veth,
     Geneve,
@@ -70,6 +78,15 @@ enum Mode {
 
 #[derive(Args)]
 struct KernelArgs {
+    /// Firewall driver for the pod sets and our chains: iptables (+ ipset) or nftables (one
+    /// `inet ambient-cni` table written over netlink; no `nft` binary needed).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "iptables",
+        env = "AMBIENT_CNI_FIREWALL"
+    )]
+    firewall: FirewallArg,
     /// iptables backend: auto detects it the way kube-proxy does (KUBE-IPTABLES-HINT).
     #[arg(
         long,
@@ -258,6 +275,10 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
     let dp = RealDataplane::new(RealConfig {
         node_netns: None,
         route_protocol: k.route_protocol,
+        firewall: match k.firewall {
+            FirewallArg::Iptables => FirewallKind::Iptables,
+            FirewallArg::Nftables => FirewallKind::Nftables,
+        },
         iptables_backend: match k.iptables_backend {
             Backend::Auto => IptablesBackend::Auto,
             Backend::Legacy => IptablesBackend::Legacy,

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ambient_cni_daemon::dataplane::netlink::{IptablesBackend, RealConfig, RealDataplane};
-use ambient_cni_daemon::dataplane::{Dataplane, DpError};
+use ambient_cni_daemon::dataplane::{Dataplane, DpError, Firewall};
 use ambient_cni_daemon::model::{
     rp_filter_key, Chain, Family, Ns, Prefix, Route, RouteKey, RouteKind, Rule, RuleAction, Scope,
     TunnelLink, TunnelMode, Tunnels,
@@ -184,27 +184,27 @@ async fn ipset_lifecycle_is_idempotent_and_keeps_comments() {
     let dp = dataplane(&node, IptablesBackend::Auto);
 
     assert_eq!(
-        dp.ipset_list(Family::V4).await.expect("list"),
+        dp.podset_list(Family::V4).await.expect("list"),
         None,
         "no set yet"
     );
-    dp.ipset_create(Family::V4).await.expect("create");
-    dp.ipset_create(Family::V4)
+    dp.podset_create(Family::V4).await.expect("create");
+    dp.podset_create(Family::V4)
         .await
         .expect("create again is a no-op");
     assert_eq!(
-        dp.ipset_list(Family::V4).await.expect("list"),
+        dp.podset_list(Family::V4).await.expect("list"),
         Some(BTreeMap::new())
     );
 
     let (a, b) = (ip("10.244.1.5"), ip("10.244.1.6"));
-    dp.ipset_add(a, "uid-old").await.expect("add");
-    dp.ipset_add(a, "uid-new")
+    dp.podset_add(a, "uid-old").await.expect("add");
+    dp.podset_add(a, "uid-new")
         .await
         .expect("add again updates the comment");
-    dp.ipset_add(b, "uid-b").await.expect("add");
+    dp.podset_add(b, "uid-b").await.expect("add");
     let want = BTreeMap::from([(a, "uid-new".to_string()), (b, "uid-b".to_string())]);
-    assert_eq!(dp.ipset_list(Family::V4).await.expect("list"), Some(want));
+    assert_eq!(dp.podset_list(Family::V4).await.expect("list"), Some(want));
 
     let listing = sh(&node, "ipset list ztunnel-pods-ips");
     assert!(listing.contains("Type: hash:ip"), "{listing}");
@@ -218,23 +218,23 @@ async fn ipset_lifecycle_is_idempotent_and_keeps_comments() {
     );
     eprintln!("ipset as the ipset tool sees it:\n{listing}");
 
-    dp.ipset_del(a).await.expect("del");
-    dp.ipset_del(a)
+    dp.podset_del(a).await.expect("del");
+    dp.podset_del(a)
         .await
         .expect("del of a missing entry is fine");
     assert_eq!(
-        dp.ipset_list(Family::V4).await.expect("list"),
+        dp.podset_list(Family::V4).await.expect("list"),
         Some(BTreeMap::from([(b, "uid-b".to_string())]))
     );
 
-    dp.ipset_destroy(Family::V4).await.expect("destroy");
-    dp.ipset_destroy(Family::V4)
+    dp.podset_destroy(Family::V4).await.expect("destroy");
+    dp.podset_destroy(Family::V4)
         .await
         .expect("destroy of a missing set is fine");
-    assert_eq!(dp.ipset_list(Family::V4).await.expect("list"), None);
+    assert_eq!(dp.podset_list(Family::V4).await.expect("list"), None);
     // Deleting from a missing set: the entry is not there either (ENOENT on remove = done).
-    dp.ipset_del(a).await.expect("del from a missing set");
-    dp.ipset_add(a, "uid")
+    dp.podset_del(a).await.expect("del from a missing set");
+    dp.podset_add(a, "uid")
         .await
         .expect_err("adding to a missing set is an error");
 }
@@ -247,18 +247,18 @@ async fn ipset_in_use_cannot_be_destroyed_and_says_why() {
     let mut t = TestNs::new();
     let node = t.add("node");
     let dp = dataplane(&node, IptablesBackend::Legacy);
-    dp.ipset_create(Family::V4).await.expect("create");
+    dp.podset_create(Family::V4).await.expect("create");
     sh(
         &node,
         "iptables-legacy -t mangle -A PREROUTING -m set --match-set ztunnel-pods-ips src -j RETURN",
     );
     let err = dp
-        .ipset_destroy(Family::V4)
+        .podset_destroy(Family::V4)
         .await
         .expect_err("referenced set");
     assert!(err.to_string().contains("in use"), "{err}");
     sh(&node, "iptables-legacy -t mangle -F PREROUTING");
-    dp.ipset_destroy(Family::V4)
+    dp.podset_destroy(Family::V4)
         .await
         .expect("destroy once unreferenced");
 }
@@ -956,13 +956,10 @@ fn save_all(ns: &str, backend: IptablesBackend) -> String {
 async fn check_normal_forms(dp: &RealDataplane, ns: &Ns, seed: &Seed, label: &str) {
     let inputs = chains_from(seed, false);
     let saves = chains_from(seed, true);
-    dp.iptables_apply(ns, Family::V4, &inputs)
+    dp.chains_apply(ns, Family::V4, &inputs)
         .await
         .expect("apply seed as written");
-    let st = dp
-        .iptables_read(ns, Family::V4, &inputs)
-        .await
-        .expect("read");
+    let st = dp.chains_read(ns, Family::V4, &inputs).await.expect("read");
     let mut differs = Vec::new();
     for ((table, name, _, rules), c) in seed.iter().zip(&saves) {
         let got = st
@@ -984,13 +981,10 @@ async fn check_normal_forms(dp: &RealDataplane, ns: &Ns, seed: &Seed, label: &st
         "{label}: rules whose iptables-save form differs from the input:\n{}",
         differs.join("\n")
     );
-    dp.iptables_apply(ns, Family::V4, &saves)
+    dp.chains_apply(ns, Family::V4, &saves)
         .await
         .expect("apply save forms");
-    let again = dp
-        .iptables_read(ns, Family::V4, &saves)
-        .await
-        .expect("read");
+    let again = dp.chains_read(ns, Family::V4, &saves).await.expect("read");
     assert_eq!(again, st, "{label}: save forms read back as themselves");
 }
 
@@ -1001,7 +995,7 @@ async fn iptables_case(backend: IptablesBackend) {
     sh(&node, "ip link add zv0 type veth peer name zv1");
     let dp = dataplane(&node, backend);
     assert_eq!(dp.backend(), backend.as_str());
-    dp.ipset_create(Family::V4)
+    dp.podset_create(Family::V4)
         .await
         .expect("the set the rules reference");
     let ns = Ns::Node;
@@ -1013,11 +1007,11 @@ async fn iptables_case(backend: IptablesBackend) {
     check_normal_forms(&dp, &ztns, &ztunnel_seed(), &format!("ztunnel/{backend}")).await;
 
     // Apply twice: identical kernel state, every jump once and first.
-    dp.iptables_apply(&ns, Family::V4, &chains)
+    dp.chains_apply(&ns, Family::V4, &chains)
         .await
         .expect("apply");
     let first = save_all(&node, backend);
-    dp.iptables_apply(&ns, Family::V4, &chains)
+    dp.chains_apply(&ns, Family::V4, &chains)
         .await
         .expect("apply again");
     assert_eq!(
@@ -1026,7 +1020,7 @@ async fn iptables_case(backend: IptablesBackend) {
         "second apply changed nothing"
     );
     let st = dp
-        .iptables_read(&ns, Family::V4, &chains)
+        .chains_read(&ns, Family::V4, &chains)
         .await
         .expect("read");
     assert_eq!(st.chains.len(), chains.len());
@@ -1059,7 +1053,7 @@ async fn iptables_case(backend: IptablesBackend) {
         ),
     );
     let st = dp
-        .iptables_read(&ns, Family::V4, &chains)
+        .chains_read(&ns, Family::V4, &chains)
         .await
         .expect("read");
     let key = |t: &str, h: &str, c: &str| (t.to_string(), h.to_string(), c.to_string());
@@ -1073,11 +1067,11 @@ async fn iptables_case(backend: IptablesBackend) {
             .get(&key("nat", "POSTROUTING", "ztunnel-POSTROUTING")),
         Some(&vec![1, 2])
     );
-    dp.iptables_apply(&ns, Family::V4, &chains)
+    dp.chains_apply(&ns, Family::V4, &chains)
         .await
         .expect("repair");
     let st = dp
-        .iptables_read(&ns, Family::V4, &chains)
+        .chains_read(&ns, Family::V4, &chains)
         .await
         .expect("read");
     assert_eq!(
@@ -1099,7 +1093,7 @@ async fn iptables_case(backend: IptablesBackend) {
     // Someone flushes one of our chains: read shows it, apply restores it.
     sh(&node, &format!("{ipt} -t mangle -F ztunnel-FORWARD"));
     let st = dp
-        .iptables_read(&ns, Family::V4, &chains)
+        .chains_read(&ns, Family::V4, &chains)
         .await
         .expect("read");
     assert_eq!(
@@ -1107,7 +1101,7 @@ async fn iptables_case(backend: IptablesBackend) {
             .get(&("mangle".to_string(), "ztunnel-FORWARD".to_string())),
         Some(&vec![])
     );
-    dp.iptables_apply(&ns, Family::V4, &chains)
+    dp.chains_apply(&ns, Family::V4, &chains)
         .await
         .expect("repair");
     assert_eq!(
@@ -1119,25 +1113,25 @@ async fn iptables_case(backend: IptablesBackend) {
     );
 
     // Remove leaves nothing of ours, keeps the foreign rule, and is idempotent.
-    dp.iptables_remove(&ns, Family::V4, &chains)
+    dp.chains_remove(&ns, Family::V4, &chains)
         .await
         .expect("remove");
-    dp.iptables_remove(&ns, Family::V4, &chains)
+    dp.chains_remove(&ns, Family::V4, &chains)
         .await
         .expect("remove twice");
     let after = save_all(&node, backend);
     assert!(!after.contains("ztunnel-"), "{after}");
     assert!(after.contains("-A PREROUTING -p icmp -j ACCEPT"), "{after}");
     let st = dp
-        .iptables_read(&ns, Family::V4, &chains)
+        .chains_read(&ns, Family::V4, &chains)
         .await
         .expect("read");
     assert!(st.chains.is_empty() && st.jumps.is_empty(), "{st:?}");
-    dp.iptables_remove(&ztns, Family::V4, &chains_from(&ztunnel_seed(), true))
+    dp.chains_remove(&ztns, Family::V4, &chains_from(&ztunnel_seed(), true))
         .await
         .expect("remove in ztunnel ns");
     assert!(!save_all(&zt, backend).contains("ztunnel-"));
-    dp.ipset_destroy(Family::V4)
+    dp.podset_destroy(Family::V4)
         .await
         .expect("set is free again");
 }
@@ -1275,14 +1269,14 @@ async fn batches_match_one_by_one() {
     );
 
     // 1,000 entries: several sends of the pipelined path; one existing entry changes owner.
-    dp.ipset_create(Family::V4).await.expect("create");
-    dp.ipset_add(ip("10.50.0.1"), "old-owner")
+    dp.podset_create(Family::V4).await.expect("create");
+    dp.podset_add(ip("10.50.0.1"), "old-owner")
         .await
         .expect("add");
     let entries: Vec<(IpAddr, String)> = (0..1000u32)
         .map(|i| (Ipv4Addr::from(0x0a32_0001 + i).into(), format!("uid-{i}")))
         .collect();
-    let res = dp.ipset_add_many(&entries).await;
+    let res = dp.podset_add_many(&entries).await;
     assert_eq!(res.len(), entries.len());
     assert!(
         res.iter().all(Result::is_ok),
@@ -1290,7 +1284,7 @@ async fn batches_match_one_by_one() {
         res.iter().find(|r| r.is_err())
     );
     let set = dp
-        .ipset_list(Family::V4)
+        .podset_list(Family::V4)
         .await
         .expect("list")
         .expect("exists");

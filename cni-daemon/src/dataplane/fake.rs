@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Dataplane, DpError, DpResult};
+use super::{Dataplane, DpError, DpResult, Firewall};
 use crate::model::{
     Chain, Family, IpsetState, IptablesState, Ns, Prefix, Route, RouteKey, RouteKind, Rule, Scope,
     TunnelState, Tunnels,
@@ -197,17 +197,17 @@ fn sysctl_iface(key: &str) -> Option<&str> {
     key.strip_prefix("net/ipv4/conf/")?.split('/').next()
 }
 
-impl Dataplane for FakeDataplane {
-    async fn ipset_list(&self, family: Family) -> DpResult<IpsetState> {
+impl Firewall for FakeDataplane {
+    async fn podset_list(&self, family: Family) -> DpResult<IpsetState> {
         Ok(self.kernel().ipset_of(family).clone())
     }
-    async fn ipset_create(&self, family: Family) -> DpResult<()> {
+    async fn podset_create(&self, family: Family) -> DpResult<()> {
         self.write(|k| {
             k.ipset_of(family).get_or_insert_with(BTreeMap::new);
             Ok(())
         })
     }
-    async fn ipset_destroy(&self, family: Family) -> DpResult<()> {
+    async fn podset_destroy(&self, family: Family) -> DpResult<()> {
         self.write(|k| {
             let name = format!("--match-set {} ", crate::config::ipset_name(family));
             let referenced = k.ns.get(&Ns::Node).is_some_and(|n| {
@@ -227,7 +227,7 @@ impl Dataplane for FakeDataplane {
             Ok(())
         })
     }
-    async fn ipset_add(&self, ip: IpAddr, owner: &str) -> DpResult<()> {
+    async fn podset_add(&self, ip: IpAddr, owner: &str) -> DpResult<()> {
         self.write(|k| match k.ipset_of(Family::of(ip)).as_mut() {
             Some(s) => {
                 s.insert(ip, owner.to_string());
@@ -239,7 +239,7 @@ impl Dataplane for FakeDataplane {
             )),
         })
     }
-    async fn ipset_del(&self, ip: IpAddr) -> DpResult<()> {
+    async fn podset_del(&self, ip: IpAddr) -> DpResult<()> {
         self.write(|k| {
             if let Some(s) = k.ipset_of(Family::of(ip)).as_mut() {
                 s.remove(&ip);
@@ -247,6 +247,58 @@ impl Dataplane for FakeDataplane {
             Ok(())
         })
     }
+    async fn chains_read(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> DpResult<IptablesState> {
+        let k = self.kernel();
+        let mut s = IptablesState::default();
+        if let Some(n) = k.ns.get(ns) {
+            let (nc, nj) = n.of(family);
+            for c in chains {
+                let key = (c.table.clone(), c.name.clone());
+                if let Some(rules) = nc.get(&key) {
+                    s.chains.insert(key, rules.clone());
+                }
+                let jk = (c.table.clone(), c.hook.clone(), c.name.clone());
+                if let Some(p) = nj.get(&jk) {
+                    s.jumps.insert(jk, p.clone());
+                }
+            }
+        }
+        Ok(s)
+    }
+    async fn chains_apply(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
+        self.write(|k| {
+            if !k.alive(ns) {
+                return Err(DpError::Netns {
+                    path: ns.to_string(),
+                    msg: "No such file or directory".into(),
+                });
+            }
+            let (nc, nj) = k.ns_mut(ns).of_mut(family);
+            for c in chains {
+                nc.insert((c.table.clone(), c.name.clone()), c.rules.clone());
+                nj.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
+            }
+            Ok(())
+        })
+    }
+    async fn chains_remove(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
+        self.write(|k| {
+            let (nc, nj) = k.ns_mut(ns).of_mut(family);
+            for c in chains {
+                nc.remove(&(c.table.clone(), c.name.clone()));
+                nj.remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Dataplane for FakeDataplane {
     async fn rules_list(
         &self,
         ns: &Ns,
@@ -407,55 +459,6 @@ impl Dataplane for FakeDataplane {
             .filter(|n| k.tunnels.contains_key(*n))
             .cloned()
             .collect())
-    }
-    async fn iptables_read(
-        &self,
-        ns: &Ns,
-        family: Family,
-        chains: &[Chain],
-    ) -> DpResult<IptablesState> {
-        let k = self.kernel();
-        let mut s = IptablesState::default();
-        if let Some(n) = k.ns.get(ns) {
-            let (nc, nj) = n.of(family);
-            for c in chains {
-                let key = (c.table.clone(), c.name.clone());
-                if let Some(rules) = nc.get(&key) {
-                    s.chains.insert(key, rules.clone());
-                }
-                let jk = (c.table.clone(), c.hook.clone(), c.name.clone());
-                if let Some(p) = nj.get(&jk) {
-                    s.jumps.insert(jk, p.clone());
-                }
-            }
-        }
-        Ok(s)
-    }
-    async fn iptables_apply(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
-        self.write(|k| {
-            if !k.alive(ns) {
-                return Err(DpError::Netns {
-                    path: ns.to_string(),
-                    msg: "No such file or directory".into(),
-                });
-            }
-            let (nc, nj) = k.ns_mut(ns).of_mut(family);
-            for c in chains {
-                nc.insert((c.table.clone(), c.name.clone()), c.rules.clone());
-                nj.insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
-            }
-            Ok(())
-        })
-    }
-    async fn iptables_remove(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
-        self.write(|k| {
-            let (nc, nj) = k.ns_mut(ns).of_mut(family);
-            for c in chains {
-                nc.remove(&(c.table.clone(), c.name.clone()));
-                nj.remove(&(c.table.clone(), c.hook.clone(), c.name.clone()));
-            }
-            Ok(())
-        })
     }
     async fn sysctl_read(&self, ns: &Ns, key: &str) -> DpResult<Option<String>> {
         let k = self.kernel();

@@ -58,22 +58,26 @@ pub enum DpError {
 /// Result of a dataplane call.
 pub type DpResult<T> = Result<T, DpError>;
 
-/// Typed kernel operations, per object kind. All writes are idempotent: adding what exists or
-/// removing what is gone succeeds (the errno mapping lives in one place in each implementation).
-pub trait Dataplane: Send + Sync + 'static {
-    // --- ipsets `ztunnel-pods-ips` (inet) and `ztunnel-pods-ips6` (inet6), node netns only ---
+/// The firewall half of the dataplane: the set of enrolled pod addresses and our constant chains.
+/// Two drivers implement it inside the kernel-backed dataplane (`netlink::FirewallKind`):
+/// iptables + ipset, and native nftables (one `inet` table of ours); the fake implements it once.
+/// The reconciler speaks only of a pod set per family and of [`Chain`]s (rules in iptables-save
+/// form, which the nftables driver compiles to nft expressions).
+pub trait Firewall: Send + Sync + 'static {
+    // --- the pod sets (ipsets `ztunnel-pods-ips`/`-ips6`, or nft sets `pods4`/`pods6` of our
+    // table), one per family, node netns only ---
     /// All entries of the set of `family` with their comments, or `None` when it does not exist.
-    fn ipset_list(&self, family: Family) -> impl Future<Output = DpResult<IpsetState>> + Send;
+    fn podset_list(&self, family: Family) -> impl Future<Output = DpResult<IpsetState>> + Send;
     /// Hands every entry (IP, comment) of the set of `family` to `f`; false when the set does not
     /// exist. For a resync's comparison: the kernel-backed version keeps nothing per entry; this
     /// default lists them.
-    fn ipset_visit<F: FnMut(IpAddr, &str) + Send>(
+    fn podset_visit<F: FnMut(IpAddr, &str) + Send>(
         &self,
         family: Family,
         mut f: F,
     ) -> impl Future<Output = DpResult<bool>> + Send {
         async move {
-            match self.ipset_list(family).await? {
+            match self.podset_list(family).await? {
                 None => Ok(false),
                 Some(m) => {
                     for (ip, owner) in &m {
@@ -85,29 +89,58 @@ pub trait Dataplane: Send + Sync + 'static {
         }
     }
     /// Create the set of `family` (hash:ip, inet or inet6, with comments) if it does not exist.
-    fn ipset_create(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
+    fn podset_create(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
     /// Destroy the set of `family` (only after no iptables rule references it).
-    fn ipset_destroy(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
+    fn podset_destroy(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
     /// Add or update (`-exist`) one entry, in the set of its family, with its owner as comment.
-    fn ipset_add(&self, ip: IpAddr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
-    /// [`Dataplane::ipset_add`] for many entries, one result each in order. A bulk repair (10,000
+    fn podset_add(&self, ip: IpAddr, owner: &str) -> impl Future<Output = DpResult<()>> + Send;
+    /// [`Firewall::podset_add`] for many entries, one result each in order. A bulk repair (10,000
     /// entries after a flush) is what this is for: the kernel-backed version pipelines the
     /// requests; this default adds them one by one.
-    fn ipset_add_many(
+    fn podset_add_many(
         &self,
         entries: &[(IpAddr, String)],
     ) -> impl Future<Output = Vec<DpResult<()>>> + Send {
         async move {
             let mut out = Vec::with_capacity(entries.len());
             for (ip, owner) in entries {
-                out.push(self.ipset_add(*ip, owner).await);
+                out.push(self.podset_add(*ip, owner).await);
             }
             out
         }
     }
     /// Delete one entry (from the set of its family).
-    fn ipset_del(&self, ip: IpAddr) -> impl Future<Output = DpResult<()>> + Send;
+    fn podset_del(&self, ip: IpAddr) -> impl Future<Output = DpResult<()>> + Send;
 
+    // --- our chains (iptables/ip6tables chains, or base chains of our nft table) ---
+    /// Our chains (by name) and the jumps to them, in `ns`, in the tables of `family`.
+    fn chains_read(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<IptablesState>> + Send;
+    /// Make `chains` hold exactly these rules and make each jump stand once, first in its hook.
+    /// One `iptables-restore --noflush` (`ip6tables-restore` for IPv6) per namespace.
+    fn chains_apply(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<()>> + Send;
+    /// Remove the jumps to, and then the chains themselves.
+    fn chains_remove(
+        &self,
+        ns: &Ns,
+        family: Family,
+        chains: &[Chain],
+    ) -> impl Future<Output = DpResult<()>> + Send;
+}
+
+/// Typed kernel operations, per object kind. All writes are idempotent: adding what exists or
+/// removing what is gone succeeds (the errno mapping lives in one place in each implementation).
+/// The firewall objects are behind the [`Firewall`] supertrait.
+pub trait Dataplane: Firewall {
     // --- ip rules (each of a family: `ip rule` and `ip -6 rule` are separate lists) ---
     /// Our rules (those carrying our protocol number) of `families` at the given priorities, in
     /// `ns`: a rule another agent put at one of our priorities is not listed, so it is never
@@ -187,30 +220,6 @@ pub trait Dataplane: Send + Sync + 'static {
         &self,
         names: &[String],
     ) -> impl Future<Output = DpResult<Vec<String>>> + Send;
-
-    // --- iptables (IPv4) and ip6tables (IPv6) ---
-    /// Our chains (by name) and the jumps to them, in `ns`, in the tables of `family`.
-    fn iptables_read(
-        &self,
-        ns: &Ns,
-        family: Family,
-        chains: &[Chain],
-    ) -> impl Future<Output = DpResult<IptablesState>> + Send;
-    /// Make `chains` hold exactly these rules and make each jump stand once, first in its hook.
-    /// One `iptables-restore --noflush` (`ip6tables-restore` for IPv6) per namespace.
-    fn iptables_apply(
-        &self,
-        ns: &Ns,
-        family: Family,
-        chains: &[Chain],
-    ) -> impl Future<Output = DpResult<()>> + Send;
-    /// Remove the jumps to, and then the chains themselves.
-    fn iptables_remove(
-        &self,
-        ns: &Ns,
-        family: Family,
-        chains: &[Chain],
-    ) -> impl Future<Output = DpResult<()>> + Send;
 
     // --- sysctls (per namespace) ---
     /// Read one key; `None` when it does not exist (e.g. the interface is gone).

@@ -86,7 +86,7 @@ async fn observe_ipset<D: Dataplane>(
 ) -> Result<IpsetState, DpError> {
     let mut others = std::collections::BTreeMap::new();
     let exists = dp
-        .ipset_visit(family, |ip, owner| {
+        .podset_visit(family, |ip, owner| {
             if let Ok(i) = want.pods.binary_search_by_key(&ip, |p| p.ip) {
                 if let (Some(p), Some(slot)) = (want.pods.get(i), in_set.get_mut(i)) {
                     if p.owner() == owner {
@@ -129,11 +129,11 @@ pub async fn observe<D: Dataplane>(
 ) -> Result<Observed, DpError> {
     let fams = &want.families;
     let v6 = fams.contains(&Family::V6);
-    let node_ipt = dp.iptables_read(&Ns::Node, Family::V4, &want.node.chains);
+    let node_ipt = dp.chains_read(&Ns::Node, Family::V4, &want.node.chains);
     // ip6tables-save alongside iptables-save: each on its own worker thread.
     let node_ipt6 = async {
         if v6 {
-            dp.iptables_read(&Ns::Node, Family::V6, &want.node.chains6)
+            dp.chains_read(&Ns::Node, Family::V6, &want.node.chains6)
                 .await
         } else {
             Ok(Default::default())
@@ -142,11 +142,11 @@ pub async fn observe<D: Dataplane>(
     let zt_ipt = async {
         match &want.zt {
             Some((ns, zwant)) => {
-                let v4 = dp.iptables_read(ns, Family::V4, &zwant.chains).await?;
+                let v4 = dp.chains_read(ns, Family::V4, &zwant.chains).await?;
                 let v6 = if zwant.chains6.is_empty() {
                     Default::default()
                 } else {
-                    dp.iptables_read(ns, Family::V6, &zwant.chains6).await?
+                    dp.chains_read(ns, Family::V6, &zwant.chains6).await?
                 };
                 Ok(Some((v4, v6)))
             }
@@ -196,12 +196,12 @@ pub async fn observe<D: Dataplane>(
 
 async fn apply_one<D: Dataplane>(dp: &D, op: &Op) -> Result<(), DpError> {
     match op {
-        Op::IpsetCreate { family } => dp.ipset_create(*family).await,
-        Op::IpsetAdd { ip, owner } => dp.ipset_add(*ip, owner).await,
-        Op::IpsetDel { ip } => dp.ipset_del(*ip).await,
+        Op::IpsetCreate { family } => dp.podset_create(*family).await,
+        Op::IpsetAdd { ip, owner } => dp.podset_add(*ip, owner).await,
+        Op::IpsetDel { ip } => dp.podset_del(*ip).await,
         Op::TunnelCreate { tunnels, link } => dp.tunnel_create(tunnels, link).await,
         Op::LinkDel { name } => dp.link_del(name).await,
-        Op::IptablesApply { ns, family, chains } => dp.iptables_apply(ns, *family, chains).await,
+        Op::IptablesApply { ns, family, chains } => dp.chains_apply(ns, *family, chains).await,
         Op::SysctlWrite { ns, key, value } => dp.sysctl_write(ns, key, value).await,
         Op::RouteReplace { ns, route } => dp.route_replace(ns, route).await,
         Op::RouteDel { ns, route } => dp.route_del(ns, route).await,
@@ -273,7 +273,7 @@ async fn apply_step<D: Dataplane>(dp: &D, batch: &[Op]) -> Vec<Result<(), DpErro
                     _ => None,
                 })
                 .collect();
-            dp.ipset_add_many(&entries).await
+            dp.podset_add_many(&entries).await
         }
         Op::RouteReplace { ns, .. } => {
             let routes: Vec<_> = batch

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ambient_cni_daemon::config::{tables, Config, IpFamilies};
 use ambient_cni_daemon::dataplane::netlink::IptablesBackend;
-use ambient_cni_daemon::dataplane::Dataplane;
+use ambient_cni_daemon::dataplane::{Dataplane, Firewall};
 use ambient_cni_daemon::model::{
     Family, Ns, Prefix, Route, RouteKey, RouteKind, Scope, TunnelMode,
 };
@@ -51,22 +51,22 @@ async fn ipv6_ipset_is_inet6_with_comments_next_to_the_ipv4_one() {
     let mut t = TestNs::new();
     let node = t.add("node");
     let dp = dataplane(&node, IptablesBackend::Auto);
-    assert_eq!(dp.ipset_list(Family::V6).await.expect("list"), None);
-    dp.ipset_create(Family::V6).await.expect("create v6");
-    dp.ipset_create(Family::V6).await.expect("again");
-    dp.ipset_create(Family::V4).await.expect("create v4");
+    assert_eq!(dp.podset_list(Family::V6).await.expect("list"), None);
+    dp.podset_create(Family::V6).await.expect("create v6");
+    dp.podset_create(Family::V6).await.expect("again");
+    dp.podset_create(Family::V4).await.expect("create v4");
     let (a, b) = (ip6("fd00:10:244:1::5"), ip6("fd00:10:244:1::6"));
-    dp.ipset_add(a, "uid-old").await.expect("add");
-    dp.ipset_add(a, "uid-a").await.expect("update comment");
-    dp.ipset_add(b, "uid-b").await.expect("add");
+    dp.podset_add(a, "uid-old").await.expect("add");
+    dp.podset_add(a, "uid-a").await.expect("update comment");
+    dp.podset_add(b, "uid-b").await.expect("add");
     let v4: IpAddr = "10.244.1.5".parse().expect("v4");
-    dp.ipset_add(v4, "uid-4")
+    dp.podset_add(v4, "uid-4")
         .await
         .expect("v4 goes to the v4 set");
     let want = BTreeMap::from([(a, "uid-a".to_string()), (b, "uid-b".to_string())]);
-    assert_eq!(dp.ipset_list(Family::V6).await.expect("list"), Some(want));
+    assert_eq!(dp.podset_list(Family::V6).await.expect("list"), Some(want));
     assert_eq!(
-        dp.ipset_list(Family::V4).await.expect("list"),
+        dp.podset_list(Family::V4).await.expect("list"),
         Some(BTreeMap::from([(v4, "uid-4".to_string())]))
     );
     let listing = sh(&node, "ipset list ztunnel-pods-ips6");
@@ -82,20 +82,20 @@ async fn ipv6_ipset_is_inet6_with_comments_next_to_the_ipv4_one() {
         .map(|i| (ip6(&format!("fd00:10:244:2::{i:x}")), format!("u{i}")))
         .chain((0..3u8).map(|i| (format!("10.244.2.{i}").parse().expect("v4"), "w".into())))
         .collect();
-    let res = dp.ipset_add_many(&many).await;
+    let res = dp.podset_add_many(&many).await;
     assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
     assert_eq!(
-        dp.ipset_list(Family::V6)
+        dp.podset_list(Family::V6)
             .await
             .expect("list")
             .map(|m| m.len()),
         Some(302)
     );
-    dp.ipset_del(a).await.expect("del");
-    dp.ipset_del(a).await.expect("del again");
-    dp.ipset_destroy(Family::V6).await.expect("destroy");
-    assert_eq!(dp.ipset_list(Family::V6).await.expect("list"), None);
-    assert!(dp.ipset_list(Family::V4).await.expect("list").is_some());
+    dp.podset_del(a).await.expect("del");
+    dp.podset_del(a).await.expect("del again");
+    dp.podset_destroy(Family::V6).await.expect("destroy");
+    assert_eq!(dp.podset_list(Family::V6).await.expect("list"), None);
+    assert!(dp.podset_list(Family::V4).await.expect("list").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +275,7 @@ async fn ip6tables_case(backend: IptablesBackend) {
     let zt = t.add("zt");
     sh(&node, "ip link add zv0 type veth peer name zv1");
     let dp = dataplane(&node, backend);
-    dp.ipset_create(Family::V6).await.expect("set");
+    dp.podset_create(Family::V6).await.expect("set");
     let cfg = Config {
         ip_families: IpFamilies::DUAL,
         ..Config::default()
@@ -292,11 +292,11 @@ async fn ip6tables_case(backend: IptablesBackend) {
         (Ns::Node, chains.clone()),
         (z.ns.clone(), zt_chains(&cfg, Family::V6, &z, zip)),
     ] {
-        dp.iptables_apply(&ns, Family::V6, &chains)
+        dp.chains_apply(&ns, Family::V6, &chains)
             .await
             .expect("apply");
         let st = dp
-            .iptables_read(&ns, Family::V6, &chains)
+            .chains_read(&ns, Family::V6, &chains)
             .await
             .expect("read");
         for c in &chains {
@@ -315,7 +315,7 @@ async fn ip6tables_case(backend: IptablesBackend) {
         }
         // IPv4 tables untouched.
         assert!(dp
-            .iptables_read(&ns, Family::V4, &chains)
+            .chains_read(&ns, Family::V4, &chains)
             .await
             .expect("read v4")
             .chains
@@ -326,11 +326,11 @@ async fn ip6tables_case(backend: IptablesBackend) {
     assert!(save.contains("--on-ip ::1"), "{save}");
     let save = sh(&node, &format!("ip6tables-{backend}-save"));
     assert!(save.contains("--match-set ztunnel-pods-ips6 src"), "{save}");
-    dp.iptables_remove(&Ns::Node, Family::V6, &chains)
+    dp.chains_remove(&Ns::Node, Family::V6, &chains)
         .await
         .expect("remove");
     assert!(!sh(&node, &format!("ip6tables-{backend}-save")).contains("ztunnel-"));
-    dp.ipset_destroy(Family::V6).await.expect("set free again");
+    dp.podset_destroy(Family::V6).await.expect("set free again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

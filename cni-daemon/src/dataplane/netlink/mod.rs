@@ -5,11 +5,14 @@
 //! blocking work for it (sysctl files, `iptables-save`/`-restore`). Tokio workers never call
 //! `setns`. Which kernel answers count as success is decided in one place, [`already_done`].
 
+mod firewall;
+mod fw_iptables;
 mod ipset;
 mod iptables;
 mod link;
 mod netconf;
 mod netns;
+mod nft;
 mod route;
 mod rule;
 mod sysctl;
@@ -20,11 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::dataplane::{Dataplane, DpError, DpResult};
-use crate::model::{
-    Chain, Family, IpsetState, IptablesState, Ns, Route, Rule, TunnelState, Tunnels,
-};
+use crate::model::{Family, Ns, Route, Rule, TunnelState, Tunnels};
 use netlink_packet_route::RouteNetlinkMessage;
 
+pub use firewall::FirewallKind;
 pub use iptables::{save_all as iptables_save_all, IptablesBackend};
 use netns::NsWorker;
 
@@ -39,7 +41,9 @@ pub struct RealConfig {
     /// Protocol number on every route we create, and the filter for every route we list or
     /// delete (also set on our ip rules, for people reading `ip rule`).
     pub route_protocol: u8,
-    /// Which iptables variant to drive.
+    /// Which firewall driver programs the pod sets and our chains.
+    pub firewall: FirewallKind,
+    /// Which iptables variant to drive (iptables firewall only).
     pub iptables_backend: IptablesBackend,
     /// Name of the ipset of enrolled pod IPs (node netns only).
     pub ipset_name: String,
@@ -52,6 +56,7 @@ impl Default for RealConfig {
         RealConfig {
             node_netns: None,
             route_protocol: DEFAULT_ROUTE_PROTOCOL,
+            firewall: FirewallKind::Iptables,
             iptables_backend: IptablesBackend::Auto,
             ipset_name: IPSET_NAME.to_string(),
             ipset_name6: IPSET_NAME6.to_string(),
@@ -137,22 +142,6 @@ pub(crate) fn nl_check<T: Default>(
     }
 }
 
-/// Maps an ipset result through [`already_done`].
-fn ipset_check<T: Default>(
-    intent: Intent,
-    what: impl FnOnce() -> String,
-    r: Result<T, ipset::IpsetError>,
-) -> DpResult<T> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(ipset::IpsetError::Kernel(c)) if already_done(intent, c) => Ok(T::default()),
-        Err(e) => Err(DpError::Netlink {
-            what: what(),
-            msg: e.to_string(),
-        }),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // RealDataplane
 
@@ -165,9 +154,9 @@ pub struct RealDataplane {
     /// whenever it is used, and dropped when the namespace is gone or was replaced: a worker
     /// holds its namespace alive, so it must not outlive the namespace's file.
     pods: Mutex<HashMap<PathBuf, Arc<NsWorker>>>,
-    /// Opened in the node netns.
-    ipset: Arc<Mutex<ipset::IpsetSocket>>,
-    /// The node netns's iptables variant, for logs.
+    /// The firewall driver (iptables + ipset, or nftables), chosen by `cfg.firewall`.
+    fw: firewall::FwDriver,
+    /// The node netns's iptables variant (or `nftables`), for logs.
     backend_name: &'static str,
     /// Interface indexes in the node netns by name, for route requests: one netlink round trip
     /// less per pod. Emptied whenever links are read back (every full reconcile), created or
@@ -200,9 +189,6 @@ pub(crate) fn raw_request(m: RouteNetlinkMessage) -> Vec<u8> {
     buf
 }
 
-/// From how many entries [`Dataplane::ipset_add_many`] runs on a blocking thread.
-const IPSET_THREAD_MIN: usize = 64;
-
 /// From how many rp_filter keys on a resync one netconf dump (cost: all interfaces) beats
 /// reading each key under /proc/sys.
 const RP_FILTER_DUMP_MIN: usize = 32;
@@ -231,12 +217,7 @@ impl RealDataplane {
             .unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
         let fd = netns::open_ns(&path)?;
         let node = Arc::new(NsWorker::spawn(path.display().to_string(), fd, rt.clone())?);
-        let sock = node
-            .run_sync(ipset::IpsetSocket::open)?
-            .map_err(|e| DpError::Netlink {
-                what: "open NETLINK_NETFILTER socket for ipset".into(),
-                msg: e.to_string(),
-            })?;
+        let (fw, backend_name) = firewall::FwDriver::open(&cfg, &node)?;
         let netconf = match node.run_sync(netconf::NetconfSocket::open)? {
             Ok(s) => Some(s),
             Err(e) => {
@@ -245,16 +226,13 @@ impl RealDataplane {
             }
         };
         let home = netns::ns_id_of_path(Path::new("/proc/thread-self/ns/net")).ok();
-        let wanted = cfg.iptables_backend;
-        let backend = node.run_sync(move || iptables::resolve(wanted))?;
-        let _ = node.backend.set(backend);
         Ok(RealDataplane {
             cfg,
             rt,
             node,
             pods: Mutex::new(HashMap::new()),
-            ipset: Arc::new(Mutex::new(sock)),
-            backend_name: backend.name(),
+            fw,
+            backend_name,
             node_ifindex: Mutex::new(HashMap::new()),
             netconf: Mutex::new(netconf),
             rp_ifindex: Mutex::new(HashMap::new()),
@@ -322,28 +300,6 @@ impl RealDataplane {
         }
         cache.insert(path.to_path_buf(), Arc::clone(&w));
         Ok(w)
-    }
-
-    /// Backend for a namespace: the configured one, or detected once per worker.
-    async fn backend_for(&self, w: &Arc<NsWorker>) -> DpResult<iptables::Backend> {
-        if let Some(b) = w.backend.get() {
-            return Ok(*b);
-        }
-        let wanted = self.cfg.iptables_backend;
-        let b = w.run(move || iptables::resolve(wanted)).await?;
-        Ok(*w.backend.get_or_init(|| b))
-    }
-
-    /// Runs an ipset request on the calling thread. The socket already lives in the node netns and
-    /// the kernel answers in microseconds, so the hop to the blocking pool and back cost more than
-    /// the request (two context switches per pod ADD, measured by acni-bench; a restore after a
-    /// flush makes thousands of requests).
-    async fn ipset_op<T, F>(&self, f: F) -> DpResult<Result<T, ipset::IpsetError>>
-    where
-        F: FnOnce(&mut ipset::IpsetSocket) -> Result<T, ipset::IpsetError>,
-    {
-        let mut g = self.ipset.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(f(&mut g))
     }
 
     /// Did we make this rule (it carries our protocol number)?
@@ -635,67 +591,6 @@ impl RealDataplane {
         }
         Ok(idx)
     }
-
-    async fn iptables_job<T, F>(&self, ns: &Ns, f: F) -> DpResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(iptables::Backend) -> Result<T, String> + Send + 'static,
-    {
-        let w = self.worker(ns).await?;
-        let backend = self.backend_for(&w).await?;
-        w.run(move || f(backend))
-            .await?
-            .map_err(|msg| DpError::Iptables {
-                ns: ns.to_string(),
-                msg,
-            })
-    }
-}
-
-impl RealDataplane {
-    /// [`Dataplane::ipset_add_many`] for entries of one family.
-    async fn ipset_add_family(
-        &self,
-        family: Family,
-        entries: Vec<(IpAddr, String)>,
-    ) -> Vec<DpResult<()>> {
-        let name = self.cfg.ipset_name_of(family).to_string();
-        // A bulk repair's adds run on a blocking thread, so that the route adds the reconciler
-        // sends alongside (on this thread) go on meanwhile: ~10 ms at 10,000 entries, no longer
-        // after the ~40 ms of routes (acni-bench). A few adds stay on this thread.
-        let results = if entries.len() >= IPSET_THREAD_MIN {
-            let sock = Arc::clone(&self.ipset);
-            let (n, owned, set) = (entries.len(), entries.clone(), name.clone());
-            let job = tokio::task::spawn_blocking(move || {
-                let mut g = sock.lock().unwrap_or_else(|p| p.into_inner());
-                g.add_many(&set, &owned)
-            });
-            match job.await {
-                Ok(r) => r,
-                Err(e) => {
-                    let msg = format!("ipset batch thread: {e}");
-                    return (0..n)
-                        .map(|_| {
-                            Err(DpError::Netlink {
-                                what: format!("add to ipset {name}"),
-                                msg: msg.clone(),
-                            })
-                        })
-                        .collect();
-                }
-            }
-        } else {
-            let mut g = self.ipset.lock().unwrap_or_else(|p| p.into_inner());
-            g.add_many(&name, &entries)
-        };
-        results
-            .into_iter()
-            .zip(&entries)
-            .map(|(r, (ip, _))| {
-                ipset_check(Intent::Create, || format!("add {ip} to ipset {name}"), r)
-            })
-            .collect()
-    }
 }
 
 /// Every (family, table) pair, families first.
@@ -720,122 +615,6 @@ fn pod_path(ns: &Ns) -> DpResult<&Path> {
 }
 
 impl Dataplane for RealDataplane {
-    async fn ipset_list(&self, family: Family) -> DpResult<IpsetState> {
-        let name = self.cfg.ipset_name_of(family).to_string();
-        let r = self.ipset_op(|s| s.list(&name)).await?;
-        match r {
-            Ok(m) => Ok(Some(m)),
-            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(None),
-            Err(e) => Err(DpError::Netlink {
-                what: format!("list ipset {name}"),
-                msg: e.to_string(),
-            }),
-        }
-    }
-
-    async fn ipset_visit<F: FnMut(IpAddr, &str) + Send>(
-        &self,
-        family: Family,
-        f: F,
-    ) -> DpResult<bool> {
-        let name = self.cfg.ipset_name_of(family).to_string();
-        let r = self.ipset_op(|s| s.list_visit(&name, f)).await?;
-        match r {
-            Ok(()) => Ok(true),
-            Err(ipset::IpsetError::Kernel(c)) if already_done(Intent::Find, c) => Ok(false),
-            Err(e) => Err(DpError::Netlink {
-                what: format!("list ipset {name}"),
-                msg: e.to_string(),
-            }),
-        }
-    }
-
-    async fn ipset_create(&self, family: Family) -> DpResult<()> {
-        let name = self.cfg.ipset_name_of(family).to_string();
-        let want_family = ipset::family_code(family);
-        let r = self
-            .ipset_op(|s| match s.create(&name, family) {
-                Ok(_) => Ok(()),
-                // Only a set with other parameters clashes (same ones are fine without
-                // NLM_F_EXCL): accept it if it is a hash:ip set of the family, as a reconcile
-                // can use it.
-                Err(ipset::IpsetError::Kernel(libc::EEXIST)) => {
-                    let h = s.header(&name)?;
-                    if h.typename.as_deref() == Some("hash:ip") && h.family == Some(want_family) {
-                        Ok(())
-                    } else {
-                        Err(ipset::IpsetError::Invalid(format!(
-                            "a set of that name exists with type {:?} family {:?}",
-                            h.typename, h.family
-                        )))
-                    }
-                }
-                Err(e) => Err(e),
-            })
-            .await?;
-        let fam = if family.is_v6() { "inet6" } else { "inet" };
-        ipset_check(
-            Intent::Other,
-            || format!("create ipset {name} hash:ip family {fam} comment"),
-            r,
-        )
-    }
-
-    async fn ipset_destroy(&self, family: Family) -> DpResult<()> {
-        let name = self.cfg.ipset_name_of(family).to_string();
-        let r = self.ipset_op(|s| s.destroy(&name)).await?;
-        ipset_check(Intent::Remove, || format!("destroy ipset {name}"), r)
-    }
-
-    async fn ipset_add(&self, ip: IpAddr, owner: &str) -> DpResult<()> {
-        let name = self.cfg.ipset_name_of(Family::of(ip));
-        let r = self.ipset_op(|s| s.add(name, ip, owner)).await?;
-        ipset_check(Intent::Create, || format!("add {ip} to ipset {name}"), r)
-    }
-
-    async fn ipset_add_many(&self, entries: &[(IpAddr, String)]) -> Vec<DpResult<()>> {
-        // One pipelined batch per family (a plan sorts the pods by IP: IPv4 first), results put
-        // back in the order of `entries`.
-        let mut out: Vec<Option<DpResult<()>>> = (0..entries.len()).map(|_| None).collect();
-        for family in Family::ALL {
-            let (idx, part): (Vec<usize>, Vec<(IpAddr, String)>) = entries
-                .iter()
-                .enumerate()
-                .filter(|(_, (ip, _))| Family::of(*ip) == family)
-                .map(|(i, e)| (i, e.clone()))
-                .unzip();
-            if part.is_empty() {
-                continue;
-            }
-            let results = self.ipset_add_family(family, part).await;
-            for (i, r) in idx.into_iter().zip(results) {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = Some(r);
-                }
-            }
-        }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(DpError::Netlink {
-                        what: "add to ipset".into(),
-                        msg: "no result from the batch".into(),
-                    })
-                })
-            })
-            .collect()
-    }
-
-    async fn ipset_del(&self, ip: IpAddr) -> DpResult<()> {
-        let name = self.cfg.ipset_name_of(Family::of(ip));
-        let r = self.ipset_op(|s| s.del(name, ip)).await?;
-        ipset_check(
-            Intent::Remove,
-            || format!("delete {ip} from ipset {name}"),
-            r,
-        )
-    }
-
     async fn rules_list(
         &self,
         ns: &Ns,
@@ -1153,29 +932,6 @@ impl Dataplane for RealDataplane {
             }
         }
         Ok(present)
-    }
-
-    async fn iptables_read(
-        &self,
-        ns: &Ns,
-        family: Family,
-        chains: &[Chain],
-    ) -> DpResult<IptablesState> {
-        let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::read(b, family, &chains))
-            .await
-    }
-
-    async fn iptables_apply(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
-        let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::apply(b, family, &chains))
-            .await
-    }
-
-    async fn iptables_remove(&self, ns: &Ns, family: Family, chains: &[Chain]) -> DpResult<()> {
-        let chains = chains.to_vec();
-        self.iptables_job(ns, move |b| iptables::remove(b, family, &chains))
-            .await
     }
 
     async fn sysctl_read(&self, ns: &Ns, key: &str) -> DpResult<Option<String>> {
