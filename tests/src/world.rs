@@ -47,6 +47,36 @@ pub const AMBIENT_NS: &str = "default";
 /// The CNI network name.
 pub const NETWORK: &str = "acni-net";
 
+/// The firewall driver a world's daemon runs with (`--firewall`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firewall {
+    /// iptables + ipset (the daemon's default).
+    Iptables,
+    /// Native nftables: one `inet ambient-cni` table.
+    Nftables,
+}
+
+thread_local! {
+    static FIREWALL: std::cell::Cell<Firewall> = const { std::cell::Cell::new(Firewall::Iptables) };
+}
+
+/// Runs `f` with every [`World`] it builds on this thread using firewall `fw` (libtest runs each
+/// test on a thread of its own): the same test body, run once per firewall.
+pub fn on_firewall<T>(fw: Firewall, f: impl FnOnce() -> T) -> T {
+    let before = FIREWALL.with(|c| c.replace(fw));
+    let out = f();
+    FIREWALL.with(|c| c.set(before));
+    out
+}
+
+/// The firewall worlds built on this thread use.
+pub fn current_firewall() -> Firewall {
+    FIREWALL.with(|c| c.get())
+}
+
+/// The name of our nft table (family inet).
+pub const NFT_TABLE: &str = "ambient-cni";
+
 /// The address families of a world's node, remote host and pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -197,6 +227,7 @@ pub struct World {
     pub daemon_args: Vec<String>,
     probe: PathBuf,
     family: Family,
+    firewall: Firewall,
 }
 
 impl World {
@@ -270,6 +301,10 @@ impl World {
             "--resync-interval-ms".into(),
             "500".into(),
         ];
+        let firewall = current_firewall();
+        if firewall == Firewall::Nftables {
+            args.extend(["--firewall".to_string(), "nftables".to_string()]);
+        }
         args.extend(daemon_args.iter().map(|s| s.to_string()));
         let probe = workspace_bin("acni-probe")?;
         let mut w = World {
@@ -280,6 +315,7 @@ impl World {
             daemon_args: args,
             probe,
             family,
+            firewall,
         };
         w.start_daemon()?;
         let d = w.daemon()?;
@@ -391,6 +427,50 @@ impl World {
         }
         self.daemon_args.extend(extra.iter().map(|s| s.to_string()));
         self.start_daemon()
+    }
+
+    /// The firewall this world's daemon runs with.
+    pub fn firewall(&self) -> Firewall {
+        self.firewall
+    }
+
+    /// The addresses in the pod set of a family in `ns` (the ipset, or our nft set); empty when
+    /// the set does not exist.
+    pub fn pod_set(&self, ns: &str, v6: bool) -> Result<Vec<String>> {
+        match self.firewall {
+            Firewall::Iptables => {
+                let set = if v6 {
+                    "ztunnel-pods-ips6"
+                } else {
+                    "ztunnel-pods-ips"
+                };
+                let out = self.net.exec(ns, &["ipset", "list", set]);
+                if !out.success() {
+                    if out.stderr.contains("does not exist") {
+                        return Ok(Vec::new());
+                    }
+                    bail!("ipset list {set}: {out}");
+                }
+                Ok(out
+                    .stdout
+                    .lines()
+                    .skip_while(|l| !l.starts_with("Members:"))
+                    .skip(1)
+                    .filter_map(|l| l.split_whitespace().next())
+                    .map(str::to_string)
+                    .collect())
+            }
+            Firewall::Nftables => {
+                let set = if v6 { "pods6" } else { "pods4" };
+                let out = self
+                    .net
+                    .exec(ns, &["nft", "list", "set", "inet", NFT_TABLE, set]);
+                if !out.success() {
+                    return Ok(Vec::new());
+                }
+                Ok(nft_elements(&out.stdout))
+            }
+        }
     }
 
     /// The families of this world.
@@ -547,6 +627,9 @@ impl World {
                 &["ip", "-6", "route", "show", "table", "all"],
             ]);
         }
+        if self.firewall == Firewall::Nftables {
+            cmds.push(&["nft", "list", "tables"][..]);
+        }
         for argv in cmds {
             let out = self.net.exec(ns, argv);
             s.push_str(&format!(
@@ -557,6 +640,19 @@ impl World {
         }
         Ok(s)
     }
+}
+
+/// The addresses of `elements = { a comment "…", b, … }` in `nft list set` output.
+pub fn nft_elements(listing: &str) -> Vec<String> {
+    let Some(start) = listing.find("elements = {") else {
+        return Vec::new();
+    };
+    let body = &listing[start + "elements = {".len()..];
+    let body = body.split('}').next().unwrap_or("");
+    body.split(',')
+        .filter_map(|e| e.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Drops what changes between two reads without meaning a change of state: iptables-save's

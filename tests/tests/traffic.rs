@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ambient_cni_tests::require_root;
 use ambient_cni_tests::world::{
-    hostport, Family, Pod, World, POD_GW, POD_GW6, REMOTE_IP, REMOTE_IP6,
+    hostport, Family, Firewall, Pod, World, NFT_TABLE, POD_GW, POD_GW6, REMOTE_IP, REMOTE_IP6,
 };
 use anyhow::{bail, Context, Result};
 
@@ -68,7 +68,7 @@ impl Fam {
         }
     }
 
-    /// The ipset of enrolled pod addresses.
+    /// The pod set of enrolled addresses (named as the iptables driver names it).
     fn set(self) -> &'static str {
         if self.v6 {
             "ztunnel-pods-ips6"
@@ -105,25 +105,6 @@ fn at(ip: &str) -> String {
     hp.strip_suffix('0').unwrap_or(&hp).to_string()
 }
 
-/// Members of ipset `set` in namespace `ns` (none if the set does not exist).
-fn set_members(w: &World, ns: &str, set: &str) -> Result<Vec<String>> {
-    let out = w.net.exec(ns, &["ipset", "list", set]);
-    if !out.success() {
-        if out.stderr.contains("does not exist") {
-            return Ok(Vec::new());
-        }
-        bail!("ipset list {set}: {out}");
-    }
-    Ok(out
-        .stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("Members:"))
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect())
-}
-
 /// Destinations of the routes of table 100 (one per enrolled pod) of a family.
 fn table100(w: &World, f: Fam) -> Result<Vec<String>> {
     let out = w
@@ -142,7 +123,7 @@ fn table100(w: &World, f: Fam) -> Result<Vec<String>> {
 
 /// Asserts that `ip` is (or is not) enrolled in the node: its ipset entry and its table-100 route.
 fn assert_enrolled(w: &World, f: Fam, ip: &str, want: bool, what: &str) -> Result<()> {
-    let set = set_members(w, "node", f.set())?;
+    let set = w.pod_set("node", f.v6)?;
     assert_eq!(
         set.iter().any(|m| m == ip),
         want,
@@ -577,6 +558,29 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
             ],
         )?;
     }
+    let nft = w.firewall() == Firewall::Nftables;
+    if nft {
+        // Another agent's objects, in the node and in the twin alike: a table with a name like
+        // ours, and a chain on the same hook and priority as our mangle prerouting chain.
+        for ns in ["node", "twin"] {
+            w.net
+                .exec_ok(ns, &["nft", "add", "table", "inet", "ambient-cni-other"])?;
+            w.net.exec_ok(
+                ns,
+                &[
+                    "nft",
+                    "add chain inet ambient-cni-other pre { type filter hook prerouting priority -150; }",
+                ],
+            )?;
+            w.net.exec_ok(
+                ns,
+                &[
+                    "nft",
+                    "add rule inet ambient-cni-other pre meta mark 0x4242 counter",
+                ],
+            )?;
+        }
+    }
     let before = w.node_state("twin")?;
     let zt = w.ztunnel("zt", "a")?;
     let app = w.pod("app", "default", "app")?;
@@ -589,15 +593,16 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
     }
     let bin = ambient_cni_tests::workspace_bin("ambient-cnid")?;
     let state = w.daemon_dir.join("state");
-    let out = w.net.exec(
-        "node",
-        &[
-            bin.to_str().unwrap_or_default(),
-            "cleanup",
-            "--state-dir",
-            state.to_str().unwrap_or_default(),
-        ],
-    );
+    let mut argv = vec![
+        bin.to_str().unwrap_or_default(),
+        "cleanup",
+        "--state-dir",
+        state.to_str().unwrap_or_default(),
+    ];
+    if nft {
+        argv.extend(["--firewall", "nftables"]);
+    }
+    let out = w.net.exec("node", &argv);
     assert!(out.success(), "cleanup: {out}");
     // Pods go away (the daemon is down: DEL still succeeds).
     assert!(w.del(&app).success());
@@ -608,6 +613,19 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
         before, after,
         "node state after cleanup differs from a node that never ran the daemon"
     );
+    if nft {
+        let tables = w.net.exec_ok("zt", &["nft", "list", "tables"])?;
+        assert!(!tables.contains(&format!("{NFT_TABLE}\n")), "{tables}");
+        let node = w.net.exec_ok("node", &["nft", "list", "ruleset"])?;
+        assert!(
+            !node.contains(&format!("table inet {NFT_TABLE} ")),
+            "{node}"
+        );
+        assert!(
+            node.contains("table inet ambient-cni-other") && node.contains("meta mark 0x00004242"),
+            "another agent's table and chain must survive: {node}"
+        );
+    }
     let zs = w.net.exec_ok("zt", &["iptables-save"])?;
     assert!(!zs.contains("ztunnel"), "{zs}");
     let zl = w.net.exec_ok("zt", &["ip", "-o", "link"])?;
@@ -623,6 +641,7 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
         assert!(!zr6.contains("proto 212"), "{zr6}");
         let sets = w.net.exec_ok("node", &["ipset", "list", "-n"])?;
         assert!(!sets.contains("ztunnel-pods-ips6"), "{sets}");
+        assert!(w.pod_set("node", true)?.is_empty());
     }
     for zr in rules {
         assert!(!zr.contains("20000") && !zr.contains("20003"), "{zr}");
@@ -652,4 +671,96 @@ fn cleanup_leaves_no_object_of_ours_ipv6() -> Result<()> {
         return Ok(());
     }
     cleanup_leaves_nothing(Family::V6, "cleanup6")
+}
+
+/// Every test above again, on the nftables firewall (`--firewall nftables`): the same bodies,
+/// unchanged, with the worlds they build running the daemon on nft (`nft::<test name>`); and the
+/// nft-only drift tests.
+mod nft {
+    use super::*;
+
+    macro_rules! on_nft {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() -> Result<()> {
+                    ambient_cni_tests::world::on_firewall(Firewall::Nftables, super::$name)
+                }
+            )*
+        };
+    }
+
+    on_nft!(
+        every_path_is_captured_where_the_design_says,
+        every_path_is_captured_where_the_design_says_ipv6,
+        dual_stack_pods_are_captured_on_both_families_at_once,
+        del_removes_everything_of_the_pod_and_its_ip_is_no_longer_captured,
+        del_removes_everything_of_the_pod_ipv6,
+        dual_stack_del_removes_both_families,
+        pod_before_ztunnel_is_held_closed_then_captured_and_replacements_capture,
+        pod_before_ztunnel_is_held_closed_then_captured_and_replacements_capture_ipv6,
+        fail_open_lets_traffic_flow_without_ztunnel,
+        fail_open_lets_traffic_flow_without_ztunnel_ipv6,
+        cleanup_leaves_no_object_of_ours,
+        cleanup_leaves_no_object_of_ours_dual_stack,
+        cleanup_leaves_no_object_of_ours_ipv6,
+    );
+
+    /// Damage done to our table by someone else, in the node netns, and repaired by the daemon:
+    /// each time the pod set holds the pods again, the chains are back, and TCP from the
+    /// enrolled pod goes through ztunnel. The time to repair is printed (not asserted).
+    #[test]
+    fn drift_in_our_table_is_repaired() -> Result<()> {
+        if !require_root() {
+            return Ok(());
+        }
+        on_firewall_nft(|| {
+            let (w, _zt, app, _other) = paths_world("nftdrift", Family::Dual)?;
+            let ips = [app.need_ip4()?, app.need_ip6()?];
+            let whole = |w: &World| -> Result<bool> {
+                let rs = w
+                    .net
+                    .exec_ok("node", &["nft", "list", "table", "inet", NFT_TABLE]);
+                let Ok(rs) = rs else { return Ok(false) };
+                Ok(rs.contains("chain ip-mangle-prerouting")
+                    && rs.contains("chain ip6-mangle-prerouting")
+                    && w.pod_set("node", false)?.contains(&ips[0])
+                    && w.pod_set("node", true)?.contains(&ips[1]))
+            };
+            World::eventually(Duration::from_secs(10), || whole(&w))?;
+            let listing = w
+                .net
+                .exec_ok("node", &["nft", "list", "table", "inet", NFT_TABLE])?;
+            println!("nft list table inet {NFT_TABLE} (node):\n{listing}");
+            let damage: [(&str, String); 4] = [
+                ("nft flush ruleset", "flush ruleset".into()),
+                ("delete table", format!("delete table inet {NFT_TABLE}")),
+                (
+                    "delete chain",
+                    format!("delete chain inet {NFT_TABLE} ip-mangle-prerouting"),
+                ),
+                (
+                    "delete element",
+                    format!("delete element inet {NFT_TABLE} pods4 {{ {} }}", ips[0]),
+                ),
+            ];
+            for (what, cmd) in damage {
+                w.net.exec_ok("node", &["nft", &cmd])?;
+                let t0 = std::time::Instant::now();
+                assert!(!whole(&w)?, "{what}: nothing was damaged");
+                World::eventually(Duration::from_secs(10), || whole(&w))
+                    .with_context(|| format!("{what} was not repaired"))?;
+                println!("repair after {what}: {:?}", t0.elapsed());
+                for f in [V4, V6] {
+                    let a = w.answer("app", &hostport(f.remote(), 8080), None)?;
+                    assert_has(&a, "ztunnel port=15001", &format!("{what}, {}", f.name()));
+                }
+            }
+            settled(&w)
+        })
+    }
+
+    fn on_firewall_nft<T>(f: impl FnOnce() -> T) -> T {
+        ambient_cni_tests::world::on_firewall(Firewall::Nftables, f)
+    }
 }
