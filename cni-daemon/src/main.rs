@@ -397,7 +397,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         warn!(dir = %cfg.state_dir.display(), "state from a previous boot discarded");
     }
     info!(pods = reg.len(), namespaces = ?cfg.ambient_namespaces, ip_families = %cfg.ip_families, "starting");
-    let daemon = Arc::new(Daemon::new(cfg.clone(), dp, Some(store), reg));
+    let daemon = Arc::new(Daemon::new(cfg.clone(), dp.clone(), Some(store), reg));
     // Bring the kernel in line before serving: restores every recorded pod, flushes nothing.
     let first = daemon.resync().await;
     if !first.ok() {
@@ -427,6 +427,16 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener =
         server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "serving");
+    // nftables: a change to our table by someone else (NFNLGRP_NFTABLES) resyncs at once.
+    let kick = Arc::new(tokio::sync::Notify::new());
+    let k = kick.clone();
+    match dp.watch_firewall(move || k.notify_one()) {
+        Ok(true) => info!("watching nf_tables notifications for our table"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(error = %e, "no nf_tables notifications; drift is repaired at the next resync")
+        }
+    }
     let resync = {
         let d = daemon.clone();
         let every = cfg.resync_interval;
@@ -434,7 +444,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                t.tick().await;
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = kick.notified() => {}
+                }
                 d.resync().await;
             }
         })

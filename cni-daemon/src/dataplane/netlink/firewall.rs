@@ -76,6 +76,18 @@ impl FwDriver {
     }
 }
 
+impl RealDataplane {
+    /// With the nftables firewall: calls `on_change` (from a thread of its own) whenever someone
+    /// else changes our table, so that the caller can resync at once. False (and nothing
+    /// started) with the iptables firewall, which has no such notifications.
+    pub fn watch_firewall(&self, on_change: impl Fn() + Send + 'static) -> DpResult<bool> {
+        match &self.fw {
+            FwDriver::Iptables(_) => Ok(false),
+            FwDriver::Nftables(_) => super::nft::watch(&self.node, on_change).map(|()| true),
+        }
+    }
+}
+
 impl Firewall for RealDataplane {
     async fn podset_list(&self, family: Family) -> DpResult<IpsetState> {
         match &self.fw {

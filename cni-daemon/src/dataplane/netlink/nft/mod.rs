@@ -350,6 +350,33 @@ fn probe(s: &mut NftSocket) -> DpResult<()> {
     }
 }
 
+/// Watches our table for changes by others (NFNLGRP_NFTABLES) on a thread of its own and calls
+/// `on_change` for each, so that damage is repaired at once instead of at the next resync.
+pub(super) fn watch(node: &NsWorker, on_change: impl Fn() + Send + 'static) -> DpResult<()> {
+    let mut mon = node
+        .run_sync(NftMonitor::open)?
+        .map_err(|e| DpError::Netlink {
+            what: "subscribe to nf_tables notifications".into(),
+            msg: e.to_string(),
+        })?;
+    std::thread::Builder::new()
+        .name("nft-monitor".into())
+        .spawn(move || loop {
+            match mon.wait(TABLE) {
+                Ok(()) => on_change(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "nf_tables notifications: receive failed");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| DpError::Netlink {
+            what: "start the nf_tables notification thread".into(),
+            msg: e.to_string(),
+        })
+}
+
 impl NftFirewall {
     /// Opens the node's socket and checks that the kernel speaks nf_tables. Writes nothing.
     pub(super) fn open(node: &NsWorker) -> DpResult<Self> {

@@ -344,11 +344,95 @@ pub(crate) fn parse(mut buf: &[u8]) -> Result<Vec<(u32, Reply<'_>)>, NftError> {
 
 const RECV_BUF: usize = 1 << 20;
 
+/// `NFNLGRP_NFTABLES`: the multicast group of nf_tables change notifications.
+const NFNLGRP_NFTABLES: u32 = 7;
+
+/// Netlink ports of our own open nf_tables sockets: what they change is no damage.
+static OWN_PORTS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn own_ports() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    OWN_PORTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A socket subscribed to nf_tables' change notifications, in the namespace of the thread that
+/// opened it.
+pub(crate) struct NftMonitor {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl NftMonitor {
+    /// Opens and subscribes.
+    pub(crate) fn open() -> io::Result<Self> {
+        let mut sock = Socket::new(NETLINK_NETFILTER)?;
+        sock.bind_auto()?;
+        sock.add_membership(NFNLGRP_NFTABLES)?;
+        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
+        Ok(NftMonitor {
+            sock,
+            buf: Vec::with_capacity(RECV_BUF),
+        })
+    }
+
+    /// Blocks until someone other than us changed table `table` of family inet (or the kernel
+    /// dropped notifications: ENOBUFS, which may have hidden one).
+    pub(crate) fn wait(&mut self, table: &str) -> io::Result<()> {
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, 0) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if touches(&self.buf, table) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Does this datagram of notifications change `table` (inet), by someone other than us?
+pub(crate) fn touches(mut buf: &[u8], table: &str) -> bool {
+    while let (Some(len), Some(ty), Some(pid)) =
+        (read_u32(buf, 0), read_u16(buf, 4), read_u32(buf, 12))
+    {
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return false;
+        }
+        let payload = buf.get(NLMSG_HDRLEN..len).unwrap_or(&[]);
+        let ours = own_ports().contains(&pid);
+        // NEWGEN (15) closes every transaction: no object of its own.
+        if ty >> 8 == NFNL_SUBSYS_NFTABLES && ty & 0xff != 15 && !ours {
+            let family = payload.first().copied();
+            // Attribute 1 is the table's name in table, chain, rule, set and element messages.
+            let name = payload.get(NFGENMSG_LEN..).and_then(|a| attr_str(a, 1));
+            if family == Some(NFPROTO_INET) && name == Some(table) {
+                return true;
+            }
+        }
+        buf = buf.get(align4(len).min(buf.len())..).unwrap_or(&[]);
+    }
+    false
+}
+
 /// A NETLINK_NETFILTER socket in the namespace of the thread that opened it.
 pub(crate) struct NftSocket {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Our netlink port (kept in [`OWN_PORTS`] while the socket is open).
+    port: u32,
+}
+
+impl Drop for NftSocket {
+    fn drop(&mut self) {
+        let mut p = own_ports();
+        if let Some(i) = p.iter().position(|x| *x == self.port) {
+            p.swap_remove(i);
+        }
+    }
 }
 
 impl NftSocket {
@@ -363,10 +447,15 @@ impl NftSocket {
         // A bulk repair sends a few hundred KiB in one batch.
         let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
         let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
+        let mut addr = SocketAddr::new(0, 0);
+        sock.get_address(&mut addr)?;
+        let port = addr.port_number();
+        own_ports().push(port);
         Ok(NftSocket {
             sock,
             seq: 1,
             buf: Vec::with_capacity(RECV_BUF),
+            port,
         })
     }
 
@@ -532,6 +621,23 @@ mod tests {
         assert_eq!(attr_str(attrs, NFTA_TABLE_NAME), Some("ambient-cni"));
         let hook = attr(attrs, NFTA_CHAIN_HOOK).expect("hook");
         assert_eq!(attr_be32(hook, NFTA_HOOK_HOOKNUM), Some(3));
+    }
+
+    #[test]
+    fn notifications_of_our_table_by_others_count() {
+        let mut m = Msg::new(NFT_MSG_DELCHAIN, 0);
+        m.put_str(NFTA_CHAIN_TABLE, "ambient-cni")
+            .put_str(NFTA_CHAIN_NAME, "ip-mangle-prerouting");
+        let mut b = m.finish(1).expect("encodes");
+        b[12..16].copy_from_slice(&4242u32.to_ne_bytes());
+        assert!(touches(&b, "ambient-cni"));
+        assert!(!touches(&b, "ambient-cni-other"));
+        own_ports().push(4242);
+        assert!(!touches(&b, "ambient-cni"), "our own change");
+        own_ports().retain(|p| *p != 4242);
+        for cut in 0..b.len() {
+            let _ = touches(&b[..cut], "ambient-cni");
+        }
     }
 
     #[test]
