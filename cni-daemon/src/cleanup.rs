@@ -166,6 +166,51 @@ pub async fn clean_families<D: Dataplane>(
     report
 }
 
+/// Removes the objects of the *other* firewall driver (`dp` is a dataplane opened with it): its
+/// chains in the node netns and in the ztunnel netns `zt` (the one of the previous run), and
+/// its pod sets. For a daemon switched from iptables to nftables or back, called once its own
+/// objects are all in place (its first reconcile succeeded), so that no enrolled pod's TCP is
+/// ever without capture. Idempotent: nothing to remove is no error.
+pub async fn retire_firewall<D: Dataplane>(
+    dp: &D,
+    cfg: &Config,
+    zt: Option<&Ztunnel>,
+) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    let fams = families();
+    if let Some(z) = zt {
+        if let Ns::Pod(p) = &z.ns {
+            if dp.netns_alive(Path::new(p)) {
+                for f in &fams {
+                    let ip = z.ip_of(*f).unwrap_or(f.unspecified());
+                    note(
+                        &mut report,
+                        format!("{f} chains remove in {}", z.ns),
+                        dp.chains_remove(&z.ns, *f, &zt_chains(cfg, *f, z, ip))
+                            .await,
+                    );
+                }
+            }
+        }
+    }
+    for f in &fams {
+        note(
+            &mut report,
+            format!("{f} chains remove in node"),
+            dp.chains_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
+                .await,
+        );
+    }
+    for f in &fams {
+        note(
+            &mut report,
+            format!("{f} pod set destroy"),
+            dp.podset_destroy(*f).await,
+        );
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

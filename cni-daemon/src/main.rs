@@ -291,6 +291,40 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
     Ok(dp)
 }
 
+/// After a switch of `--firewall` (iptables → nftables or back): removes what the other driver
+/// left, once ours is in place. Without the other's kernel support (no nf_tables, no iptables
+/// tools) there is nothing of it to remove.
+async fn retire_other_firewall(
+    k: &KernelArgs,
+    cfg: &Config,
+    zt: Option<&ambient_cni_daemon::reconcile::Ztunnel>,
+) {
+    let other = match k.firewall {
+        FirewallArg::Iptables => FirewallKind::Nftables,
+        FirewallArg::Nftables => FirewallKind::Iptables,
+    };
+    let dp = match RealDataplane::new(RealConfig {
+        node_netns: None,
+        route_protocol: k.route_protocol,
+        firewall: other,
+        iptables_backend: match k.iptables_backend {
+            Backend::Auto => IptablesBackend::Auto,
+            Backend::Legacy => IptablesBackend::Legacy,
+            Backend::Nft => IptablesBackend::Nft,
+        },
+        ipset_name: IPSET_NAME.to_string(),
+        ipset_name6: IPSET_NAME6.to_string(),
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            info!(firewall = %other, error = %e, "not removing objects of the other firewall: it cannot be opened here");
+            return;
+        }
+    };
+    let r = cleanup::retire_firewall(&dp, cfg, zt).await;
+    info!(firewall = %other, done = r.applied.len(), errors = ?r.errors, "removed what the other firewall left (if anything)");
+}
+
 fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
     let mut namespaces: BTreeSet<String> = a
         .ambient_namespaces
@@ -397,11 +431,18 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         warn!(dir = %cfg.state_dir.display(), "state from a previous boot discarded");
     }
     info!(pods = reg.len(), namespaces = ?cfg.ambient_namespaces, ip_families = %cfg.ip_families, "starting");
+    // The ztunnel of the previous run: a switch of firewall removes the old one's chains there.
+    let zt_before = reg
+        .ztunnel()
+        .and_then(ambient_cni_daemon::reconcile::Ztunnel::from_record);
     let daemon = Arc::new(Daemon::new(cfg.clone(), dp.clone(), Some(store), reg));
     // Bring the kernel in line before serving: restores every recorded pod, flushes nothing.
     let first = daemon.resync().await;
     if !first.ok() {
         error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
+    }
+    if first.ok() {
+        retire_other_firewall(&a.kernel, &cfg, zt_before.as_ref()).await;
     }
     start_kube_watcher(kube, &daemon);
     let watcher = (!a.no_event_repair).then(|| tokio::spawn(events::run(daemon.clone(), None)));

@@ -429,6 +429,28 @@ impl World {
         self.start_daemon()
     }
 
+    /// Restarts the daemon with another `--firewall` (the kernel state stays while it is down).
+    pub fn switch_firewall(&mut self, fw: Firewall) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        let mut args = Vec::new();
+        let mut it = std::mem::take(&mut self.daemon_args).into_iter();
+        while let Some(a) = it.next() {
+            if a == "--firewall" {
+                it.next();
+            } else {
+                args.push(a);
+            }
+        }
+        if fw == Firewall::Nftables {
+            args.extend(["--firewall".to_string(), "nftables".to_string()]);
+        }
+        self.daemon_args = args;
+        self.firewall = fw;
+        self.start_daemon()
+    }
+
     /// The firewall this world's daemon runs with.
     pub fn firewall(&self) -> Firewall {
         self.firewall

@@ -783,6 +783,86 @@ mod nft {
         })
     }
 
+    /// iptables → nftables → iptables on a dual-stack node, the daemon restarted with the other
+    /// `--firewall` each time: TCP of the enrolled pod is captured before, while the daemon is
+    /// down, and after each switch; after each, nothing of the other firewall is left in the node
+    /// or the ztunnel netns. (Connections are checked one after another at each step, not as a
+    /// continuous stream.)
+    #[test]
+    fn switching_firewall_leaves_nothing_of_the_other() -> Result<()> {
+        if !require_root() {
+            return Ok(());
+        }
+        let (mut w, _zt, app, _other) = paths_world("fwswitch", Family::Dual)?;
+        let captured = |w: &World, when: &str| -> Result<()> {
+            for f in [V4, V6] {
+                let a = w.answer("app", &hostport(f.remote(), 8080), None)?;
+                assert_has(&a, "ztunnel port=15001", &format!("{when}, {}", f.name()));
+            }
+            Ok(())
+        };
+        let ipt_left = |w: &World| -> Result<Vec<String>> {
+            let mut left = Vec::new();
+            for ns in ["node", "zt"] {
+                for tool in ["iptables-save", "ip6tables-save"] {
+                    let out = w.net.exec_ok(ns, &[tool])?;
+                    left.extend(
+                        out.lines()
+                            .filter(|l| l.contains("ztunnel-"))
+                            .map(|l| format!("{ns}: {l}")),
+                    );
+                }
+            }
+            let sets = w.net.exec_ok("node", &["ipset", "list", "-n"])?;
+            left.extend(
+                sets.lines()
+                    .filter(|l| l.contains("ztunnel-pods"))
+                    .map(str::to_string),
+            );
+            Ok(left)
+        };
+        let nft_left = |w: &World| -> Result<Vec<String>> {
+            let mut left = Vec::new();
+            for ns in ["node", "zt"] {
+                let out = w.net.exec_ok(ns, &["nft", "list", "tables"])?;
+                left.extend(
+                    out.lines()
+                        .filter(|l| l.trim() == format!("table inet {NFT_TABLE}"))
+                        .map(|l| format!("{ns}: {l}")),
+                );
+            }
+            Ok(left)
+        };
+        captured(&w, "iptables")?;
+        assert!(
+            !ipt_left(&w)?.is_empty(),
+            "the iptables driver made nothing?"
+        );
+        for (to, name) in [
+            (Firewall::Nftables, "nftables"),
+            (Firewall::Iptables, "iptables"),
+        ] {
+            if let Some(d) = w.daemon.as_mut() {
+                d.stop();
+            }
+            captured(&w, &format!("daemon down before switching to {name}"))?;
+            w.switch_firewall(to)?;
+            captured(&w, &format!("after switching to {name}"))?;
+            let (mine, other) = match to {
+                Firewall::Nftables => (nft_left(&w)?, ipt_left(&w)?),
+                Firewall::Iptables => (ipt_left(&w)?, nft_left(&w)?),
+            };
+            assert!(!mine.is_empty(), "{name}: nothing of ours");
+            assert!(
+                other.is_empty(),
+                "after switching to {name}, left of the other: {other:?}"
+            );
+            assert!(w.pod_set("node", false)?.contains(&app.need_ip4()?));
+            settled(&w)?;
+        }
+        Ok(())
+    }
+
     fn on_firewall_nft<T>(f: impl FnOnce() -> T) -> T {
         ambient_cni_tests::world::on_firewall(Firewall::Nftables, f)
     }
