@@ -63,8 +63,10 @@ impl Node {
 
     /// A dual-stack node (`--ip-families v4,v6`) with a dual-stack ztunnel on vethz.
     async fn dual_stack() -> Node {
-        let mut c = Config::default();
-        c.ip_families = crate::config::IpFamilies { v4: true, v6: true };
+        let c = Config {
+            ip_families: crate::config::IpFamilies { v4: true, v6: true },
+            ..Default::default()
+        };
         Node::with_ztunnel_of(c, &["10.244.1.9", "fd00:10:244:1::9"]).await
     }
 
