@@ -480,7 +480,9 @@ fn repair_each_drift(
         })?;
         let repairs: Vec<TraceEvent> = trace(d)?
             .into_iter()
-            .filter(|e| e.kind == "repair" && e.unix_ms + 5 >= t0)
+            // `repair` from the periodic resync, `event` from the repair on rtnetlink events
+            // (which usually comes first for links, rules and routes).
+            .filter(|e| (e.kind == "repair" || e.kind == "event") && e.unix_ms + 5 >= t0)
             .collect();
         ensure!(
             repairs
