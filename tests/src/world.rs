@@ -429,6 +429,24 @@ impl World {
         self.start_daemon()
     }
 
+    /// Restarts the daemon with each `(flag, value)` of `settings` in its arguments instead of
+    /// what it had for that flag: `Some(v)` sets `flag v`, `None` drops the flag (kept for later
+    /// restarts; the kernel state stays while it is down).
+    pub fn restart_daemon_setting(&mut self, settings: &[(&str, Option<&str>)]) -> Result<()> {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        for (flag, value) in settings {
+            if let Some(i) = self.daemon_args.iter().position(|a| a == flag) {
+                self.daemon_args.drain(i..i + 2);
+            }
+            if let Some(v) = value {
+                self.daemon_args.extend([flag.to_string(), v.to_string()]);
+            }
+        }
+        self.start_daemon()
+    }
+
     /// Restarts the daemon with another `--firewall` (the kernel state stays while it is down).
     pub fn switch_firewall(&mut self, fw: Firewall) -> Result<()> {
         if let Some(mut d) = self.daemon.take() {

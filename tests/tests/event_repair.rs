@@ -21,18 +21,10 @@ const METRICS: &str = "127.0.0.1:15014";
 /// Restarts the world's daemon with a 10-minute resync and the metrics endpoint (inside the node
 /// netns: its loopback is its own).
 fn slow_resync(w: &mut World) -> Result<()> {
-    if let Some(mut d) = w.daemon.take() {
-        d.stop();
-    }
-    let i = w
-        .daemon_args
-        .iter()
-        .position(|a| a == "--resync-interval-ms")
-        .context("World sets the interval")?;
-    w.daemon_args[i + 1] = LONG_RESYNC.into();
-    w.daemon_args
-        .extend(["--metrics-addr".to_string(), METRICS.to_string()]);
-    w.start_daemon()
+    w.restart_daemon_setting(&[
+        ("--resync-interval-ms", Some(LONG_RESYNC)),
+        ("--metrics-addr", Some(METRICS)),
+    ])
 }
 
 /// `GET /metrics` from inside netns `ns` (a thread that entered it).

@@ -12,17 +12,9 @@ use ambient_cni_tests::{require_root, run_cmd, workspace_bin, COMMAND_TIMEOUT};
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
+/// Restarts the daemon with a 10-minute resync: only what explain reads decides the verdicts.
 fn slow_resync(w: &mut World) -> Result<()> {
-    if let Some(mut d) = w.daemon.take() {
-        d.stop();
-    }
-    let i = w
-        .daemon_args
-        .iter()
-        .position(|a| a == "--resync-interval-ms")
-        .context("World sets the interval")?;
-    w.daemon_args[i + 1] = "600000".into();
-    w.start_daemon()
+    w.restart_daemon_setting(&[("--resync-interval-ms", Some("600000"))])
 }
 
 /// `ambient-cnid explain SRC DST [--in IFACE] [--json]` in the node netns.

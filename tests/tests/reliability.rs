@@ -522,7 +522,7 @@ fn repair_each_drift(
 
 /// (2) Drift: with the real kernel, an outside agent flushes the ipset, flushes our mangle chain,
 /// deletes rule 101, deletes a pod's table-100 route, deletes istioin: each is repaired within
-/// 5 s (resync every 500 ms, then with the default 2 s), shows up as a `repair` in the trace,
+/// 5 s (resync every 500 ms, then with the default 2 s), shows up as a `repair` or `event` in the trace,
 /// and the pod is captured again. Objects of other owners (routes with other protocols in tables
 /// 100/101, another ipset, another mangle chain jumped to before ours setting another mark bit,
 /// rules at priority 104 and at our priority 101 with another mark) survive every resync.
@@ -559,16 +559,7 @@ fn drift_is_repaired_within_5s_and_foreign_objects_are_never_touched() -> Result
 
     let fast = repair_each_drift(&w, &app, ipt, "resync 500 ms")?;
     // The default resync period (2 s): the same daemon state, restarted without the override.
-    if let Some(mut d) = w.daemon.take() {
-        d.stop();
-    }
-    let i = w
-        .daemon_args
-        .iter()
-        .position(|a| a == "--resync-interval-ms")
-        .context("World sets the interval")?;
-    w.daemon_args.drain(i..i + 2);
-    w.start_daemon()?;
+    w.restart_daemon_setting(&[("--resync-interval-ms", None)])?;
     let default = repair_each_drift(&w, &app, ipt, "default resync")?;
     let worst = |v: &[(&str, Duration)]| v.iter().map(|(_, d)| *d).max().unwrap_or_default();
     println!(
