@@ -28,7 +28,6 @@ use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use tokio::io::unix::AsyncFd;
@@ -37,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{tables, Config};
 use crate::daemon::Daemon;
+use crate::dataplane::netlink::{route_table_of, rule_priority_of, rule_protocol_of};
 use crate::dataplane::Dataplane;
 use crate::reconcile::desired::{NODE_RULE_PRIORITIES, NODE_TABLES, ZT_RULE_PRIORITIES, ZT_TABLES};
 
@@ -130,42 +130,12 @@ pub struct Filter {
     our_links: HashSet<u32>,
 }
 
-fn route_table(m: &RouteMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(m.header.table))
-}
-
 fn route_dst(m: &RouteMessage) -> Option<IpAddr> {
     m.attributes.iter().find_map(|a| match a {
         RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
         RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
         _ => None,
     })
-}
-
-fn rule_priority(m: &RuleMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Priority(p) => Some(*p),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-fn rule_protocol(m: &RuleMessage) -> u8 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Protocol(p) => Some(u8::from(*p)),
-            _ => None,
-        })
-        .unwrap_or(0)
 }
 
 fn link_name(m: &LinkMessage) -> Option<&str> {
@@ -192,7 +162,7 @@ impl Filter {
         match msg {
             RouteNetlinkMessage::DelRoute(m) => {
                 let ours = u8::from(m.header.protocol) == i.protocol;
-                let table = route_table(m);
+                let table = route_table_of(m);
                 if !ours && !i.tables.contains(&table) {
                     return Verdict::Ignore;
                 }
@@ -208,14 +178,17 @@ impl Filter {
             RouteNetlinkMessage::NewRoute(m) => {
                 // A route of ours appearing is our own doing; another protocol's route in one of
                 // our tables may have replaced ours.
-                if u8::from(m.header.protocol) != i.protocol && i.tables.contains(&route_table(m)) {
+                if u8::from(m.header.protocol) != i.protocol
+                    && i.tables.contains(&route_table_of(m))
+                {
                     Verdict::Repair("route")
                 } else {
                     Verdict::Ignore
                 }
             }
             RouteNetlinkMessage::DelRule(m) => {
-                if rule_protocol(m) == i.protocol || i.priorities.contains(&rule_priority(m)) {
+                if rule_protocol_of(m) == i.protocol || i.priorities.contains(&rule_priority_of(m))
+                {
                     Verdict::Repair("rule")
                 } else {
                     Verdict::Ignore

@@ -70,6 +70,15 @@ enum FirewallArg {
     Nftables,
 }
 
+impl FirewallArg {
+    fn kind(self) -> FirewallKind {
+        match self {
+            FirewallArg::Iptables => FirewallKind::Iptables,
+            FirewallArg::Nftables => FirewallKind::Nftables,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     Veth,
@@ -270,15 +279,12 @@ fn init_logs(filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The real dataplane, in the netns the daemon runs in. Must be called inside the runtime.
-fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
-    let dp = RealDataplane::new(RealConfig {
+/// The dataplane's settings from the kernel flags, with `firewall` as its firewall driver.
+fn real_config(k: &KernelArgs, firewall: FirewallKind) -> RealConfig {
+    RealConfig {
         node_netns: None,
         route_protocol: k.route_protocol,
-        firewall: match k.firewall {
-            FirewallArg::Iptables => FirewallKind::Iptables,
-            FirewallArg::Nftables => FirewallKind::Nftables,
-        },
+        firewall,
         iptables_backend: match k.iptables_backend {
             Backend::Auto => IptablesBackend::Auto,
             Backend::Legacy => IptablesBackend::Legacy,
@@ -286,8 +292,13 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
         },
         ipset_name: IPSET_NAME.to_string(),
         ipset_name6: IPSET_NAME6.to_string(),
-    })
-    .context("opening the kernel dataplane")?;
+    }
+}
+
+/// The real dataplane, in the netns the daemon runs in. Must be called inside the runtime.
+fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
+    let dp = RealDataplane::new(real_config(k, k.firewall.kind()))
+        .context("opening the kernel dataplane")?;
     Ok(dp)
 }
 
@@ -299,22 +310,11 @@ async fn retire_other_firewall(
     cfg: &Config,
     zt: Option<&ambient_cni_daemon::reconcile::Ztunnel>,
 ) {
-    let other = match k.firewall {
-        FirewallArg::Iptables => FirewallKind::Nftables,
-        FirewallArg::Nftables => FirewallKind::Iptables,
+    let other = match k.firewall.kind() {
+        FirewallKind::Iptables => FirewallKind::Nftables,
+        FirewallKind::Nftables => FirewallKind::Iptables,
     };
-    let dp = match RealDataplane::new(RealConfig {
-        node_netns: None,
-        route_protocol: k.route_protocol,
-        firewall: other,
-        iptables_backend: match k.iptables_backend {
-            Backend::Auto => IptablesBackend::Auto,
-            Backend::Legacy => IptablesBackend::Legacy,
-            Backend::Nft => IptablesBackend::Nft,
-        },
-        ipset_name: IPSET_NAME.to_string(),
-        ipset_name6: IPSET_NAME6.to_string(),
-    }) {
+    let dp = match RealDataplane::new(real_config(k, other)) {
         Ok(d) => d,
         Err(e) => {
             info!(firewall = %other, error = %e, "not removing objects of the other firewall: it cannot be opened here");
