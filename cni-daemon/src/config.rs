@@ -15,6 +15,17 @@ pub const IPSET_NAME: &str = "ztunnel-pods-ips";
 /// Name of the ipset of enrolled pod IPv6 addresses (family inet6), the seed-style mirror.
 pub const IPSET_NAME6: &str = "ztunnel-pods-ips6";
 
+/// Our nftables table (family inet) on the nftables firewall.
+pub const NFT_TABLE: &str = "ambient-cni";
+
+/// The nft set of a family in our table, on the nftables firewall.
+pub fn nft_set_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "pods4",
+        Family::V6 => "pods6",
+    }
+}
+
 /// The ipset name of a family.
 pub fn ipset_name(f: Family) -> &'static str {
     match f {

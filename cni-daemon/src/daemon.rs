@@ -1115,7 +1115,7 @@ impl<D: Dataplane> Daemon<D> {
         let pending: Vec<String> = match &have {
             Ok(h) => reconcile::plan(&want, h)
                 .iter()
-                .map(|o| o.to_string())
+                .map(|o| o.text(self.dp.is_nftables()).to_string())
                 .collect(),
             Err(_) => vec![],
         };

@@ -68,13 +68,23 @@ enum Backend {
 enum FirewallArg {
     Iptables,
     Nftables,
+    /// nftables where our nft table or kube-proxy's nftables tables exist, else iptables.
+    Auto,
 }
 
 impl FirewallArg {
+    /// The driver; `auto` is decided once per process (the first call, before anything is
+    /// written) and logged with its reason.
     fn kind(self) -> FirewallKind {
+        static AUTO: std::sync::OnceLock<FirewallKind> = std::sync::OnceLock::new();
         match self {
             FirewallArg::Iptables => FirewallKind::Iptables,
             FirewallArg::Nftables => FirewallKind::Nftables,
+            FirewallArg::Auto => *AUTO.get_or_init(|| {
+                let (k, why) = ambient_cni_daemon::dataplane::netlink::detect_firewall();
+                info!(firewall = %k, reason = %why, "--firewall auto");
+                k
+            }),
         }
     }
 }
@@ -87,8 +97,9 @@ enum Mode {
 
 #[derive(Args)]
 struct KernelArgs {
-    /// Firewall driver for the pod sets and our chains: iptables (+ ipset) or nftables (one
-    /// `inet ambient-cni` table written over netlink; no `nft` binary needed).
+    /// Firewall driver for the pod sets and our chains: iptables (+ ipset), nftables (one
+    /// `inet ambient-cni` table written over netlink; no `nft` binary needed), or auto
+    /// (nftables where our table or kube-proxy's nftables-mode tables exist).
     #[arg(
         long,
         value_enum,

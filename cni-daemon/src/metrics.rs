@@ -147,15 +147,18 @@ impl Default for Metrics {
     }
 }
 
-/// The object kind of one applied operation, from its text (see `reconcile::Op`'s Display).
+/// The object kind of one applied operation, from its text (see `reconcile::Op::text`): on
+/// the nftables firewall the pod set is `nft_set` and the chains `nft_chains`.
 pub fn object_of(line: &str) -> &'static str {
     let mut w = line.split_whitespace();
     match (w.next().unwrap_or(""), w.next().unwrap_or("")) {
         ("create", "ipset") | ("ipset", _) => "ipset",
+        ("create", "nft") | ("nft", "add" | "delete") => "nft_set",
+        ("nft", "batch") => "nft_chains",
         ("create", "tunnel") | ("delete", "link") => "link",
         ("route", _) => "route",
         ("rule", _) => "rule",
-        ("iptables-restore", _) => "iptables",
+        ("iptables-restore" | "ip6tables-restore", _) => "iptables",
         ("sysctl", _) => "sysctl",
         _ => "other",
     }

@@ -211,7 +211,18 @@ fn object_kinds_of_applied_lines() {
             "iptables-restore in node: mangle/ztunnel-PREROUTING",
             "iptables",
         ),
+        (
+            "ip6tables-restore in node: mangle/ztunnel-PREROUTING",
+            "iptables",
+        ),
         ("sysctl net/ipv4/conf/x/rp_filter=2 in node", "sysctl"),
+        ("create nft set inet ambient-cni pods4", "nft_set"),
+        ("nft add element pods6 fd10::2 (owner u)", "nft_set"),
+        ("nft delete element pods4 10.0.0.1", "nft_set"),
+        (
+            "nft batch in node: table inet ambient-cni chains ip-mangle-prerouting",
+            "nft_chains",
+        ),
     ] {
         assert_eq!(object_of(line), kind, "{line}");
     }

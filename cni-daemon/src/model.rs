@@ -280,6 +280,22 @@ pub struct Chain {
     pub rules: Vec<String>,
 }
 
+impl Chain {
+    /// Its base chain of family `f` in our nft table (nftables firewall): `ip-mangle-prerouting`,
+    /// `ip6-nat-output`.
+    pub fn nft_name(&self, f: Family) -> String {
+        let fam = match f {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        };
+        format!(
+            "{fam}-{}-{}",
+            self.table.to_ascii_lowercase(),
+            self.hook.to_ascii_lowercase()
+        )
+    }
+}
+
 /// What the iptables side of one namespace looks like, as far as our chains go.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IptablesState {

@@ -3,10 +3,12 @@
 //! held closed without a ztunnel; with one, captured on 15001/15006/15008, direct when not
 //! enrolled, ztunnel's own and spoofed connections and the node's probe straight to the pod — and
 //! after an outside flush of the set it names the cause. The daemon runs with a 10-minute resync
-//! so that the drift stays while it is explained.
+//! so that the drift stays while it is explained. The `nft_` tests run the same on
+//! `--firewall nftables`, where explain reads our nft table instead of iptables and the ipset.
 
 use ambient_cni_tests::world::{
-    hostport, Family, Pod, World, AMBIENT_NS, POD_GW, POD_GW6, REMOTE_IP, REMOTE_IP6,
+    hostport, on_firewall, Family, Firewall, Pod, World, AMBIENT_NS, NFT_TABLE, POD_GW, POD_GW6,
+    REMOTE_IP, REMOTE_IP6,
 };
 use ambient_cni_tests::{require_root, run_cmd, workspace_bin, COMMAND_TIMEOUT};
 use anyhow::{ensure, Context, Result};
@@ -211,7 +213,14 @@ fn paths(family: Family, tag: &str) -> Result<()> {
     );
 
     // Drift: the set flushed from outside (the resync is 10 minutes away).
-    w.net.exec_ok("node", &["ipset", "flush", set])?;
+    match w.firewall() {
+        Firewall::Iptables => w.net.exec_ok("node", &["ipset", "flush", set])?,
+        Firewall::Nftables => {
+            let nft_set = if v6 { "pods6" } else { "pods4" };
+            w.net
+                .exec_ok("node", &["nft", "flush", "set", "inet", NFT_TABLE, nft_set])?
+        }
+    };
     let e: Value = serde_json::from_str(&explain(&w, &app_ip, &remote, None, true)?)?;
     let v = e["forward"]["verdict"].as_str().unwrap_or_default();
     println!("after an outside flush of {set}, app → remote: {v}");
@@ -254,4 +263,21 @@ fn explain_agrees_with_real_tcp_on_every_path_ipv6() -> Result<()> {
         return Ok(());
     }
     paths(Family::V6, "explain6")
+}
+
+/// The same paths on `--firewall nftables`: explain reads table inet ambient-cni (auto-detected).
+#[test]
+fn nft_explain_agrees_with_real_tcp_on_every_path() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    on_firewall(Firewall::Nftables, || paths(Family::V4, "nexplain"))
+}
+
+#[test]
+fn nft_explain_agrees_with_real_tcp_on_every_path_ipv6() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    on_firewall(Firewall::Nftables, || paths(Family::V6, "nexplain6"))
 }

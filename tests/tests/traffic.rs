@@ -14,7 +14,7 @@ use ambient_cni_tests::require_root;
 use ambient_cni_tests::world::{
     hostport, Family, Firewall, Pod, World, NFT_TABLE, POD_GW, POD_GW6, REMOTE_IP, REMOTE_IP6,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 fn assert_has(answer: &str, want: &str, what: &str) {
     assert!(
@@ -801,38 +801,6 @@ mod nft {
             }
             Ok(())
         };
-        let ipt_left = |w: &World| -> Result<Vec<String>> {
-            let mut left = Vec::new();
-            for ns in ["node", "zt"] {
-                for tool in ["iptables-save", "ip6tables-save"] {
-                    let out = w.net.exec_ok(ns, &[tool])?;
-                    left.extend(
-                        out.lines()
-                            .filter(|l| l.contains("ztunnel-"))
-                            .map(|l| format!("{ns}: {l}")),
-                    );
-                }
-            }
-            let sets = w.net.exec_ok("node", &["ipset", "list", "-n"])?;
-            left.extend(
-                sets.lines()
-                    .filter(|l| l.contains("ztunnel-pods"))
-                    .map(str::to_string),
-            );
-            Ok(left)
-        };
-        let nft_left = |w: &World| -> Result<Vec<String>> {
-            let mut left = Vec::new();
-            for ns in ["node", "zt"] {
-                let out = w.net.exec_ok(ns, &["nft", "list", "tables"])?;
-                left.extend(
-                    out.lines()
-                        .filter(|l| l.trim() == format!("table inet {NFT_TABLE}"))
-                        .map(|l| format!("{ns}: {l}")),
-                );
-            }
-            Ok(left)
-        };
         captured(&w, "iptables")?;
         assert!(
             !ipt_left(&w)?.is_empty(),
@@ -860,6 +828,100 @@ mod nft {
             assert!(w.pod_set("node", false)?.contains(&app.need_ip4()?));
             settled(&w)?;
         }
+        Ok(())
+    }
+
+    /// What the iptables driver left in the node and ztunnel netns: our chains and pod sets.
+    fn ipt_left(w: &World) -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        for ns in ["node", "zt"] {
+            for tool in ["iptables-save", "ip6tables-save"] {
+                let out = w.net.exec_ok(ns, &[tool])?;
+                left.extend(
+                    out.lines()
+                        .filter(|l| l.contains("ztunnel-"))
+                        .map(|l| format!("{ns}: {l}")),
+                );
+            }
+        }
+        let sets = w.net.exec_ok("node", &["ipset", "list", "-n"])?;
+        left.extend(
+            sets.lines()
+                .filter(|l| l.contains("ztunnel-pods"))
+                .map(str::to_string),
+        );
+        Ok(left)
+    }
+
+    /// Our nft table in the node and ztunnel netns, where it exists.
+    fn nft_left(w: &World) -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        for ns in ["node", "zt"] {
+            let out = w.net.exec_ok(ns, &["nft", "list", "tables"])?;
+            left.extend(
+                out.lines()
+                    .filter(|l| l.trim() == format!("table inet {NFT_TABLE}"))
+                    .map(|l| format!("{ns}: {l}")),
+            );
+        }
+        Ok(left)
+    }
+
+    /// `--firewall auto` follows the node: iptables where nothing speaks nftables; nftables once
+    /// kube-proxy's nftables-mode table is there (restart), and still nftables on the next
+    /// restart after that table is gone (our own table is the sign now). TCP captured each time,
+    /// nothing of the other driver left, and the log says why.
+    #[test]
+    fn auto_firewall_follows_the_node() -> Result<()> {
+        if !require_root() {
+            return Ok(());
+        }
+        let (mut w, _zt, _app, _other) = paths_world("fwauto", Family::V4)?;
+        let captured = |w: &World, when: &str| {
+            let a = w.answer("app", &hostport(V4.remote(), 8080), None)?;
+            assert_has(&a, "ztunnel port=15001", when);
+            anyhow::Ok(())
+        };
+        let auto = [("--firewall", Some("auto"))];
+        let log_says = |w: &World, what: &str| -> Result<()> {
+            let log = w.daemon()?.log_text();
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("--firewall auto"))
+                .unwrap_or_default();
+            println!("{line}");
+            ensure!(
+                line.contains(what),
+                "the last auto decision is not {what:?}:\n{log}"
+            );
+            Ok(())
+        };
+
+        w.restart_daemon_setting(&auto)?;
+        settled(&w)?;
+        log_says(&w, "firewall=iptables")?;
+        captured(&w, "auto on a node without nftables users")?;
+        ensure!(!ipt_left(&w)?.is_empty() && nft_left(&w)?.is_empty());
+
+        w.net
+            .exec_ok("node", &["nft", "add", "table", "ip", "kube-proxy"])?;
+        w.restart_daemon_setting(&auto)?;
+        settled(&w)?;
+        log_says(&w, "kube-proxy runs in nftables mode")?;
+        captured(&w, "auto beside kube-proxy's nftables table")?;
+        let (nft, ipt) = (nft_left(&w)?, ipt_left(&w)?);
+        ensure!(
+            nft.len() == 2 && ipt.is_empty(),
+            "nft {nft:?}, iptables {ipt:?}"
+        );
+
+        w.net
+            .exec_ok("node", &["nft", "delete", "table", "ip", "kube-proxy"])?;
+        w.restart_daemon_setting(&auto)?;
+        settled(&w)?;
+        log_says(&w, "table inet ambient-cni exists")?;
+        captured(&w, "auto after a run on nftables")?;
+        ensure!(ipt_left(&w)?.is_empty());
         Ok(())
     }
 

@@ -88,6 +88,11 @@ pub trait Firewall: Send + Sync + 'static {
             }
         }
     }
+    /// Whether this is the nftables firewall (our table inet ambient-cni): the texts of plans and
+    /// traces name its objects ([`crate::reconcile::Op::text`]).
+    fn is_nftables(&self) -> bool {
+        false
+    }
     /// Create the set of `family` (hash:ip, inet or inet6, with comments) if it does not exist.
     fn podset_create(&self, family: Family) -> impl Future<Output = DpResult<()>> + Send;
     /// Destroy the set of `family` (only after no iptables rule references it).

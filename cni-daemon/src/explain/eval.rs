@@ -237,7 +237,15 @@ fn leg(
 
 /// Explains `q` against `view`.
 pub fn explain(view: &KernelView, names: &Names, q: &Query) -> Explanation {
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = view
+        .node
+        .notes
+        .iter()
+        .map(|n| format!("node: {n}"))
+        .collect();
+    if let Some(z) = &view.ztunnel {
+        notes.extend(z.notes.iter().map(|n| format!("ztunnel: {n}")));
+    }
     if view.ztunnel.is_none() {
         notes.push(match &view.ztunnel_note {
             Some(n) => format!("ztunnel netns not read: {n}"),
@@ -379,3 +387,7 @@ impl Explanation {
 #[cfg(test)]
 #[path = "eval_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "eval_nft_tests.rs"]
+mod nft_tests;

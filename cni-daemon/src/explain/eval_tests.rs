@@ -15,6 +15,7 @@ fn ns(ipt: &str, rules: &str, tables: &[(u32, &str)]) -> NsView {
             .collect(),
         iptables: view::parse_iptables(ipt),
         backend: "nft".into(),
+        notes: Vec::new(),
     }
 }
 
@@ -32,7 +33,7 @@ fn node() -> NsView {
     )
 }
 
-fn world() -> KernelView {
+pub(super) fn world() -> KernelView {
     KernelView {
         node: node(),
         sets: view::parse_ipset(include_str!("fixtures/ipset.txt")),
@@ -50,7 +51,7 @@ fn world() -> KernelView {
     }
 }
 
-fn q(src: &str, dst: &str, dport: u16) -> Query {
+pub(super) fn q(src: &str, dst: &str, dport: u16) -> Query {
     Query {
         src: src.parse().expect("src"),
         dst: dst.parse().expect("dst"),
@@ -60,7 +61,7 @@ fn q(src: &str, dst: &str, dport: u16) -> Query {
     }
 }
 
-fn names() -> Names {
+pub(super) fn names() -> Names {
     Names::of(&Config::default())
 }
 

@@ -48,6 +48,10 @@ pub struct ExplainArgs {
     /// iptables variant, as the daemon's `--iptables-backend`.
     #[arg(long, default_value = "auto", env = "AMBIENT_CNI_IPTABLES_BACKEND")]
     pub iptables_backend: IptablesBackend,
+    /// The dataplane to evaluate, as the daemon's `--firewall`; auto: nftables where table
+    /// inet ambient-cni exists.
+    #[arg(long, value_enum, default_value = "auto", env = "AMBIENT_CNI_FIREWALL")]
+    pub firewall: read::FirewallChoice,
 }
 
 /// `ADDR:PORT` or `[V6]:PORT`.
@@ -125,18 +129,19 @@ pub async fn run(a: ExplainArgs) -> anyhow::Result<()> {
                     .find(|ip| Family::of(*ip) == family)
             })
         });
-    let backend = a.iptables_backend;
+    let (backend, fw, set) = (a.iptables_backend, a.firewall, ipset_name(family));
+    let (node, nft_sets) = read::read_ns(backend, fw, family, set)
+        .map_err(anyhow::Error::msg)
+        .context("reading the node netns")?;
     let mut view = view::KernelView {
-        node: read::read_ns(backend, family)
-            .map_err(anyhow::Error::msg)
-            .context("reading the node netns")?,
-        sets: read::read_sets(&[ipset_name(family)]),
+        node,
+        sets: nft_sets.unwrap_or_else(|| read::read_sets(&[set])),
         ztunnel_ip: zt_ip,
         ..Default::default()
     };
     match &zt_netns {
-        Some(p) => match read::in_netns(p, || read::read_ns(backend, family)) {
-            Ok(Ok(z)) => view.ztunnel = Some(z),
+        Some(p) => match read::in_netns(p, || read::read_ns(backend, fw, family, set)) {
+            Ok(Ok((z, _))) => view.ztunnel = Some(z),
             Ok(Err(e)) | Err(e) => view.ztunnel_note = Some(e),
         },
         None => {

@@ -154,8 +154,10 @@ pub struct NsView {
     pub tables: BTreeMap<u32, Vec<RouteEntry>>,
     /// iptables rules by table: (chain, body after `-A CHAIN `), in order.
     pub iptables: BTreeMap<String, Vec<(String, String)>>,
-    /// The iptables variant read (legacy, nft).
+    /// What was read: the iptables variant (legacy, nft), or our nftables table.
     pub backend: String,
+    /// What the reader met and could not evaluate (a rule of ours without our comment...).
+    pub notes: Vec<String>,
 }
 
 /// Everything `explain` evaluates.

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use super::eval::{Names, Outcome};
 use super::ipt::{Packet, Rule, Target};
+use super::read::NFT_CHAIN;
 use super::view::{KernelView, NsView, RouteEntry, RuleAction};
 use crate::config::tables;
 
@@ -46,7 +47,7 @@ impl Walk<'_> {
         for (_, body) in rules.iter().filter(|(c, _)| c == hook) {
             let r = Rule::parse(body);
             match &r.target {
-                Target::Jump(c) if c.starts_with("ztunnel-") => {
+                Target::Jump(c) if c.starts_with("ztunnel-") || c.starts_with(NFT_CHAIN) => {
                     seen_ours = true;
                     match self.chain(ns, label, table, c, p, 0) {
                         Hook::Continue => {}

@@ -379,21 +379,22 @@ pub async fn apply<D: Dataplane>(dp: &D, ops: &[Op]) -> ApplyReport {
     let mut report = ApplyReport::default();
     // Each line written into a buffer of its final size at once: `to_string` grows it a few
     // times per line, and a restore of 10,000 pods reports 20,000 lines.
+    let nft = dp.is_nftables();
     let text = |op: &Op| {
         use std::fmt::Write;
         let mut s = String::with_capacity(OP_TEXT_CAPACITY);
-        let _ = write!(s, "{op}");
+        let _ = write!(s, "{}", op.text(nft));
         s
     };
     for (op, r) in ops.iter().zip(results) {
         match r.unwrap_or_else(|| {
             Err(DpError::Netlink {
-                what: op.to_string(),
+                what: op.text(nft).to_string(),
                 msg: "no result from the batch".into(),
             })
         }) {
             Ok(()) => report.applied.push(text(op)),
-            Err(e) => report.errors.push(format!("{op}: {e}")),
+            Err(e) => report.errors.push(format!("{}: {e}", op.text(nft))),
         }
     }
     report

@@ -175,6 +175,56 @@ impl fmt::Display for Op {
     }
 }
 
+/// An operation's text for the firewall in use: the same as [`Op`]'s `Display` on iptables; on
+/// the nftables firewall the pod set and chain operations name the nft objects the driver
+/// writes (`nft add element pods4 …`, `nft batch in node: table inet ambient-cni chains …`).
+pub struct OpText<'a> {
+    op: &'a Op,
+    nft: bool,
+}
+
+impl Op {
+    /// This operation's text, on the nftables firewall when `nft`.
+    pub fn text(&self, nft: bool) -> OpText<'_> {
+        OpText { op: self, nft }
+    }
+}
+
+impl fmt::Display for OpText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::config::{nft_set_name, NFT_TABLE};
+        if !self.nft {
+            return self.op.fmt(f);
+        }
+        match self.op {
+            Op::IpsetCreate { family } => write!(
+                f,
+                "create nft set inet {NFT_TABLE} {}",
+                nft_set_name(*family)
+            ),
+            Op::IpsetAdd { ip, owner } => write!(
+                f,
+                "nft add element {} {ip} (owner {owner})",
+                nft_set_name(crate::model::Family::of(*ip))
+            ),
+            Op::IpsetDel { ip } => write!(
+                f,
+                "nft delete element {} {ip}",
+                nft_set_name(crate::model::Family::of(*ip))
+            ),
+            Op::IptablesApply { ns, family, chains } => {
+                let names: BTreeSet<String> = chains.iter().map(|c| c.nft_name(*family)).collect();
+                write!(
+                    f,
+                    "nft batch in {ns}: table inet {NFT_TABLE} chains {}",
+                    names.into_iter().collect::<Vec<_>>().join(" ")
+                )
+            }
+            other => other.fmt(f),
+        }
+    }
+}
+
 /// The iptables state a set of chains implies (each jump once, at position 1).
 pub fn iptables_of(chains: &[Chain]) -> IptablesState {
     let mut s = IptablesState::default();
@@ -431,4 +481,62 @@ pub fn pod_ops(cfg: &Config, reg: &Registry, zt: Option<&Ztunnel>, ips: &[IpAddr
         }
     }
     ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_texts_name_the_objects_of_the_firewall_in_use() {
+        let chain = Chain {
+            table: "mangle".into(),
+            name: "ztunnel-PREROUTING".into(),
+            hook: "PREROUTING".into(),
+            rules: vec!["-j RETURN".into()],
+        };
+        let ops = [
+            Op::IpsetCreate { family: Family::V6 },
+            Op::IpsetAdd {
+                ip: "10.244.1.2".parse().expect("ip"),
+                owner: "uid-a".into(),
+            },
+            Op::IpsetDel {
+                ip: "fd10::2".parse().expect("ip"),
+            },
+            Op::IptablesApply {
+                ns: Ns::Node,
+                family: Family::V6,
+                chains: vec![chain],
+            },
+        ];
+        let text = |nft| {
+            ops.iter()
+                .map(|o| o.text(nft).to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            text(false),
+            [
+                "create ipset ztunnel-pods-ips6",
+                "ipset add 10.244.1.2 (owner uid-a)",
+                "ipset del fd10::2",
+                "ip6tables-restore in node: mangle/ztunnel-PREROUTING",
+            ]
+        );
+        assert_eq!(
+            text(true),
+            [
+                "create nft set inet ambient-cni pods6",
+                "nft add element pods4 10.244.1.2 (owner uid-a)",
+                "nft delete element pods6 fd10::2",
+                "nft batch in node: table inet ambient-cni chains ip6-mangle-prerouting",
+            ]
+        );
+        // Everything else reads the same on both.
+        let other = Op::LinkDel {
+            name: "istioin".into(),
+        };
+        assert_eq!(other.text(true).to_string(), other.to_string());
+    }
 }

@@ -89,6 +89,10 @@ impl RealDataplane {
 }
 
 impl Firewall for RealDataplane {
+    fn is_nftables(&self) -> bool {
+        matches!(self.fw, FwDriver::Nftables(_))
+    }
+
     async fn podset_list(&self, family: Family) -> DpResult<IpsetState> {
         match &self.fw {
             FwDriver::Iptables(d) => d.podset_list(family).await,

@@ -29,6 +29,8 @@ use netlink_packet_route::RouteNetlinkMessage;
 pub use firewall::FirewallKind;
 pub use iptables::{save_all as iptables_save_all, IptablesBackend};
 use netns::NsWorker;
+pub use nft::detect::detect as detect_firewall;
+pub(crate) use nft::listing as nft_listing;
 // The attribute readers the kernel-event filter (`crate::events`) shares with the dumps.
 pub(crate) use route::table_of as route_table_of;
 pub(crate) use rule::{priority_of as rule_priority_of, protocol_of as rule_protocol_of};

@@ -88,27 +88,12 @@ pub(crate) fn hook_of(table: &str, hook: &str) -> Option<(&'static str, u32, i32
 
 /// The nft chain of an iptables chain of a family: `ip-mangle-prerouting`, `ip6-nat-output`.
 pub(crate) fn chain_name(f: Family, c: &Chain) -> String {
-    format!(
-        "{}-{}-{}",
-        fam_word(f),
-        c.table.to_ascii_lowercase(),
-        c.hook.to_ascii_lowercase()
-    )
-}
-
-fn fam_word(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
+    c.nft_name(f)
 }
 
 /// Our pod set of a family.
 pub(crate) fn set_name(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "pods4",
-        Family::V6 => "pods6",
-    }
+    crate::config::nft_set_name(f)
 }
 
 /// Writes the expressions of `rule` (iptables-save form) into `m`, inside an open

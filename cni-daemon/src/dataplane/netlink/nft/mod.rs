@@ -14,6 +14,8 @@
 //!   each rule, see [`compile`]), which the reconciler compares with what it wants.
 
 mod compile;
+pub(crate) mod detect;
+pub(crate) mod listing;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -28,7 +30,7 @@ use wire::*;
 pub(crate) use compile::{chain_name, set_name};
 
 /// Our table (family inet).
-pub const TABLE: &str = "ambient-cni";
+pub const TABLE: &str = crate::config::NFT_TABLE;
 
 /// `ipv4_addr` and `ipv6_addr` (nft's data types 7 and 8).
 const TYPE_IPADDR: u32 = 7;
@@ -210,6 +212,14 @@ fn count_sets(s: &mut NftSocket) -> Result<usize, NftError> {
 /// The comments of the rules of one of our chains, in order (a rule without one reads as
 /// `<rule without comment>`, so that it differs from every rule we want).
 fn rule_comments(s: &mut NftSocket, chain: &str) -> Result<Vec<String>, NftError> {
+    Ok(rule_texts(s, chain)?
+        .into_iter()
+        .map(|c| c.unwrap_or_else(|| "<rule without comment>".to_string()))
+        .collect())
+}
+
+/// The comment (our rule text) of each rule of one of our chains, in order.
+fn rule_texts(s: &mut NftSocket, chain: &str) -> Result<Vec<Option<String>>, NftError> {
     let mut out = Vec::new();
     let mut m = Msg::new(NFT_MSG_GETRULE, 0);
     m.put_str(NFTA_RULE_TABLE, TABLE)
@@ -221,7 +231,7 @@ fn rule_comments(s: &mut NftSocket, chain: &str) -> Result<Vec<String>, NftError
             return;
         }
         let c = attr(a, NFTA_RULE_USERDATA).and_then(comment_of);
-        out.push(c.unwrap_or("<rule without comment>").to_string());
+        out.push(c.map(str::to_string));
     });
     match r {
         Ok(()) => Ok(out),
@@ -333,20 +343,37 @@ fn remove(f: Family, chains: &[Chain]) -> Result<(), NftError> {
 
 /// Is nf_tables there? A clear error naming the module when it is not.
 fn probe(s: &mut NftSocket) -> DpResult<()> {
-    match s.request(Msg::new(NFT_MSG_GETGEN, 0)) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(DpError::Netlink {
-            what: "nftables firewall: talk to nf_tables".into(),
-            msg: match e.code() {
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT) => {
-                    format!(
-                        "the kernel has no nf_tables (module nf_tables not loaded and not \
-                         loadable: modprobe nf_tables, or use --firewall iptables): {e}"
-                    )
-                }
-                _ => e.to_string(),
-            },
-        }),
+    s.request(Msg::new(NFT_MSG_GETGEN, 0))
+        .map_err(|e| start_error("nftables firewall: talk to nf_tables", &e))
+}
+
+/// Whether `e` means the kernel has no nf_tables: without the nfnetlink module the socket
+/// cannot be made (EPROTONOSUPPORT); with nfnetlink (ipset, conntrack) but without nf_tables,
+/// nfnetlink finds no subsystem for our messages and answers EINVAL (after trying to load
+/// `nfnetlink-subsys-10`); some kernels say EOPNOTSUPP or ENOENT.
+fn no_nf_tables(e: &NftError) -> bool {
+    let code = match e {
+        NftError::Io(io) => io.raw_os_error(),
+        other => other.code(),
+    };
+    matches!(
+        code,
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOENT | libc::EPROTONOSUPPORT)
+    )
+}
+
+/// The start-up error for `e`: names the module and the way out when nf_tables is missing.
+fn start_error(what: &str, e: &NftError) -> DpError {
+    DpError::Netlink {
+        what: what.into(),
+        msg: if no_nf_tables(e) {
+            format!(
+                "the kernel has no nf_tables (module nf_tables not loaded and not loadable: \
+                 modprobe nf_tables, or use --firewall iptables): {e}"
+            )
+        } else {
+            e.to_string()
+        },
     }
 }
 
@@ -380,12 +407,12 @@ pub(super) fn watch(node: &NsWorker, on_change: impl Fn() + Send + 'static) -> D
 impl NftFirewall {
     /// Opens the node's socket and checks that the kernel speaks nf_tables. Writes nothing.
     pub(super) fn open(node: &NsWorker) -> DpResult<Self> {
-        let mut s = node
-            .run_sync(NftSocket::open)?
-            .map_err(|e| DpError::Netlink {
-                what: "open NETLINK_NETFILTER socket for nftables".into(),
-                msg: e.to_string(),
-            })?;
+        let mut s = node.run_sync(NftSocket::open)?.map_err(|e| {
+            start_error(
+                "open NETLINK_NETFILTER socket for nftables",
+                &NftError::Io(e),
+            )
+        })?;
         probe(&mut s)?;
         Ok(NftFirewall {
             node: Arc::new(Mutex::new(s)),
@@ -555,3 +582,6 @@ impl NftFirewall {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,7 @@ pub(crate) const NFPROTO_IPV6: u8 = 10;
 
 // Messages.
 pub(crate) const NFT_MSG_NEWTABLE: u8 = 0;
+pub(crate) const NFT_MSG_GETTABLE: u8 = 1;
 pub(crate) const NFT_MSG_DELTABLE: u8 = 2;
 pub(crate) const NFT_MSG_NEWCHAIN: u8 = 3;
 pub(crate) const NFT_MSG_GETCHAIN: u8 = 4;
@@ -135,6 +136,11 @@ impl Msg {
             flags,
             NFPROTO_INET,
         )
+    }
+
+    /// Like [`Msg::new`] for another family (`NFPROTO_IPV4`, `NFPROTO_IPV6`, 0 for all).
+    pub(crate) fn of_family(msg: u8, flags: u16, family: u8) -> Self {
+        Self::raw((NFNL_SUBSYS_NFTABLES << 8) | u16::from(msg), flags, family)
     }
 
     fn raw(ty: u16, flags: u16, family: u8) -> Self {

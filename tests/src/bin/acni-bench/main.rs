@@ -28,6 +28,9 @@
 //!   an IPv6 address in its prevResult, as ptp + host-local with two range sets hand it; the
 //!   ztunnel is dual-stack too, so both families are programmed): its ADD p50 ÷ the IPv4 pod's
 //!   ADD p50 of the same rounds.
+//! - firewall drivers: after the first level, blocks of ADDs with the daemon restarted on
+//!   `--firewall nftables` and `--firewall iptables` in turn (`firewall.rs`): nft ADD p50 ÷
+//!   iptables ADD p50.
 //!
 //! Rounds interleave floor, baseline and plugin so that the machine's noise hits them alike.
 //!
@@ -351,6 +354,8 @@ struct Bench {
     home: HomeNs,
     net: TestNet,
     daemon: Daemon,
+    /// The daemon's flags (a restart adds to them).
+    daemon_args: Vec<String>,
     /// Our state dir on tmpfs (removed at the end).
     shm: PathBuf,
     plugin: PathBuf,
@@ -525,18 +530,16 @@ impl Bench {
         sweep_stale_shm();
         let shm = PathBuf::from(format!("/dev/shm/acni-bench-{}", std::process::id()));
         std::fs::create_dir_all(&shm)?;
-        let resync = opts.resync_ms.to_string();
-        let daemon = Daemon::start_in(
-            &net,
-            "node",
-            &shm.join("daemon"),
-            &[
-                "--ambient-namespace",
-                AMBIENT_NS,
-                "--resync-interval-ms",
-                &resync,
-            ],
-        )?;
+        let daemon_args: Vec<String> = [
+            "--ambient-namespace",
+            AMBIENT_NS,
+            "--resync-interval-ms",
+            &opts.resync_ms.to_string(),
+        ]
+        .map(String::from)
+        .into();
+        let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start_in(&net, "node", &shm.join("daemon"), &args)?;
         daemon.wait_ready(Duration::from_secs(20))?;
 
         let floor = build_floor(net.dir())?;
@@ -549,6 +552,7 @@ impl Bench {
             home,
             net,
             daemon,
+            daemon_args,
             shm,
             plugin,
             floor,
@@ -558,6 +562,15 @@ impl Bench {
             pods: 0,
             samples: 0,
         })
+    }
+
+    /// Stops the daemon and starts it again on the same state dir with `extra` flags added.
+    fn restart_daemon(&mut self, extra: &[&str]) -> Result<()> {
+        self.daemon.stop();
+        let mut args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        self.daemon = Daemon::start_in(&self.net, "node", &self.shm.join("daemon"), &args)?;
+        self.daemon.wait_ready(Duration::from_secs(20))
     }
 
     fn conf(&self, p: &PodSpec, netns: &str) -> Vec<u8> {
@@ -868,6 +881,8 @@ struct Results {
     /// ADD of a dual-stack pod, and of the IPv4 pod of the same rounds (first level).
     dual_add: Pct,
     dual_v4_add: Pct,
+    /// ADD on each firewall driver (first level, blocks of its own).
+    firewall: firewall::FirewallCost,
     rss_idle_kib: u64,
     rss_full_kib: u64,
     max_pods: usize,
@@ -1106,6 +1121,9 @@ fn run(opts: &Opts) -> Result<Results> {
             ms(lv.del.p99)
         ));
         r.levels.push(lv);
+        if first_level {
+            r.firewall = firewall::compare(&mut b, opts.samples)?;
+        }
     }
     if let Some(h) = opts.hold {
         b.hold(h)?;
@@ -1145,259 +1163,9 @@ fn run(opts: &Opts) -> Result<Results> {
     Ok(r)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Report
-
-fn loadavg() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    load.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// `nproc`, CPU model, kernel, and the load average at the start and the end of the run.
-fn machine(load_at_start: &str) -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!(
-        "nproc {cpus}, {model}, Linux {}; load average {load_at_start} at the start, {} at the end",
-        kernel.trim(),
-        loadavg()
-    )
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-fn table(r: &Results, opts: &Opts) -> String {
-    let mut t = String::new();
-    let _ = writeln!(t, "| figure | value | goal | |");
-    let _ = writeln!(t, "|---|---:|---|---|");
-    let row = |t: &mut String, what: &str, value: String, goal: &str, v: &str| {
-        let _ = writeln!(t, "| {what} | {value} | {goal} | {v} |");
-    };
-    let p = |x: Pct| format!("{} / {} ms", ms(x.p50), ms(x.p99));
-    row(
-        &mut t,
-        "floor: exec of a static C binary that reads stdin, p50 / p99",
-        p(r.floor),
-        "",
-        "",
-    );
-    row(
-        &mut t,
-        "ambient-cni start-up alone (CNI VERSION, no daemon call, first level), p50 / p99",
-        p(r.version),
-        "",
-        "",
-    );
-    row(
-        &mut t,
-        "ambient-cni + one gRPC round trip, no kernel work (CNI STATUS at the first level), p50 / p99",
-        p(r.status),
-        "",
-        "",
-    );
-    row(
-        &mut t,
-        "baseline: sh plugin with `ipset` + `ip route`, ADD p50 / p99",
-        p(r.shell_add),
-        "",
-        "",
-    );
-    row(
-        &mut t,
-        "baseline: sh plugin, DEL p50 / p99",
-        p(r.shell_del),
-        "",
-        "",
-    );
-    let quietest = r
-        .levels
-        .iter()
-        .map(|l| l.floor.p50)
-        .min()
-        .unwrap_or_default();
-    for l in &r.levels {
-        // The floor of a level well above the quietest level's: other load ran meanwhile.
-        let noisy = l.floor.p50.as_secs_f64() > 1.25 * quietest.as_secs_f64();
-        row(
-            &mut t,
-            &format!(
-                "ambient-cni ADD at {} pods, p50 / p99 (floor p50 in the same rounds: {} ms{})",
-                l.pods,
-                ms(l.floor.p50),
-                if noisy { ", noisy" } else { "" }
-            ),
-            p(l.add),
-            "",
-            "",
-        );
-        row(
-            &mut t,
-            &format!("ambient-cni DEL at {} pods, p50 / p99", l.pods),
-            p(l.del),
-            "",
-            "",
-        );
-    }
-    let us = |v: Option<Duration>| v.map_or("n/a".to_string(), |v| format!("{} µs", v.as_micros()));
-    let mut cpu = format!("STATUS {}", us(r.cpu_status));
-    for l in &r.levels {
-        let _ = write!(
-            cpu,
-            "; at {} pods ADD {}, DEL {}",
-            l.pods,
-            us(l.cpu_add),
-            us(l.cpu_del)
-        );
-    }
-    row(
-        &mut t,
-        "daemon CPU per call, p50 (on-CPU time of all its threads across one plugin call)",
-        cpu,
-        "",
-        "",
-    );
-    let first = r.levels.first();
-    let last = r.levels.last();
-    if let (Some(f), Some(l)) = (first, last) {
-        let add = f.add.p50.as_secs_f64();
-        let x_floor = add / r.floor.p50.as_secs_f64().max(1e-9);
-        row(
-            &mut t,
-            &format!("ADD p50 at {} pods ÷ floor p50", f.pods),
-            format!("{x_floor:.2}×"),
-            "≤ 1.5×",
-            verdict(x_floor <= 1.5),
-        );
-        let x_shell = r.shell_add.p50.as_secs_f64() / add.max(1e-9);
-        row(
-            &mut t,
-            &format!("baseline ADD p50 ÷ ADD p50 at {} pods", f.pods),
-            format!("{x_shell:.2}×"),
-            "≥ 3×",
-            verdict(x_shell >= 3.0),
-        );
-        let x_scale = l.add.p50.as_secs_f64() / add.max(1e-9);
-        row(
-            &mut t,
-            &format!("ADD p50 at {} pods ÷ at {} pods", l.pods, f.pods),
-            format!("{x_scale:.2}×"),
-            "≤ 1.1×",
-            verdict(x_scale <= 1.1),
-        );
-    }
-    if let Some(f) = first {
-        row(
-            &mut t,
-            &format!(
-                "dual-stack pod (IPv4 + IPv6) ADD at {} pods, p50 / p99",
-                f.pods
-            ),
-            p(r.dual_add),
-            "",
-            "",
-        );
-        let x_dual = r.dual_add.p50.as_secs_f64() / r.dual_v4_add.p50.as_secs_f64().max(1e-9);
-        row(
-            &mut t,
-            &format!(
-                "dual-stack ADD p50 ÷ IPv4 ADD p50 at {} pods (same rounds)",
-                f.pods
-            ),
-            format!("{x_dual:.2}×"),
-            "≤ 1.3×",
-            verdict(x_dual <= 1.3),
-        );
-    }
-    for (callers, n, took, before, after) in &r.throughput {
-        let rate = *n as f64 / took.as_secs_f64();
-        let (goal, v) = if *callers == 4 {
-            ("≥ 1,500/s", verdict(rate >= 1500.0))
-        } else {
-            ("", "")
-        };
-        row(
-            &mut t,
-            &format!(
-                "ADDs/s with {callers} parallel caller{} ({n} pods, {before}→{after})",
-                if *callers == 1 { "" } else { "s" }
-            ),
-            format!("{rate:.0}/s"),
-            goal,
-            v,
-        );
-    }
-    match r.restore {
-        Some((micros, repaired, errors)) => {
-            let ms = micros as f64 / 1e3;
-            let note = if errors > 0 {
-                format!(", {errors} errors")
-            } else {
-                String::new()
-            };
-            row(
-                &mut t,
-                &format!("restore of {} pods after a flush of ipset, mangle chain and table 100, median of {} ({repaired} ops{note})", r.max_pods, r.restores),
-                format!("{ms:.1} ms"),
-                "≤ 100 ms",
-                verdict(ms <= 100.0 && errors == 0),
-            );
-        }
-        None => row(
-            &mut t,
-            &format!("restore of {} pods after a flush", r.max_pods),
-            "not measured".into(),
-            "≤ 100 ms",
-            "MISS",
-        ),
-    }
-    match r.nochange {
-        Some(us) => row(
-            &mut t,
-            &format!(
-                "no-change resync over {} pods (every {} ms)",
-                r.max_pods, opts.resync_ms
-            ),
-            format!("{:.1} ms", us as f64 / 1e3),
-            "",
-            "",
-        ),
-        None => row(&mut t, "no-change resync", "not measured".into(), "", ""),
-    }
-    let mb = |k: u64| format!("{:.1} MB", k as f64 / 1024.0);
-    row(&mut t, "daemon RSS idle", mb(r.rss_idle_kib), "", "");
-    let full = r.rss_full_kib as f64 / 1024.0;
-    row(
-        &mut t,
-        &format!(
-            "daemon RSS at {} pods (peak over two resyncs, VmHWM)",
-            r.max_pods
-        ),
-        mb(r.rss_full_kib),
-        "≤ 10 MB",
-        verdict(full <= 10.0),
-    );
-    t
-}
+mod firewall;
+mod report;
+use report::{loadavg, machine, table};
 
 fn main() -> ExitCode {
     let opts = match Opts::parse() {
@@ -1445,7 +1213,7 @@ fn main() -> ExitCode {
         let _ = writeln!(md, "Machine: {machine}.\n");
         let _ = writeln!(
             md,
-            "Produced by `make bench` (`tests/src/bin/acni-bench.rs`). Every figure comes from one run; \
+            "Produced by `make bench` (`tests/src/bin/acni-bench/`). Every figure comes from one run; \
              floor, baseline and plugin calls are interleaved round by round, so read the ratios. \
              Latencies are spawn → exit of the binary with stdin/stdout/stderr on pipes, as a runtime \
              runs a plugin. The daemon (`--resync-interval-ms {}`) keeps its state dir on tmpfs \
