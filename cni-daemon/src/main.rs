@@ -202,7 +202,8 @@ struct RunArgs {
     /// Allow a --metrics-addr that is not a loopback address (the port then leaves the node).
     #[arg(long, env = "AMBIENT_CNI_METRICS_ALLOW_REMOTE")]
     metrics_allow_remote: bool,
-    /// Do not repair on kernel events (rtnetlink notifications); only the periodic resync repairs.
+    /// Do not repair on kernel events (rtnetlink notifications, and nf_tables notifications on
+    /// the nftables firewall); only the periodic resync repairs.
     #[arg(long, env = "AMBIENT_CNI_NO_EVENT_REPAIR")]
     no_event_repair: bool,
 }
@@ -479,16 +480,29 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let listener =
         server::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
     info!(socket = %cfg.socket.display(), "serving");
-    // nftables: a change to our table by someone else (NFNLGRP_NFTABLES) resyncs at once.
+    // nftables: a change to our table by someone else (NFNLGRP_NFTABLES) is repaired at once,
+    // as an rtnetlink event is (traced and counted as `event`); kicks while a repair runs
+    // coalesce into one more.
     let kick = Arc::new(tokio::sync::Notify::new());
-    let k = kick.clone();
-    match dp.watch_firewall(move || k.notify_one()) {
-        Ok(true) => info!("watching nf_tables notifications for our table"),
-        Ok(false) => {}
-        Err(e) => {
-            warn!(error = %e, "no nf_tables notifications; drift is repaired at the next resync")
+    let nft_repair = if a.no_event_repair {
+        None
+    } else {
+        let k = kick.clone();
+        match dp.watch_firewall(move || k.notify_one()) {
+            Ok(true) => info!("watching nf_tables notifications for our table"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "no nf_tables notifications; drift is repaired at the next resync")
+            }
         }
-    }
+        let d = daemon.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                kick.notified().await;
+                d.repair_on_event().await;
+            }
+        }))
+    };
     let resync = {
         let d = daemon.clone();
         let every = cfg.resync_interval;
@@ -496,17 +510,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = t.tick() => {}
-                    _ = kick.notified() => {}
-                }
+                t.tick().await;
                 d.resync().await;
             }
         })
     };
     let served = server::serve(daemon, listener, shutdown_signal()).await;
     resync.abort();
-    for t in [watcher, metrics_task].into_iter().flatten() {
+    for t in [watcher, metrics_task, nft_repair].into_iter().flatten() {
         t.abort();
     }
     let _ = std::fs::remove_file(&cfg.socket);

@@ -15,8 +15,14 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 /// Restarts the daemon with a 10-minute resync: only what explain reads decides the verdicts.
+/// On nftables also without event repair: the nf_tables notifications would repair the set's
+/// flush within milliseconds, before explain could see it.
 fn slow_resync(w: &mut World) -> Result<()> {
-    w.restart_daemon_setting(&[("--resync-interval-ms", Some("600000"))])
+    w.restart_daemon_setting(&[("--resync-interval-ms", Some("600000"))])?;
+    if w.firewall() == Firewall::Nftables {
+        w.restart_daemon_with(&["--no-event-repair"])?;
+    }
+    Ok(())
 }
 
 /// `ambient-cnid explain SRC DST [--in IFACE] [--json]` in the node netns.
