@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -496,11 +496,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             }
         }
         let d = daemon.clone();
-        Some(tokio::spawn(async move {
+        let follow = follow_ztunnel_table(daemon.clone(), dp.clone(), kick.clone());
+        let repair = async move {
             loop {
                 kick.notified().await;
                 d.repair_on_event().await;
             }
+        };
+        Some(tokio::spawn(async move {
+            tokio::join!(repair, follow);
         }))
     };
     let resync = {
@@ -523,6 +527,40 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     info!("stopped; kernel state left in place (pods stay captured)");
     served.context("serving the socket")
+}
+
+/// nftables: watches our table in the live ztunnel's netns too (its TPROXY chains), following
+/// the ztunnel as it changes (looked at twice a second); a change there kicks the same repair.
+async fn follow_ztunnel_table(
+    daemon: Arc<Daemon<RealDataplane>>,
+    dp: Arc<RealDataplane>,
+    kick: Arc<tokio::sync::Notify>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut current: Option<(String, Arc<AtomicBool>)> = None;
+    loop {
+        let ns = daemon.ztunnel_netns().await;
+        if current.as_ref().map(|(p, _)| p) != ns.as_ref() {
+            if let Some((_, stop)) = current.take() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if let Some(path) = ns {
+                let stop = Arc::new(AtomicBool::new(false));
+                let k = kick.clone();
+                match dp.watch_firewall_in(Path::new(&path), move || k.notify_one(), stop.clone()) {
+                    Ok(true) => {
+                        info!(netns = %path, "watching nf_tables notifications for our table in the ztunnel netns")
+                    }
+                    Ok(false) => return,
+                    Err(e) => {
+                        warn!(error = %e, "no nf_tables notifications in the ztunnel netns; its drift is repaired at the next resync")
+                    }
+                }
+                current = Some((path, stop));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The enrollment watcher's settings and client, made before the daemon touches the kernel so

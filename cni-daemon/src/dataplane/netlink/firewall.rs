@@ -86,6 +86,20 @@ impl RealDataplane {
             FwDriver::Nftables(_) => super::nft::watch(&self.node, on_change).map(|()| true),
         }
     }
+
+    /// [`RealDataplane::watch_firewall`] for our table in another netns (the ztunnel's), until
+    /// `stop` is set (the thread ends within half a second).
+    pub fn watch_firewall_in(
+        &self,
+        netns: &std::path::Path,
+        on_change: impl Fn() + Send + 'static,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> DpResult<bool> {
+        match &self.fw {
+            FwDriver::Iptables(_) => Ok(false),
+            FwDriver::Nftables(_) => super::nft::watch_netns(netns, on_change, stop).map(|()| true),
+        }
+    }
 }
 
 impl Firewall for RealDataplane {

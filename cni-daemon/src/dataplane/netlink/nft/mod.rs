@@ -404,6 +404,56 @@ pub(super) fn watch(node: &NsWorker, on_change: impl Fn() + Send + 'static) -> D
         })
 }
 
+/// Like [`watch`] in the netns of `path` (a ztunnel's), until `stop` is set: the thread
+/// enters that netns itself and looks at `stop` at least twice a second.
+pub(super) fn watch_netns(
+    path: &std::path::Path,
+    on_change: impl Fn() + Send + 'static,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> DpResult<()> {
+    use std::sync::atomic::Ordering;
+    let what = |e: &dyn std::fmt::Display| DpError::Netlink {
+        what: format!("subscribe to nf_tables notifications in {}", path.display()),
+        msg: e.to_string(),
+    };
+    let ns = std::fs::File::open(path).map_err(|e| what(&e))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("nft-monitor-zt".into())
+        .spawn(move || {
+            let opened = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+                .and_then(|()| NftMonitor::open())
+                .and_then(|m| {
+                    m.set_timeout(std::time::Duration::from_millis(500))?;
+                    Ok(m)
+                });
+            drop(ns);
+            let mut mon = match opened {
+                Ok(m) => {
+                    let _ = tx.send(Ok(()));
+                    m
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match mon.wait(TABLE) {
+                    Ok(()) => on_change(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nf_tables notifications (ztunnel netns): receive failed");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .map_err(|e| what(&e))?;
+    rx.recv().map_err(|e| what(&e))?.map_err(|e| what(&e))
+}
+
 impl NftFirewall {
     /// Opens the node's socket and checks that the kernel speaks nf_tables. Writes nothing.
     pub(super) fn open(node: &NsWorker) -> DpResult<Self> {

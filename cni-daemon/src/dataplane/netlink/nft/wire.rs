@@ -380,6 +380,16 @@ impl NftMonitor {
         })
     }
 
+    /// Makes [`NftMonitor::wait`] give up after `d` without a notification (`WouldBlock`).
+    pub(crate) fn set_timeout(&self, d: std::time::Duration) -> io::Result<()> {
+        let tv = nix::sys::time::TimeVal::new(
+            d.as_secs() as libc::time_t,
+            d.subsec_micros() as libc::suseconds_t,
+        );
+        nix::sys::socket::setsockopt(&self.sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(io::Error::from)
+    }
+
     /// Blocks until someone other than us changed table `table` of family inet (or the kernel
     /// dropped notifications: ENOBUFS, which may have hidden one).
     pub(crate) fn wait(&mut self, table: &str) -> io::Result<()> {
