@@ -83,7 +83,7 @@ printf '\033[36m$ ambient-cnid install --bin-dir %s --conf-dir %s --socket %s ..
 "$BIN/ambient-cnid" install --bin-src "$BIN/ambient-cni" --bin-dir "$TMP/bin" --conf-dir "$TMP/net.d" \
   --socket "$TMP/run/cni.sock" --plugin-log-file "$TMP/plugin.log" --wait-secs 5 2>&1 | sed 's/^/  /'
 show cat "$TMP/net.d/10-demo.conflist"
-in_ns $NODE "$BIN/ambient-cnid" run --socket "$TMP/run/cni.sock" --state-dir "$TMP/state" \
+ip netns exec $NODE "$BIN/ambient-cnid" run --socket "$TMP/run/cni.sock" --state-dir "$TMP/state" \
   --ambient-namespace default --ztunnel-namespace istio-system --resync-interval-ms 2000 \
   >"$TMP/daemon.log" 2>&1 &
 PIDS+=($!)
@@ -169,24 +169,55 @@ sleep 2.5
 show in_ns $NODE ipset list ztunnel-pods-ips -terse
 show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080
 
-bold "9. DEL of app: its entries of both families go, and its IPs are no longer steered into ztunnel"
+bold "9. The same on native nftables: the daemon restarted with --firewall nftables"
+echo "  it builds table inet ambient-cni (over netlink, no nft binary) in the node and the ztunnel"
+echo "  netns, then removes the iptables chains and ipsets it left; the pods stay captured throughout"
+kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
+ip netns exec $NODE "$BIN/ambient-cnid" run --socket "$TMP/run/cni.sock" --state-dir "$TMP/state" \
+  --ambient-namespace default --ztunnel-namespace istio-system --resync-interval-ms 2000 \
+  --firewall nftables >>"$TMP/daemon.log" 2>&1 &
+PIDS[0]=$!
+for _ in $(seq 50); do
+  in_ns $NODE "$BIN/ambient-cnid" status --socket "$TMP/run/cni.sock" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+sleep 0.5
+echo "  (the sets and the mangle prerouting chains; every chain: nft list table inet ambient-cni)"
+show in_ns $NODE nft list set inet ambient-cni pods4
+show in_ns $NODE nft list set inet ambient-cni pods6
+show in_ns $NODE nft list chain inet ambient-cni ip-mangle-prerouting
+show in_ns $ZT nft list table inet ambient-cni
+echo "  nothing of the iptables driver is left:"
+show in_ns $NODE ipset list -n
+show in_ns $NODE sh -c "iptables-save -t mangle | grep -c ztunnel- || true"
+show in_ns $APP "$BIN/acni-probe" connect 198.51.100.2:8080
+show in_ns $APP "$BIN/acni-probe" connect [fd00:198:51:100::2]:8080
+echo "  someone deletes an element of our set: nf_tables notifications repair it at once"
+show in_ns $NODE nft delete element inet ambient-cni pods4 "{ $APP_IP }"
+sleep 0.2
+show in_ns $NODE nft list set inet ambient-cni pods4
+echo "  and explain evaluates our nft table (read back over netlink) for a packet:"
+show in_ns $NODE "$BIN/ambient-cnid" explain $APP_IP 198.51.100.2:8080 --socket "$TMP/run/cni.sock"
+
+bold "10. DEL of app: its entries of both families go, and its IPs are no longer steered into ztunnel"
 show cni del $APP default app
-show in_ns $NODE ipset list ztunnel-pods-ips
-show in_ns $NODE ipset list ztunnel-pods-ips6
+show in_ns $NODE nft list set inet ambient-cni pods4
+show in_ns $NODE nft list set inet ambient-cni pods6
 show in_ns $NODE ip route show table 100
 show in_ns $NODE ip -6 route show table 100
 show in_ns $NODE ip route get $APP_IP from 198.51.100.2 iif eth1
 show in_ns $NODE ip -6 route get $APP_IP6 from fd00:198:51:100::2 iif eth1
 
-bold "10. The daemon's trace"
+bold "11. The daemon's trace"
 show in_ns $NODE "$BIN/ambient-cnid" trace --socket "$TMP/run/cni.sock" --limit 40
 
-bold "11. cleanup removes every object of ours"
+bold "12. cleanup removes every object of ours"
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true
-show in_ns $NODE "$BIN/ambient-cnid" cleanup --state-dir "$TMP/state"
+show in_ns $NODE "$BIN/ambient-cnid" cleanup --state-dir "$TMP/state" --firewall nftables
 show in_ns $NODE ip rule
 show in_ns $NODE ip -6 rule
-show in_ns $NODE ipset list -n
+show in_ns $NODE nft list tables
+show in_ns $ZT nft list tables
 echo
 echo "Done. Daemon log: shown below (last 15 lines)."
 tail -n 15 "$TMP/daemon.log" | sed 's/^/  /'

@@ -67,10 +67,24 @@ fn families() -> Vec<Family> {
     }
 }
 
-fn tool(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "iptables",
-        Family::V6 => "ip6tables",
+/// What removes our chains of `f` with this dataplane's firewall, for the report.
+fn chains_text<D: Dataplane>(dp: &D, f: Family) -> String {
+    match (dp.is_nftables(), f) {
+        (true, f) => format!(
+            "nft {f} chains of table inet {} remove",
+            crate::config::NFT_TABLE
+        ),
+        (false, Family::V4) => "iptables remove".into(),
+        (false, Family::V6) => "ip6tables remove".into(),
+    }
+}
+
+/// What destroys our pod set of `f`, for the report.
+fn set_text<D: Dataplane>(dp: &D, f: Family) -> String {
+    match (dp.is_nftables(), f) {
+        (true, f) => format!("nft set {} destroy", crate::config::nft_set_name(f)),
+        (false, Family::V4) => "ipset destroy".into(),
+        (false, Family::V6) => format!("ipset destroy {}", crate::config::IPSET_NAME6),
     }
 }
 
@@ -118,7 +132,7 @@ pub async fn clean_families<D: Dataplane>(
                     let ip = z.ip_of(*f).unwrap_or(f.unspecified());
                     note(
                         &mut report,
-                        format!("{} remove in {}", tool(*f), z.ns),
+                        format!("{} in {}", chains_text(dp, *f), z.ns),
                         dp.chains_remove(&z.ns, *f, &zt_chains(cfg, *f, &z, ip))
                             .await,
                     );
@@ -148,20 +162,13 @@ pub async fn clean_families<D: Dataplane>(
     for f in fams {
         note(
             &mut report,
-            format!("{} remove in node", tool(*f)),
+            format!("{} in node", chains_text(dp, *f)),
             dp.chains_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
                 .await,
         );
     }
     for f in fams {
-        note(
-            &mut report,
-            match f {
-                Family::V4 => "ipset destroy".into(),
-                Family::V6 => format!("ipset destroy {}", crate::config::IPSET_NAME6),
-            },
-            dp.podset_destroy(*f).await,
-        );
+        note(&mut report, set_text(dp, *f), dp.podset_destroy(*f).await);
     }
     report
 }
@@ -185,7 +192,7 @@ pub async fn retire_firewall<D: Dataplane>(
                     let ip = z.ip_of(*f).unwrap_or(f.unspecified());
                     note(
                         &mut report,
-                        format!("{f} chains remove in {}", z.ns),
+                        format!("{} in {}", chains_text(dp, *f), z.ns),
                         dp.chains_remove(&z.ns, *f, &zt_chains(cfg, *f, z, ip))
                             .await,
                     );
@@ -196,17 +203,13 @@ pub async fn retire_firewall<D: Dataplane>(
     for f in &fams {
         note(
             &mut report,
-            format!("{f} chains remove in node"),
+            format!("{} in node", chains_text(dp, *f)),
             dp.chains_remove(&Ns::Node, *f, &node_chains(cfg, *f, None, None))
                 .await,
         );
     }
     for f in &fams {
-        note(
-            &mut report,
-            format!("{f} pod set destroy"),
-            dp.podset_destroy(*f).await,
-        );
+        note(&mut report, set_text(dp, *f), dp.podset_destroy(*f).await);
     }
     report
 }

@@ -436,6 +436,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(config_from(&a)?);
     let metrics_listener = bind_metrics(&a).await?;
     let kube = prepare_kube(&a).await?;
+    // One daemon per state dir: held until this process ends (before any kernel write).
+    let _lock = ambient_cni_daemon::store::lock_state_dir(&cfg.state_dir, Duration::from_secs(30))
+        .context("locking the state dir")?;
     let dp = Arc::new(open_dataplane(&a.kernel)?);
     let (store, reg, discarded) = Store::open(&cfg.state_dir)
         .with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
@@ -616,7 +619,25 @@ async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
     let dp = open_dataplane(&a.kernel)?;
     let (_store, reg, _) = Store::open(&a.state_dir)
         .with_context(|| format!("opening state dir {}", a.state_dir.display()))?;
-    let report = cleanup::cleanup(&dp, &cfg, &reg).await;
+    let mut report = cleanup::cleanup(&dp, &cfg, &reg).await;
+    // And whatever the other firewall driver left (a node switched between them, or an
+    // uninstall run without the daemon's --firewall): no chain of ours may stay to hold pods
+    // closed once the daemon is gone.
+    let other = match a.kernel.firewall.kind() {
+        FirewallKind::Iptables => FirewallKind::Nftables,
+        FirewallKind::Nftables => FirewallKind::Iptables,
+    };
+    match RealDataplane::new(real_config(&a.kernel, other)) {
+        Ok(odp) => {
+            let zt = reg
+                .ztunnel()
+                .and_then(ambient_cni_daemon::reconcile::Ztunnel::from_record);
+            let r = cleanup::retire_firewall(&odp, &cfg, zt.as_ref()).await;
+            report.applied.extend(r.applied);
+            report.errors.extend(r.errors);
+        }
+        Err(e) => eprintln!("note: {other} not cleaned: it cannot be opened here ({e})"),
+    }
     for line in &report.applied {
         println!("{line}");
     }

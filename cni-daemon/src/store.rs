@@ -256,6 +256,56 @@ fn keep_aside(path: &Path) -> Result<PathBuf, StoreError> {
     Ok(aside)
 }
 
+/// The lock file in the state dir: held (`flock`, exclusive) by the one daemon serving it.
+pub const LOCK: &str = "daemon.lock";
+
+/// Holds the state dir for this process: a second `ambient-cnid run` on the same state dir (a
+/// rolling update's next pod, a run by hand) would fight the first over the kernel objects and
+/// the journal. Waits up to `wait` for a holder to stop (a rolling update's old pod shutting
+/// down), then fails naming the dir. The kernel drops the lock when the holder dies (`kill -9`
+/// leaves no stale lock).
+pub fn lock_state_dir(
+    dir: &Path,
+    wait: std::time::Duration,
+) -> Result<nix::fcntl::Flock<File>, StoreError> {
+    use nix::fcntl::{Flock, FlockArg};
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(LOCK);
+    let deadline = std::time::Instant::now() + wait;
+    let mut warned = false;
+    loop {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                if !warned {
+                    warn!(lock = %path.display(), "another ambient-cnid holds the state dir; waiting for it to stop");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err((_, e)) => {
+                return Err(StoreError::Io {
+                    path: path.clone(),
+                    source: if e == nix::errno::Errno::EWOULDBLOCK {
+                        io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            format!("another ambient-cnid still holds it after {wait:?}"),
+                        )
+                    } else {
+                        io::Error::from(e)
+                    },
+                })
+            }
+        }
+    }
+}
+
 impl Store {
     /// Open (creating) the state dir and load the registry it holds. Returns the store, the
     /// registry, and whether state from a previous boot was discarded. Damaged journal lines are

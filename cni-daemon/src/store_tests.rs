@@ -310,3 +310,31 @@ fn a_journal_line_of_the_ipv4_only_version_loads() {
     );
     assert_eq!(rec.gateway6, None);
 }
+
+#[test]
+fn one_daemon_per_state_dir_and_the_lock_goes_with_its_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = lock_state_dir(dir.path(), std::time::Duration::ZERO).expect("first lock");
+    // A second holder (another open file description, as another process has) is refused
+    // once the wait is over, naming the lock file.
+    let t = std::time::Instant::now();
+    let err = lock_state_dir(dir.path(), std::time::Duration::from_millis(300))
+        .expect_err("a second daemon on the same state dir");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(300));
+    let msg = err.to_string();
+    assert!(
+        msg.contains(LOCK) && msg.contains("another ambient-cnid"),
+        "{msg}"
+    );
+    // The holder stops: the next one gets it at once; the registry files are left alone.
+    drop(first);
+    let _again = lock_state_dir(dir.path(), std::time::Duration::ZERO).expect("after the holder");
+    // A waiter gets it when the holder goes away during its wait.
+    drop(_again);
+    let held = lock_state_dir(dir.path(), std::time::Duration::ZERO).expect("lock");
+    let p = dir.path().to_path_buf();
+    let waiter = std::thread::spawn(move || lock_state_dir(&p, std::time::Duration::from_secs(5)));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(held);
+    waiter.join().expect("thread").expect("the waiter's lock");
+}
