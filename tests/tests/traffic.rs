@@ -523,7 +523,9 @@ fn fail_open_lets_traffic_flow_without_ztunnel_ipv6() -> Result<()> {
 
 /// The daemon programs a world of `family`, captures, then `cleanup` leaves the node as a twin
 /// that never ran it, and nothing of ours in the ztunnel netns.
-fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
+/// `cross`: cleanup runs with the other firewall's `--firewall` than the daemon did (an uninstall
+/// that does not know it): it must remove everything all the same.
+fn cleanup_leaves_nothing(family: Family, tag: &str, cross: bool) -> Result<()> {
     let mut w = World::with_family(tag, family, &[])?;
     // The daemon is already running (its start-up reconcile made the base state); take the
     // "before" picture in a twin node namespace built the same way, without a daemon.
@@ -599,7 +601,7 @@ fn cleanup_leaves_nothing(family: Family, tag: &str) -> Result<()> {
         "--state-dir",
         state.to_str().unwrap_or_default(),
     ];
-    if nft {
+    if nft != cross {
         argv.extend(["--firewall", "nftables"]);
     }
     let out = w.net.exec("node", &argv);
@@ -654,7 +656,7 @@ fn cleanup_leaves_no_object_of_ours() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    cleanup_leaves_nothing(Family::V4, "cleanup")
+    cleanup_leaves_nothing(Family::V4, "cleanup", false)
 }
 
 #[test]
@@ -662,7 +664,7 @@ fn cleanup_leaves_no_object_of_ours_dual_stack() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    cleanup_leaves_nothing(Family::Dual, "cleanupds")
+    cleanup_leaves_nothing(Family::Dual, "cleanupds", false)
 }
 
 #[test]
@@ -670,7 +672,17 @@ fn cleanup_leaves_no_object_of_ours_ipv6() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    cleanup_leaves_nothing(Family::V6, "cleanup6")
+    cleanup_leaves_nothing(Family::V6, "cleanup6", false)
+}
+
+/// An uninstall that does not know the daemon's `--firewall`: cleanup with the other one still
+/// leaves the node as if the daemon had never run (dual stack).
+#[test]
+fn cleanup_with_the_other_firewall_flag_leaves_no_object_of_ours() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    cleanup_leaves_nothing(Family::Dual, "cleanupx", true)
 }
 
 /// Every test above again, on the nftables firewall (`--firewall nftables`): the same bodies,
@@ -704,6 +716,7 @@ mod nft {
         cleanup_leaves_no_object_of_ours,
         cleanup_leaves_no_object_of_ours_dual_stack,
         cleanup_leaves_no_object_of_ours_ipv6,
+        cleanup_with_the_other_firewall_flag_leaves_no_object_of_ours,
     );
 
     /// Damage done to our table by someone else, in the node netns and in the ztunnel's, and
