@@ -491,24 +491,30 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         None
     } else {
         let k = kick.clone();
-        match dp.watch_firewall(move || k.notify_one()) {
-            Ok(true) => info!("watching nf_tables notifications for our table"),
-            Ok(false) => {}
-            Err(e) => {
-                warn!(error = %e, "no nf_tables notifications; drift is repaired at the next resync")
+        let watching = match dp.watch_firewall(move || k.notify_one()) {
+            Ok(true) => {
+                info!("watching nf_tables notifications for our table");
+                true
             }
-        }
-        let d = daemon.clone();
-        let follow = follow_ztunnel_table(daemon.clone(), dp.clone(), kick.clone());
-        let repair = async move {
-            loop {
-                kick.notified().await;
-                d.repair_on_event().await;
+            Ok(false) => false,
+            Err(e) => {
+                warn!(error = %e, "no nf_tables notifications; drift is repaired at the next resync");
+                false
             }
         };
-        Some(tokio::spawn(async move {
-            tokio::join!(repair, follow);
-        }))
+        watching.then(|| {
+            let d = daemon.clone();
+            let follow = follow_ztunnel_table(daemon.clone(), dp.clone(), kick.clone());
+            let repair = async move {
+                loop {
+                    kick.notified().await;
+                    d.repair_on_event().await;
+                }
+            };
+            tokio::spawn(async move {
+                tokio::join!(repair, follow);
+            })
+        })
     };
     let resync = {
         let d = daemon.clone();

@@ -60,9 +60,7 @@ pub(crate) const IPSET_ERR_EXIST: i32 = 4103;
 pub(crate) const IPSET_ERR_REFERENCED: i32 = 4108;
 pub(crate) const IPSET_ERR_COMMENT: i32 = 4112;
 
-const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
+use super::nfnl::{NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLA_TYPE_MASK};
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;

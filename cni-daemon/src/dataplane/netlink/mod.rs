@@ -12,6 +12,7 @@ mod iptables;
 mod link;
 mod netconf;
 mod netns;
+mod nfnl;
 mod nft;
 mod route;
 mod rule;

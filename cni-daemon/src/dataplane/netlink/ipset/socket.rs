@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::Socket;
 
 use super::*;
 use crate::model::Family;
@@ -29,13 +29,7 @@ const RECV_BUF: usize = 256 * 1024;
 impl IpsetSocket {
     /// Opens the socket in the calling thread's network namespace.
     pub(crate) fn open() -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        // The kernel answers every request at once; a timeout only guards against a wedged socket.
-        let tv = nix::sys::time::TimeVal::new(5, 0);
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
-            .map_err(io::Error::from)?;
+        let sock = crate::dataplane::netlink::nfnl::request_socket()?;
         Ok(IpsetSocket {
             sock,
             seq: 1,

@@ -66,8 +66,7 @@ pub(crate) const NFTA_VERDICT_CODE: u16 = 1;
 /// `NFTNL_UDATA_SET_ELEM_COMMENT`): what `nft list` prints as `comment "…"`.
 pub(crate) const UDATA_COMMENT: u8 = 0;
 
-const NLA_F_NESTED: u16 = 1 << 15;
-const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
+use crate::dataplane::netlink::nfnl::{NLA_F_NESTED, NLA_TYPE_MASK};
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 const NLMSG_ERROR: u16 = 2;
@@ -454,12 +453,7 @@ impl Drop for NftSocket {
 impl NftSocket {
     /// Opens the socket in the calling thread's network namespace.
     pub(crate) fn open() -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        let tv = nix::sys::time::TimeVal::new(5, 0);
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
-            .map_err(io::Error::from)?;
+        let sock = crate::dataplane::netlink::nfnl::request_socket()?;
         // A bulk repair sends a few hundred KiB in one batch.
         let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
         let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
@@ -555,55 +549,58 @@ impl NftSocket {
         }
     }
 
-    /// A dump: hands (message type, attributes) of every data reply to `f`.
-    pub(crate) fn dump(&mut self, msg: Msg, mut f: impl FnMut(u8, &[u8])) -> Result<(), NftError> {
+    /// Sends `msg` with `flag` (`NLM_F_DUMP`, `NLM_F_ACK`) added to its flags; its sequence.
+    fn send_flagged(&mut self, mut msg: Msg, flag: u16) -> Result<u32, NftError> {
         let seq = self.next_seq();
-        let mut msg = msg;
         if let Some(fl) = msg.buf.get_mut(6..8) {
-            let flags = u16::from_ne_bytes([fl[0], fl[1]]) | NLM_F_DUMP;
+            let flags = u16::from_ne_bytes([fl[0], fl[1]]) | flag;
             fl.copy_from_slice(&flags.to_ne_bytes());
         }
         let req = msg.finish(seq)?;
         self.sock.send(&req, 0).map_err(NftError::Io)?;
+        Ok(seq)
+    }
+
+    /// Hands every reply to `seq` to `on` until it says the answer is complete (`Some`); a
+    /// kernel error ends it first.
+    fn replies<T>(
+        &mut self,
+        seq: u32,
+        mut on: impl FnMut(Reply<'_>) -> Option<T>,
+    ) -> Result<T, NftError> {
         loop {
             self.recv()?;
             for (s, r) in parse(&self.buf)? {
                 if s != seq {
                     continue;
                 }
-                match r {
-                    Reply::Done => return Ok(()),
-                    Reply::Error(code) => return Err(NftError::Kernel { code, index: None }),
-                    Reply::Data { msg, attrs } => f(msg, attrs),
-                    Reply::Ack | Reply::Other => {}
+                if let Reply::Error(code) = r {
+                    return Err(NftError::Kernel { code, index: None });
+                }
+                if let Some(t) = on(r) {
+                    return Ok(t);
                 }
             }
         }
     }
 
+    /// A dump: hands (message type, attributes) of every data reply to `f`.
+    pub(crate) fn dump(&mut self, msg: Msg, mut f: impl FnMut(u8, &[u8])) -> Result<(), NftError> {
+        let seq = self.send_flagged(msg, NLM_F_DUMP)?;
+        self.replies(seq, |r| match r {
+            Reply::Done => Some(()),
+            Reply::Data { msg, attrs } => {
+                f(msg, attrs);
+                None
+            }
+            _ => None,
+        })
+    }
+
     /// One request answered by an ACK or an error (GETGEN: is nf_tables there?).
     pub(crate) fn request(&mut self, msg: Msg) -> Result<(), NftError> {
-        let seq = self.next_seq();
-        let mut msg = msg;
-        if let Some(fl) = msg.buf.get_mut(6..8) {
-            let flags = u16::from_ne_bytes([fl[0], fl[1]]) | NLM_F_ACK;
-            fl.copy_from_slice(&flags.to_ne_bytes());
-        }
-        let req = msg.finish(seq)?;
-        self.sock.send(&req, 0).map_err(NftError::Io)?;
-        loop {
-            self.recv()?;
-            for (s, r) in parse(&self.buf)? {
-                if s != seq {
-                    continue;
-                }
-                match r {
-                    Reply::Ack => return Ok(()),
-                    Reply::Error(code) => return Err(NftError::Kernel { code, index: None }),
-                    _ => {}
-                }
-            }
-        }
+        let seq = self.send_flagged(msg, NLM_F_ACK)?;
+        self.replies(seq, |r| matches!(r, Reply::Ack).then_some(()))
     }
 }
 
