@@ -456,8 +456,19 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if !first.ok() {
         error!(errors = ?first.errors, "initial reconcile failed; serving anyway, STATUS reports not ready until a resync succeeds");
     }
+    // A switch of --firewall (or a state dir that never recorded one, as after an upgrade):
+    // once ours is all in place, remove what the other driver left. A restart on the same
+    // driver skips it (it costs ~80 ms of start-up).
+    let fw = a.kernel.firewall.kind();
     if first.ok() {
-        retire_other_firewall(&a.kernel, &cfg, zt_before.as_ref()).await;
+        let last = ambient_cni_daemon::store::last_firewall(&cfg.state_dir);
+        if last.as_deref() != Some(fw.as_str()) {
+            retire_other_firewall(&a.kernel, &cfg, zt_before.as_ref()).await;
+            if let Err(e) = ambient_cni_daemon::store::record_firewall(&cfg.state_dir, fw.as_str())
+            {
+                warn!(error = %e, "recording the firewall driver (the next start retires the other again)");
+            }
+        }
     }
     start_kube_watcher(kube, &daemon);
     let watcher = (!a.no_event_repair).then(|| tokio::spawn(events::run(daemon.clone(), None)));

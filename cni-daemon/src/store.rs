@@ -256,6 +256,26 @@ fn keep_aside(path: &Path) -> Result<PathBuf, StoreError> {
     Ok(aside)
 }
 
+/// The file in the state dir naming the firewall driver of the last run whose objects are all in
+/// place (`iptables` or `nftables`).
+pub const FIREWALL: &str = "firewall";
+
+/// The firewall driver of the last run on this state dir, if it recorded one.
+pub fn last_firewall(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(FIREWALL))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Records `name` as this run's firewall driver (written to a temporary file, then renamed).
+pub fn record_firewall(dir: &Path, name: &str) -> Result<(), StoreError> {
+    let path = dir.join(FIREWALL);
+    let tmp = dir.join(format!("{FIREWALL}.tmp"));
+    fs::write(&tmp, format!("{name}\n")).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
 /// The lock file in the state dir: held (`flock`, exclusive) by the one daemon serving it.
 pub const LOCK: &str = "daemon.lock";
 

@@ -338,3 +338,14 @@ fn one_daemon_per_state_dir_and_the_lock_goes_with_its_holder() {
     drop(held);
     waiter.join().expect("thread").expect("the waiter's lock");
 }
+
+#[test]
+fn the_last_firewall_is_recorded_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(last_firewall(dir.path()), None);
+    record_firewall(dir.path(), "nftables").expect("record");
+    assert_eq!(last_firewall(dir.path()).as_deref(), Some("nftables"));
+    record_firewall(dir.path(), "iptables").expect("record");
+    assert_eq!(last_firewall(dir.path()).as_deref(), Some("iptables"));
+    assert!(!dir.path().join(format!("{FIREWALL}.tmp")).exists());
+}
