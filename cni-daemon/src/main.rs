@@ -314,27 +314,16 @@ fn open_dataplane(k: &KernelArgs) -> anyhow::Result<RealDataplane> {
     Ok(dp)
 }
 
-/// After a switch of `--firewall` (iptables → nftables or back): removes what the other driver
-/// left, once ours is in place. Without the other's kernel support (no nf_tables, no iptables
-/// tools) there is nothing of it to remove.
+/// Removes what the other firewall driver than `k`'s left (after a switch of `--firewall`, once
+/// ours is in place; and on `cleanup`). Without the other's kernel support (no nf_tables, no
+/// iptables tools) there is nothing of it to remove: `Err` says why it was not opened.
 async fn retire_other_firewall(
     k: &KernelArgs,
     cfg: &Config,
     zt: Option<&ambient_cni_daemon::reconcile::Ztunnel>,
-) {
-    let other = match k.firewall.kind() {
-        FirewallKind::Iptables => FirewallKind::Nftables,
-        FirewallKind::Nftables => FirewallKind::Iptables,
-    };
-    let dp = match RealDataplane::new(real_config(k, other)) {
-        Ok(d) => d,
-        Err(e) => {
-            info!(firewall = %other, error = %e, "not removing objects of the other firewall: it cannot be opened here");
-            return;
-        }
-    };
-    let r = cleanup::retire_firewall(&dp, cfg, zt).await;
-    info!(firewall = %other, done = r.applied.len(), errors = ?r.errors, "removed what the other firewall left (if anything)");
+) -> Result<ambient_cni_daemon::reconcile::ApplyReport, ambient_cni_daemon::dataplane::DpError> {
+    let dp = RealDataplane::new(real_config(k, k.firewall.kind().other()))?;
+    Ok(cleanup::retire_firewall(&dp, cfg, zt).await)
 }
 
 fn config_from(a: &RunArgs) -> anyhow::Result<Config> {
@@ -463,7 +452,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if first.ok() {
         let last = ambient_cni_daemon::store::last_firewall(&cfg.state_dir);
         if last.as_deref() != Some(fw.as_str()) {
-            retire_other_firewall(&a.kernel, &cfg, zt_before.as_ref()).await;
+            match retire_other_firewall(&a.kernel, &cfg, zt_before.as_ref()).await {
+                Ok(r) => {
+                    info!(firewall = %fw.other(), done = r.applied.len(), errors = ?r.errors, "removed what the other firewall left (if anything)")
+                }
+                Err(e) => {
+                    info!(firewall = %fw.other(), error = %e, "not removing objects of the other firewall: it cannot be opened here")
+                }
+            }
             if let Err(e) = ambient_cni_daemon::store::record_firewall(&cfg.state_dir, fw.as_str())
             {
                 warn!(error = %e, "recording the firewall driver (the next start retires the other again)");
@@ -502,7 +498,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         None
     } else {
         let k = kick.clone();
-        let watching = match dp.watch_firewall(move || k.notify_one()) {
+        let watching = match dp.watch_firewall(move || k.notify_one()).await {
             Ok(true) => {
                 info!("watching nf_tables notifications for our table");
                 true
@@ -567,7 +563,10 @@ async fn follow_ztunnel_table(
             if let Some(path) = ns {
                 let stop = Arc::new(AtomicBool::new(false));
                 let k = kick.clone();
-                match dp.watch_firewall_in(Path::new(&path), move || k.notify_one(), stop.clone()) {
+                match dp
+                    .watch_firewall_in(Path::new(&path), move || k.notify_one(), stop.clone())
+                    .await
+                {
                     Ok(true) => {
                         info!(netns = %path, "watching nf_tables notifications for our table in the ztunnel netns")
                     }
@@ -640,20 +639,18 @@ async fn run_cleanup(a: CleanupArgs) -> anyhow::Result<()> {
     // And whatever the other firewall driver left (a node switched between them, or an
     // uninstall run without the daemon's --firewall): no chain of ours may stay to hold pods
     // closed once the daemon is gone.
-    let other = match a.kernel.firewall.kind() {
-        FirewallKind::Iptables => FirewallKind::Nftables,
-        FirewallKind::Nftables => FirewallKind::Iptables,
-    };
-    match RealDataplane::new(real_config(&a.kernel, other)) {
-        Ok(odp) => {
-            let zt = reg
-                .ztunnel()
-                .and_then(ambient_cni_daemon::reconcile::Ztunnel::from_record);
-            let r = cleanup::retire_firewall(&odp, &cfg, zt.as_ref()).await;
+    let zt = reg
+        .ztunnel()
+        .and_then(ambient_cni_daemon::reconcile::Ztunnel::from_record);
+    match retire_other_firewall(&a.kernel, &cfg, zt.as_ref()).await {
+        Ok(r) => {
             report.applied.extend(r.applied);
             report.errors.extend(r.errors);
         }
-        Err(e) => eprintln!("note: {other} not cleaned: it cannot be opened here ({e})"),
+        Err(e) => eprintln!(
+            "note: {} not cleaned: it cannot be opened here ({e})",
+            a.kernel.firewall.kind().other()
+        ),
     }
     for line in &report.applied {
         println!("{line}");

@@ -24,6 +24,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// Its word in our nft chain names (`ip-mangle-prerouting`, `ip6-nat-output`).
+    pub fn nft_word(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
     /// Both, IPv4 first.
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
     /// The family of an address.
@@ -284,12 +292,9 @@ impl Chain {
     /// Its base chain of family `f` in our nft table (nftables firewall): `ip-mangle-prerouting`,
     /// `ip6-nat-output`.
     pub fn nft_name(&self, f: Family) -> String {
-        let fam = match f {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        };
         format!(
-            "{fam}-{}-{}",
+            "{}-{}-{}",
+            f.nft_word(),
             self.table.to_ascii_lowercase(),
             self.hook.to_ascii_lowercase()
         )

@@ -68,16 +68,19 @@ pub fn read_ns(
         FirewallChoice::Nftables => Some(list_table(f)?),
         FirewallChoice::Auto => Some(list_table(f)?).filter(|l| l.exists),
     };
-    let Some(nft) = nft else {
+    let Some(mut nft) = nft else {
         return Ok((read_ns_iptables(backend, f, false)?, None));
     };
     // The iptables rules of others on the same hooks still count (best effort: an nft-only
     // node may have no iptables tools).
     let mut v = read_ns_iptables(backend, f, true)?;
-    let set = nft.set.clone();
+    let sets = nft
+        .set
+        .take()
+        .map(|s| Sets::from([(set_name.to_string(), s)]))
+        .unwrap_or_default();
     merge_nft(&mut v, nft);
-    let sets = set.map(|s| Sets::from([(set_name.to_string(), s)]));
-    Ok((v, Some(sets.unwrap_or_default())))
+    Ok((v, Some(sets)))
 }
 
 /// Adds our nft chains to `v.iptables` as chains `ambient-cni/<name>`, each jumped to first by

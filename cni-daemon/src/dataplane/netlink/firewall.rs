@@ -35,6 +35,14 @@ impl FirewallKind {
             FirewallKind::Nftables => "nftables",
         }
     }
+
+    /// The other driver.
+    pub fn other(self) -> FirewallKind {
+        match self {
+            FirewallKind::Iptables => FirewallKind::Nftables,
+            FirewallKind::Nftables => FirewallKind::Iptables,
+        }
+    }
 }
 
 impl fmt::Display for FirewallKind {
@@ -80,25 +88,29 @@ impl RealDataplane {
     /// With the nftables firewall: calls `on_change` (from a thread of its own) whenever someone
     /// else changes our table, so that the caller can resync at once. False (and nothing
     /// started) with the iptables firewall, which has no such notifications.
-    pub fn watch_firewall(&self, on_change: impl Fn() + Send + 'static) -> DpResult<bool> {
-        match &self.fw {
-            FwDriver::Iptables(_) => Ok(false),
-            FwDriver::Nftables(_) => super::nft::watch(&self.node, on_change).map(|()| true),
+    pub async fn watch_firewall(&self, on_change: impl Fn() + Send + 'static) -> DpResult<bool> {
+        if !self.is_nftables() {
+            return Ok(false);
         }
+        let mon = super::nft::open_monitor(&self.node).await?;
+        super::nft::watch(mon, on_change, None, "nft-monitor")?;
+        Ok(true)
     }
 
     /// [`RealDataplane::watch_firewall`] for our table in another netns (the ztunnel's), until
     /// `stop` is set (the thread ends within half a second).
-    pub fn watch_firewall_in(
+    pub async fn watch_firewall_in(
         &self,
         netns: &std::path::Path,
         on_change: impl Fn() + Send + 'static,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> DpResult<bool> {
-        match &self.fw {
-            FwDriver::Iptables(_) => Ok(false),
-            FwDriver::Nftables(_) => super::nft::watch_netns(netns, on_change, stop).map(|()| true),
+        if !self.is_nftables() {
+            return Ok(false);
         }
+        let mon = super::nft::open_monitor(&*self.pod_worker(netns).await?).await?;
+        super::nft::watch(mon, on_change, Some(stop), "nft-monitor-zt")?;
+        Ok(true)
     }
 }
 

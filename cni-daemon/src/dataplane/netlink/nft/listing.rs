@@ -37,14 +37,16 @@ pub struct TableListing {
 
 /// The iptables table and built-in chain the nft chain `name` of family `f` stands for.
 fn stands_for(f: Family, name: &str) -> Option<(String, String)> {
-    let prefix = match f {
-        Family::V4 => "ip-",
-        Family::V6 => "ip6-",
-    };
-    let (table, hook) = name.strip_prefix(prefix)?.split_once('-')?;
+    let (table, hook) = of_family(f, name)?.split_once('-')?;
     let hook = hook.to_ascii_uppercase();
     hook_of(table, &hook)?;
     Some((table.to_string(), hook))
+}
+
+/// The rest of the nft chain name `name` after family `f`'s word (`mangle-prerouting` of
+/// `ip-mangle-prerouting`), or `None` for another family's chain.
+fn of_family(f: Family, name: &str) -> Option<&str> {
+    name.strip_prefix(f.nft_word())?.strip_prefix('-')
 }
 
 /// Reads our table in the calling thread's netns.
@@ -63,16 +65,13 @@ pub fn list_table(f: Family) -> Result<TableListing, String> {
         ..Default::default()
     };
     for (name, hook) in listed {
-        let sf = stands_for(f, &name);
-        if sf.is_none() && !name.starts_with(if f == Family::V4 { "ip-" } else { "ip6-" }) {
+        if of_family(f, &name).is_none() {
             continue; // the other family's chain
         }
-        let hooked_right = match (&sf, &hook) {
-            (Some((t, h)), Some((num, prio, ty))) => {
-                hook_of(t, h).is_some_and(|(wt, wn, wp)| wt == ty && wn == *num && wp == *prio)
-            }
-            _ => false,
-        };
+        let sf = stands_for(f, &name);
+        let hooked_right = sf
+            .as_ref()
+            .is_some_and(|(t, h)| super::hooked_as(&hook, t, h));
         let rules = super::rule_texts(&mut s, &name).map_err(what)?;
         out.chains.push(ListedChain {
             name,

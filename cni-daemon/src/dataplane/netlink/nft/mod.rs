@@ -305,6 +305,15 @@ fn apply_batch(f: Family, chains: &[Chain]) -> Result<Vec<Msg>, String> {
     Ok(msgs)
 }
 
+/// Is a chain listed with `hooked` hooked where iptables' `table` `hook` is (type, hook number
+/// and priority)?
+fn hooked_as(hooked: &Option<(u32, i32, String)>, table: &str, hook: &str) -> bool {
+    match (hooked, compile::hook_of(table, hook)) {
+        (Some((n, p, t)), Some((wt, wn, wp))) => *n == wn && *p == wp && t == wt,
+        _ => false,
+    }
+}
+
 fn read(f: Family, chains: &[Chain]) -> Result<IptablesState, NftError> {
     let mut s = NftSocket::open().map_err(NftError::Io)?;
     let listed = list_chains(&mut s)?;
@@ -318,12 +327,7 @@ fn read(f: Family, chains: &[Chain]) -> Result<IptablesState, NftError> {
             (c.table.clone(), c.name.clone()),
             rule_comments(&mut s, &name)?,
         );
-        let want = compile::hook_of(&c.table, &c.hook);
-        let ok = match (hooked, want) {
-            (Some((n, p, t)), Some((wt, wn, wp))) => *n == wn && *p == wp && t == wt,
-            _ => false,
-        };
-        if ok {
+        if hooked_as(hooked, &c.table, &c.hook) {
             st.jumps
                 .insert((c.table.clone(), c.hook.clone(), c.name.clone()), vec![1]);
         }
@@ -377,81 +381,56 @@ fn start_error(what: &str, e: &NftError) -> DpError {
     }
 }
 
-/// Watches our table for changes by others (NFNLGRP_NFTABLES) on a thread of its own and calls
-/// `on_change` for each, so that damage is repaired at once instead of at the next resync.
-pub(super) fn watch(node: &NsWorker, on_change: impl Fn() + Send + 'static) -> DpResult<()> {
-    let mut mon = node
-        .run_sync(NftMonitor::open)?
-        .map_err(|e| DpError::Netlink {
-            what: "subscribe to nf_tables notifications".into(),
-            msg: e.to_string(),
-        })?;
-    std::thread::Builder::new()
-        .name("nft-monitor".into())
-        .spawn(move || loop {
-            match mon.wait(TABLE) {
-                Ok(()) => on_change(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "nf_tables notifications: receive failed");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            }
-        })
-        .map(drop)
-        .map_err(|e| DpError::Netlink {
-            what: "start the nf_tables notification thread".into(),
-            msg: e.to_string(),
-        })
-}
-
-/// Like [`watch`] in the netns of `path` (a ztunnel's), until `stop` is set: the thread
-/// enters that netns itself and looks at `stop` at least twice a second.
-pub(super) fn watch_netns(
-    path: &std::path::Path,
+/// Watches our table for changes by others (NFNLGRP_NFTABLES) through `mon` (opened in the
+/// netns to watch, see [`open_monitor`]) on a thread of its own and calls `on_change` for each,
+/// so that damage is repaired at once instead of at the next resync; until `stop` is set (then
+/// looked at twice a second), or for the life of the daemon without one.
+pub(super) fn watch(
+    mut mon: NftMonitor,
     on_change: impl Fn() + Send + 'static,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    thread: &str,
 ) -> DpResult<()> {
-    use std::sync::atomic::Ordering;
     let what = |e: &dyn std::fmt::Display| DpError::Netlink {
-        what: format!("subscribe to nf_tables notifications in {}", path.display()),
+        what: "start the nf_tables notification thread".into(),
         msg: e.to_string(),
     };
-    let ns = std::fs::File::open(path).map_err(|e| what(&e))?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    if stop.is_some() {
+        mon.set_timeout(std::time::Duration::from_millis(500))
+            .map_err(|e| what(&e))?;
+    }
+    let stopped = move || {
+        stop.as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     std::thread::Builder::new()
-        .name("nft-monitor-zt".into())
+        .name(thread.into())
         .spawn(move || {
-            let opened = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-                .and_then(|()| NftMonitor::open())
-                .and_then(|m| {
-                    m.set_timeout(std::time::Duration::from_millis(500))?;
-                    Ok(m)
-                });
-            drop(ns);
-            let mut mon = match opened {
-                Ok(m) => {
-                    let _ = tx.send(Ok(()));
-                    m
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            while !stop.load(Ordering::Relaxed) {
+            while !stopped() {
                 match mon.wait(TABLE) {
                     Ok(()) => on_change(),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "nf_tables notifications (ztunnel netns): receive failed");
+                        tracing::warn!(error = %e, "nf_tables notifications: receive failed");
                         std::thread::sleep(std::time::Duration::from_secs(1));
                     }
                 }
             }
         })
-        .map_err(|e| what(&e))?;
-    rx.recv().map_err(|e| what(&e))?.map_err(|e| what(&e))
+        .map(drop)
+        .map_err(|e| what(&e))
+}
+
+/// Opens a notification socket in `worker`'s netns (a socket belongs for life to the netns
+/// it was made in; any thread may read it).
+pub(super) async fn open_monitor(worker: &NsWorker) -> DpResult<NftMonitor> {
+    worker
+        .run(NftMonitor::open)
+        .await?
+        .map_err(|e| DpError::Netlink {
+            what: format!("subscribe to nf_tables notifications in {}", worker.label()),
+            msg: e.to_string(),
+        })
 }
 
 impl NftFirewall {
